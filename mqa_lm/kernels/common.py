@@ -1,0 +1,81 @@
+"""What every attention backend shares: the tensor contract, the mask algebra and the backend type.
+
+Tensor contract (every backend): queries ``q`` [batch, heads, q_len, head_dim]; keys and values
+``k``, ``v`` [batch, kv_heads, k_len, head_dim] with ``heads % kv_heads == 0`` (query head ``h``
+reads K/V head ``h // (heads // kv_heads)``); ``bias`` already cropped and broadcastable to
+[batch, heads, q_len, k_len]; ``key_padding_mask`` bool [batch, k_len], True = attend. ``causal``
+is aligned bottom-right: query ``i`` sees key ``j`` iff ``j <= i + k_len - q_len``.
+
+A query row that can see no key at all (its whole key padding masked) yields a zero output and zero
+weights, in every backend, with finite gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def allowed_keys(
+    q_len: int, k_len: int, causal: bool, key_padding_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """Bool mask broadcastable to [batch, 1, q_len, k_len] (True = may attend), or None if all may."""
+    allowed = None
+    if causal and q_len > 1:
+        rows = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+        allowed = torch.arange(k_len, device=device)[None, :] <= rows
+    if key_padding_mask is not None:
+        keys = key_padding_mask[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    return allowed
+
+
+def split_empty_rows(
+    allowed: torch.Tensor | None, key_padding_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Return (``allowed`` with empty rows opened up, ``row_has_keys``) so softmax never sees an
+    all -inf row; callers zero the empty rows' output with ``row_has_keys`` afterwards.
+
+    Only key padding can empty a row (bottom-right causal always leaves a query its own key), and
+    the check is done on the device, with no host synchronisation.
+    """
+    if allowed is None or key_padding_mask is None:
+        return allowed, None
+    row_has_keys = allowed.any(dim=-1, keepdim=True)
+    return allowed | ~row_has_keys, row_has_keys
+
+
+class AttentionBackend:
+    """An attention implementation keyed by ``attn_impl``.
+
+    Subclasses implement ``__call__`` (returns the context [batch, heads, q_len, head_dim]) and may
+    override ``unsupported`` to name what a call needs that this kernel cannot do; the block then
+    runs that call on the ``torch`` backend and says why when ``verbose >= 1``.
+    """
+
+    name: str = "?"
+
+    def unsupported(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        causal: bool,
+        bias: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> str | None:
+        return None
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        softmax_scale: float,
+        causal: bool,
+        bias: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | None,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError

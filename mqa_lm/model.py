@@ -1,0 +1,333 @@
+"""A decoder-only transformer built from :class:`MultiQueryAttention`.
+
+Read top to bottom: the config, one pre-norm block, the model (embeddings -> blocks -> final norm ->
+tied LM head), then generation with the KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_args
+from mqa_lm.nn.mlp import MLP
+from mqa_lm.nn.norms import build_norm
+from mqa_lm.nn.positions import alibi_bias
+
+POSITION_TYPES = ("learned", "rope", "alibi", "none")
+MLP_TYPES = ("gelu", "swiglu")
+
+
+@dataclass
+class MQAConfig:
+    """Every option of the model, validated on construction (one ValueError naming the field)."""
+
+    vocab_size: int = 50304
+    max_seq_len: int = 1024
+    n_layers: int = 12
+    d_model: int = 768
+    heads: int = 12
+    kv_heads: int = 1
+    attn_impl: str = "auto"
+    clip_qkv: float | None = None
+    qk_ln: bool = False
+    softmax_scale: float | None = None
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    emb_pdrop: float = 0.0
+    norm_type: str = "low_precision_layernorm"
+    fc_type: str = "torch"
+    pos_emb: str = "learned"
+    rope_theta: float = 10000.0
+    mlp_type: str = "gelu"
+    mlp_hidden: int | None = None
+    bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    verbose: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        try:
+            check_attention_args(
+                dim=self.d_model, heads=self.heads, kv_heads=self.kv_heads, attn_impl=self.attn_impl,
+                clip_qkv=self.clip_qkv, softmax_scale=self.softmax_scale, attn_pdrop=self.attn_pdrop,
+                norm_type=self.norm_type, fc_type=self.fc_type, verbose=self.verbose,
+            )
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"model config: {err}") from None
+        for name in ("resid_pdrop", "emb_pdrop"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {value}")
+        if self.pos_emb not in POSITION_TYPES:
+            raise ValueError(f"unknown model.pos_emb {self.pos_emb!r}; valid choices are: {', '.join(POSITION_TYPES)}")
+        if self.pos_emb == "rope" and (self.d_model // self.heads) % 2:
+            raise ValueError(f"pos_emb='rope' needs an even head_dim, got d_model/heads = {self.d_model // self.heads}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"unknown model.mlp_type {self.mlp_type!r}; valid choices are: {', '.join(MLP_TYPES)}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ValueError(f"model.mlp_hidden must be positive (or null for the default), got {self.mlp_hidden}")
+        if not self.init_std > 0:
+            raise ValueError(f"model.init_std must be > 0, got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    @property
+    def hidden_size(self) -> int:
+        """MLP width: 4·d for GELU; for SwiGLU 8/3·d rounded up to a multiple of 64 (same FLOPs)."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp_type == "swiglu":
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MQAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys are: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: MQAConfig) -> None:
+        super().__init__()
+        self.norm_1 = build_norm(config.norm_type, config.d_model)
+        self.attn = MultiQueryAttention(
+            dim=config.d_model, heads=config.heads, kv_heads=config.kv_heads, attn_impl=config.attn_impl,
+            clip_qkv=config.clip_qkv, qk_ln=config.qk_ln, softmax_scale=config.softmax_scale,
+            attn_pdrop=config.attn_pdrop, norm_type=config.norm_type, fc_type=config.fc_type,
+            verbose=config.verbose, bias=config.bias,
+            rope_theta=config.rope_theta if config.pos_emb == "rope" else None,
+        )
+        self.norm_2 = build_norm(config.norm_type, config.d_model)
+        self.mlp = MLP(config.d_model, config.hidden_size, config.mlp_type, config.fc_type, config.bias)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        past_key_value: KVCache | None = None,
+        bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        needs_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
+        attn_out, weights, present = self.attn(
+            self.norm_1(x), past_key_value=past_key_value, bias=bias, mask=mask, needs_weights=needs_weights
+        )
+        x = x + self.resid_dropout(attn_out)
+        x = x + self.resid_dropout(self.mlp(self.norm_2(x)))
+        return x, weights, present
+
+
+class MQATransformer(nn.Module):
+    """Decoder-only language model. ``forward(idx, targets)`` -> ``(logits, loss)``."""
+
+    def __init__(self, config: MQAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_emb == "learned" else None
+        self.emb_dropout = nn.Dropout(config.emb_pdrop)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm_f = build_norm(config.norm_type, config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.pos_emb == "alibi":
+            self.register_buffer("alibi", alibi_bias(config.heads, config.max_seq_len), persistent=False)
+        else:
+            self.alibi = None
+        self.reset_parameters()
+
+    # ---- initialisation ---------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, init_std) weights, zero biases, unit norms, and the projections that write
+        into the residual stream (attention out_proj, MLP down_proj) scaled by 1/sqrt(2·n_layers)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+
+    # ---- forward ----------------------------------------------------------------------------
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``idx`` [batch, seq] token ids -> ``(logits [batch, seq, vocab], loss or None)``.
+
+        ``targets`` [batch, seq] gives the mean cross-entropy; positions set to -100 are ignored.
+        """
+        logits, _, _ = self._run(idx)
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {list(targets.shape)} must equal idx shape {list(idx.shape)}")
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def decode(
+        self, idx: torch.Tensor, past_key_values: list[KVCache] | None = None
+    ) -> tuple[torch.Tensor, list[KVCache]]:
+        """Run ``idx`` after the cached tokens; returns (logits [batch, seq, vocab], updated cache)."""
+        logits, _, present = self._run(idx, past_key_values)
+        return logits, present
+
+    def attention_weights(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Post-softmax attention of every layer, each [batch, heads, seq, seq] (reference math)."""
+        _, weights, _ = self._run(idx, needs_weights=True)
+        return weights
+
+    def _run(
+        self, idx: torch.Tensor, past_key_values: list[KVCache] | None = None, needs_weights: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[KVCache]]:
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"idx must be integer token ids [batch, seq], got {idx.dtype} {list(idx.shape)}")
+        past_len = 0 if not past_key_values else past_key_values[0][0].shape[2]
+        if past_key_values is not None and past_key_values and len(past_key_values) != len(self.blocks):
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.blocks)}")
+        seq = idx.shape[1]
+        total = past_len + seq
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {total} tokens (cached {past_len} + new {seq}) exceeds "
+                f"max_seq_len={self.config.max_seq_len}; crop the input or raise model.max_seq_len"
+            )
+        x = self.wte(idx.long())
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(past_len, total, device=idx.device))
+        x = self.emb_dropout(x)
+        bias = self.alibi[..., :total] if self.alibi is not None else None
+        weights, present = [], []
+        for i, block in enumerate(self.blocks):
+            x, w, kv = block(x, past_key_value=past_key_values[i] if past_key_values else None, bias=bias,
+                             needs_weights=needs_weights)
+            weights.append(w)
+            present.append(kv)
+        return self.lm_head(self.norm_f(x)), weights, present
+
+    # ---- generation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after ``idx`` [batch, seq] with the KV cache.
+
+        ``temperature`` 0 is greedy; ``top_k`` keeps the k likeliest tokens, ``top_p`` the smallest
+        set whose probability reaches p. Rows that emitted ``eos_token_id`` keep emitting it, and
+        generation stops once every row has. When the context reaches ``max_seq_len`` the cache is
+        rebuilt from the last ``max_seq_len - 1`` tokens (a sliding window, as nanoGPT crops).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
+        if idx.shape[1] == 0:
+            raise ValueError("generate needs at least one prompt token")
+        limit = self.config.max_seq_len
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        cache: list[KVCache] | None = None
+        next_input = idx[:, -limit:]
+        for _ in range(max_new_tokens):
+            if cache is not None and cache[0][0].shape[2] + next_input.shape[1] > limit:
+                cache, next_input = None, idx[:, -(limit - 1):]
+            logits, cache = self.decode(next_input, cache)
+            token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+                finished |= token == eos_token_id
+            idx = torch.cat([idx, token[:, None]], dim=1)
+            next_input = token[:, None]
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        return idx
+
+    # ---- accounting ---------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once). ``non_embedding`` drops the position table and, when
+        the head is untied, the input embedding: the parameters that cost no matmul FLOPs."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.wpe is not None:
+                total -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.wte.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token, PaLM-style (Chowdhery et al. 2022, appendix B):
+        ``6·N + 12·L·H·Q·T`` with N the non-embedding parameters (the tied LM head counts, since it
+        is a matmul), L layers, H query heads, Q head_dim and T the sequence length. MQA does not
+        shrink the attention term: every query head still scores every key. Forward is a third of it.
+        """
+        t = self.config.max_seq_len if seq_len is None else seq_len
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.heads * c.head_dim * t
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of ``logits`` [batch, vocab] (greedy when temperature is 0)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the first always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

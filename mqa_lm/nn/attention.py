@@ -1,0 +1,287 @@
+"""``MultiQueryAttention``: the attention block, API-compatible with llm-foundry's / Zeta's MQA.
+
+One fused QKV projection, optional clipping and QK-norm, optional rotary positions, a KV cache in one
+layout for every backend, and the attention itself from the backend registered under ``attn_impl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from mqa_lm.kernels import ATTENTION_BACKENDS, reference_attention, resolve_impl
+from mqa_lm.nn.linears import LINEARS, build_linear
+from mqa_lm.nn.norms import NORMS, build_norm
+from mqa_lm.nn.positions import RotaryEmbedding
+
+log = logging.getLogger("mqa_lm.attention")
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class MultiQueryAttention(nn.Module):
+    """Multi-query attention (one shared K/V head), or grouped-query / multi-head via ``kv_heads``.
+
+    Args:
+        dim: model width; ``head_dim = dim // heads``.
+        heads: number of query heads.
+        attn_impl: attention backend: ``torch`` (PyTorch SDPA), ``flash`` (FlashAttention-4, else
+            flash-attn FA2/FA3, else PyTorch's flash kernel; CUDA only), ``triton`` (our kernels; on
+            CPU without ``TRITON_INTERPRET=1`` it runs ``torch``) or ``auto`` (triton on CUDA, else
+            torch).
+        clip_qkv: if set, q, k and v are clamped to ``[-clip_qkv, clip_qkv]``.
+        qk_ln: normalise queries (over ``dim``) and keys (over ``kv_heads * head_dim``) with the
+            ``norm_type`` norm, as llm-foundry does.
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        attn_pdrop: dropout on the attention probabilities, in training mode only.
+        norm_type: ``layernorm``, ``low_precision_layernorm``, ``rmsnorm``, ``low_precision_rmsnorm``.
+        fc_type: ``torch`` (nn.Linear) or ``te`` (TransformerEngine).
+        verbose: 0 silent; 1 warns once per reason when a call falls back to another backend;
+            2 also logs which kernel every call used (logger ``mqa_lm.attention``).
+        device: where the parameters are created.
+        kv_heads: K/V heads (our extension): 1 = MQA, ``heads`` = MHA, any divisor = GQA.
+        rope_theta: if set, rotary position embeddings with this base are applied to q and k at
+            their absolute positions (cache length + offset).
+        bias: whether the projections carry a bias.
+
+    ``forward`` returns ``(context, attn_weights, past_key_value)``; see :meth:`forward`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        attn_impl: str = "triton",
+        clip_qkv: float | None = None,
+        qk_ln: bool = False,
+        softmax_scale: float | None = None,
+        attn_pdrop: float = 0.0,
+        norm_type: str = "low_precision_layernorm",
+        fc_type: str = "torch",
+        verbose: int = 0,
+        device: torch.device | str | None = None,
+        kv_heads: int = 1,
+        rope_theta: float | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        check_attention_args(
+            dim=dim, heads=heads, kv_heads=kv_heads, attn_impl=attn_impl, clip_qkv=clip_qkv,
+            softmax_scale=softmax_scale, attn_pdrop=attn_pdrop, norm_type=norm_type, fc_type=fc_type,
+            verbose=verbose, rope_theta=rope_theta,
+        )
+        self.dim = dim
+        self.heads = heads
+        self.kv_heads = kv_heads
+        self.head_dim = dim // heads
+        self.attn_impl = attn_impl
+        self.clip_qkv = clip_qkv
+        self.qk_ln = qk_ln
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.attn_pdrop = attn_pdrop
+        self.verbose = verbose
+        self._warned: set[str] = set()
+
+        kv_dim = kv_heads * self.head_dim
+        self.Wqkv = build_linear(fc_type, dim, dim + 2 * kv_dim, bias=bias, device=device)
+        self.out_proj = build_linear(fc_type, dim, dim, bias=bias, device=device)
+        if qk_ln:
+            self.q_ln = build_norm(norm_type, dim, device=device)
+            self.k_ln = build_norm(norm_type, kv_dim, device=device)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_theta, device=device) if rope_theta else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        past_key_value: KVCache | None = None,
+        bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = True,
+        needs_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
+        """Attend ``x`` [batch, seq, dim] to itself and to the cached keys/values.
+
+        Args:
+            past_key_value: ``(key, value)``, each [batch, kv_heads, past_len, head_dim], as returned
+                by an earlier call; the new keys/values are appended.
+            bias: additive, broadcastable to [batch, heads, seq, past_len + seq]; a bias built for a
+                longer length is cropped to its last ``seq`` rows and ``past_len + seq`` columns.
+            mask: key padding mask [batch, past_len + seq], True/1 = attend. A query with no key to
+                attend gets a zero context.
+            causal: query ``i`` sees keys up to its own position, aligned bottom-right (the new
+                tokens are the last ones), so chunked prefill and decoding are exact.
+            needs_weights: also return the post-softmax weights [batch, heads, seq, past_len + seq]
+                (before dropout). Kernels that cannot return them (``torch``'s SDPA, ``flash``,
+                ``triton``) run that call through the reference math path instead.
+
+        Returns:
+            ``(context [batch, seq, dim], attn_weights or None, (key, value) after this call)``.
+        """
+        batch, q_len = self._check_input(x)
+        past_len = self._check_cache(past_key_value, batch, x)
+        k_len = past_len + q_len
+        key_padding_mask = self._check_mask(mask, batch, k_len, x.device)
+        bias = self._crop_bias(bias, batch, q_len, k_len)
+
+        qkv = self.Wqkv(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        kv_dim = self.kv_heads * self.head_dim
+        q, k, v = qkv.split([self.dim, kv_dim, kv_dim], dim=-1)
+        if self.qk_ln:
+            q = self.q_ln(q).to(qkv.dtype)
+            k = self.k_ln(k).to(qkv.dtype)
+        q = q.view(batch, q_len, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q = self.rotary(q, offset=past_len)
+            k = self.rotary(k, offset=past_len)
+        if past_key_value is not None:
+            k = torch.cat([past_key_value[0].to(k.dtype), k], dim=2)
+            v = torch.cat([past_key_value[1].to(v.dtype), v], dim=2)
+
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        kwargs = dict(softmax_scale=self.softmax_scale, causal=causal, bias=bias,
+                      key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+        weights = None
+        if needs_weights:
+            self._note(f"attn_impl={self.attn_impl!r}: needs_weights=True runs on the reference math path")
+            context, weights = reference_attention(q, k, v, **kwargs)
+            used = "reference"
+        else:
+            used = self._pick_backend(q, k, kwargs)
+            context = ATTENTION_BACKENDS.get(used)(q, k, v, **kwargs)
+        if self.verbose >= 2:
+            log.info("MultiQueryAttention: %s kernel, q_len=%d k_len=%d dtype=%s", used, q_len, k_len, q.dtype)
+
+        context = context.transpose(1, 2).reshape(batch, q_len, self.dim)
+        return self.out_proj(context), weights, (k, v)
+
+    def _pick_backend(self, q: torch.Tensor, k: torch.Tensor, kwargs: dict) -> str:
+        impl = resolve_impl(self.attn_impl, q.device)
+        if impl == "torch":
+            return impl
+        reason = ATTENTION_BACKENDS.get(impl).unsupported(
+            q, k, causal=kwargs["causal"], bias=kwargs["bias"],
+            key_padding_mask=kwargs["key_padding_mask"], dropout_p=kwargs["dropout_p"],
+        )
+        if reason is None:
+            return impl
+        self._note(f"attn_impl={self.attn_impl!r} falls back to 'torch': {reason}")
+        return "torch"
+
+    def _note(self, message: str) -> None:
+        if self.verbose >= 1 and message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
+
+    # ---- input checks: one clear error before any work ---------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [batch, seq, {self.dim}], got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [batch, seq, {self.dim}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        return x.shape[0], x.shape[1]
+
+    def _check_cache(self, past_key_value: KVCache | None, batch: int, x: torch.Tensor) -> int:
+        if past_key_value is None:
+            return 0
+        if not (isinstance(past_key_value, (tuple, list)) and len(past_key_value) == 2):
+            raise TypeError("past_key_value must be a (key, value) pair as returned by a previous call")
+        key, value = past_key_value
+        want = [batch, self.kv_heads, None, self.head_dim]
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != 4 or [s if w is not None else None for s, w in zip(t.shape, want)] != want:
+                raise ValueError(
+                    f"past_key_value {name} must have shape [batch={batch}, kv_heads={self.kv_heads}, "
+                    f"past_len, head_dim={self.head_dim}], got {list(t.shape)}"
+                )
+        if key.shape != value.shape:
+            raise ValueError(f"past key {list(key.shape)} and value {list(value.shape)} shapes differ")
+        return key.shape[2]
+
+    def _check_mask(self, mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if mask.is_floating_point() or mask.is_complex():
+            raise TypeError(
+                f"mask must be bool or integer (True/1 = attend), got dtype {mask.dtype}; "
+                "pass an additive float mask as bias instead"
+            )
+        if tuple(mask.shape) != (batch, k_len):
+            raise ValueError(
+                f"mask must have shape [batch={batch}, keys={k_len}] (keys include cached positions), "
+                f"got {list(mask.shape)}"
+            )
+        return mask.to(device=device, dtype=torch.bool)
+
+    def _crop_bias(self, bias: torch.Tensor | None, batch: int, q_len: int, k_len: int) -> torch.Tensor | None:
+        if bias is None:
+            return None
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point additive tensor, got dtype {bias.dtype}")
+        shape = list(bias.shape)
+        if bias.dim() > 4 or bias.dim() == 0:
+            raise ValueError(f"bias must be broadcastable to [batch, heads, queries, keys], got {shape}")
+        bias = bias.reshape([1] * (4 - bias.dim()) + shape)
+        b, h, rows, cols = bias.shape
+        if b not in (1, batch) or h not in (1, self.heads) or (rows != 1 and rows < q_len) or (cols != 1 and cols < k_len):
+            raise ValueError(
+                f"bias of shape {shape} does not broadcast to [batch={batch}, heads={self.heads}, "
+                f"queries={q_len}, keys={k_len}] (longer query/key dims are cropped to the last entries)"
+            )
+        if rows > q_len:
+            bias = bias[:, :, rows - q_len :, :]
+        if cols > k_len:
+            bias = bias[:, :, :, cols - k_len :]
+        return bias
+
+
+def check_attention_args(
+    *,
+    dim: int,
+    heads: int,
+    kv_heads: int,
+    attn_impl: str,
+    clip_qkv: float | None,
+    softmax_scale: float | None,
+    attn_pdrop: float,
+    norm_type: str,
+    fc_type: str,
+    verbose: int,
+    rope_theta: float | None = None,
+) -> None:
+    """Raise ValueError/TypeError naming the first invalid attention argument."""
+    for name, value in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if dim % heads:
+        raise ValueError(f"dim={dim} is not divisible by heads={heads}; pick heads that divide dim")
+    if heads % kv_heads:
+        raise ValueError(
+            f"heads={heads} is not divisible by kv_heads={kv_heads}; kv_heads must divide heads "
+            "(1 = MQA, heads = MHA)"
+        )
+    ATTENTION_BACKENDS.get(attn_impl)
+    NORMS.get(norm_type)
+    LINEARS.get(fc_type)
+    if clip_qkv is not None and not clip_qkv > 0:
+        raise ValueError(f"clip_qkv must be > 0 (or None to disable), got {clip_qkv}")
+    if softmax_scale is not None and not softmax_scale > 0:
+        raise ValueError(f"softmax_scale must be > 0 (or None for 1/sqrt(head_dim)), got {softmax_scale}")
+    if not (isinstance(attn_pdrop, (int, float)) and 0.0 <= attn_pdrop < 1.0):
+        raise ValueError(f"attn_pdrop must be in [0, 1), got {attn_pdrop}")
+    if verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    if rope_theta is not None and not rope_theta > 0:
+        raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
