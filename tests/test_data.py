@@ -648,11 +648,12 @@ def test_data_configs_instantiate(tmp_path):
     for name in ("stdlib", "text", "shakespeare_char"):
         cfg = OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml")
         assert cfg._target_ == "mqa_lm.data.TextDataModule"
+        assert cfg._get_node("cache_dir")._value() == "${paths.data_dir}"  # the root config's paths group
+        cfg.cache_dir = str(tmp_path / "cache")
         if cfg.paths is None:
             with pytest.raises(Exception, match="data.paths is required"):
                 instantiate(cfg)
             cfg.paths = [str(corpus)]
-        cfg.cache_dir = str(tmp_path / "cache")
         dm = instantiate(cfg)
         assert isinstance(dm, TextDataModule)
     assert OmegaConf.load(REPO / "configs" / "data" / "shakespeare_char.yaml").tokenizer == "char"
