@@ -17,7 +17,7 @@ from torch import nn
 from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_args
 from mqa_lm.nn.mlp import MLP
 from mqa_lm.nn.norms import build_norm
-from mqa_lm.nn.positions import alibi_bias
+from mqa_lm.nn.positions import alibi_bias as build_alibi_bias
 
 POSITION_TYPES = ("learned", "rope", "alibi", "none")
 MLP_TYPES = ("gelu", "swiglu")
@@ -56,6 +56,20 @@ class MQAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        for name in ("d_model", "heads", "kv_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.heads={self.heads}; "
+                "pick heads that divide d_model"
+            )
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"model.heads={self.heads} is not divisible by model.kv_heads={self.kv_heads}; "
+                "kv_heads must divide heads (1 = MQA, heads = MHA)"
+            )
         try:
             check_attention_args(
                 dim=self.d_model, heads=self.heads, kv_heads=self.kv_heads, attn_impl=self.attn_impl,
@@ -63,7 +77,14 @@ class MQAConfig:
                 norm_type=self.norm_type, fc_type=self.fc_type, verbose=self.verbose,
             )
         except (ValueError, TypeError) as err:
-            raise type(err)(f"model config: {err}") from None
+            # Name the config field (model.<name>) the attention check complained about.
+            message = str(err)
+            head = message.split(" ")[0].split("=")[0]
+            if message.startswith("unknown "):
+                message = "unknown model." + message[len("unknown "):]
+            elif head in {f.name for f in fields(self)}:
+                message = "model." + message
+            raise type(err)(message) from None
         for name in ("resid_pdrop", "emb_pdrop"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -153,10 +174,9 @@ class MQATransformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if config.pos_emb == "alibi":
-            self.register_buffer("alibi", alibi_bias(config.heads, config.max_seq_len), persistent=False)
-        else:
-            self.alibi = None
+        # ALiBi tables per device, kept in fp32 on purpose: not a buffer, because model.to(bf16)
+        # would round -slope * distance to whole units for distant keys.
+        self._alibi_tables: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters()
 
     # ---- initialisation ---------------------------------------------------------------------
@@ -227,7 +247,7 @@ class MQATransformer(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(past_len, total, device=idx.device))
         x = self.emb_dropout(x)
-        bias = self.alibi[..., :total] if self.alibi is not None else None
+        bias = self.alibi_bias(idx.device)
         weights, present = [], []
         for i, block in enumerate(self.blocks):
             x, w, kv = block(x, past_key_value=past_key_values[i] if past_key_values else None, bias=bias,
@@ -235,6 +255,21 @@ class MQATransformer(nn.Module):
             weights.append(w)
             present.append(kv)
         return self.lm_head(self.norm_f(x)), weights, present
+
+    def alibi_bias(self, device: torch.device) -> torch.Tensor | None:
+        """The fp32 ALiBi bias [1, heads, 1, max_seq_len] (None unless ``pos_emb='alibi'``).
+
+        Passed whole: the block crops it to the last ``k_len`` columns, so the newest key's bias is
+        0 and the rest are -slope * distance. (A crop from the left would offset every score by
+        slope * (max_seq_len - k_len) and spend fp32/bf16 precision on that offset.)
+        """
+        if self.config.pos_emb != "alibi":
+            return None
+        table = self._alibi_tables.get(device)
+        if table is None:
+            table = build_alibi_bias(self.config.heads, self.config.max_seq_len, device)
+            self._alibi_tables[device] = table
+        return table
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -253,8 +288,9 @@ class MQATransformer(nn.Module):
 
         ``temperature`` 0 is greedy; ``top_k`` keeps the k likeliest tokens, ``top_p`` the smallest
         set whose probability reaches p. Rows that emitted ``eos_token_id`` keep emitting it, and
-        generation stops once every row has. When the context reaches ``max_seq_len`` the cache is
-        rebuilt from the last ``max_seq_len - 1`` tokens (a sliding window, as nanoGPT crops).
+        generation stops once every row has. Past ``max_seq_len`` the context is the last
+        ``max_seq_len`` tokens, exactly as nanoGPT crops: the cache cannot slide (positions are
+        absolute), so each such step re-runs that window without a cache.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -272,7 +308,7 @@ class MQATransformer(nn.Module):
         next_input = idx[:, -limit:]
         for _ in range(max_new_tokens):
             if cache is not None and cache[0][0].shape[2] + next_input.shape[1] > limit:
-                cache, next_input = None, idx[:, -(limit - 1):]
+                cache, next_input = None, idx[:, -limit:]
             logits, cache = self.decode(next_input, cache)
             token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             if eos_token_id is not None:

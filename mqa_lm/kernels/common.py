@@ -54,6 +54,10 @@ class AttentionBackend:
 
     name: str = "?"
 
+    def check_device(self, device: torch.device) -> None:
+        """Raise ValueError if this backend can never run on ``device`` (checked before any work,
+        whether or not the call needs weights)."""
+
     def unsupported(
         self,
         q: torch.Tensor,

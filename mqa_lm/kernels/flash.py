@@ -55,12 +55,15 @@ FA4_HEAD_DIMS = (64, 96, 128)
 class FlashBackend(AttentionBackend):
     name = "flash"
 
-    def unsupported(self, q, k, *, causal, bias, key_padding_mask, dropout_p):  # type: ignore[override]
-        if q.device.type != "cuda":
+    def check_device(self, device: torch.device) -> None:
+        if device.type != "cuda":
             raise ValueError(
-                f"attn_impl='flash' runs on CUDA only, but the input is on {q.device}; "
+                f"attn_impl='flash' runs on CUDA only, but the input is on {device}; "
                 "use attn_impl='torch' (or 'auto') on this device"
             )
+
+    def unsupported(self, q, k, *, causal, bias, key_padding_mask, dropout_p):  # type: ignore[override]
+        self.check_device(q.device)
         if q.dtype not in (torch.float16, torch.bfloat16):
             return f"FlashAttention takes fp16/bf16, not {q.dtype} (enable autocast or cast the model)"
         if bias is not None:

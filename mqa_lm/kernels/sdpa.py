@@ -35,15 +35,29 @@ def sdpa_attention(
     if bias is None:
         attn_mask = allowed
     else:
-        attn_mask = bias.to(q.dtype)
-        if allowed is not None:
-            attn_mask = torch.where(allowed, attn_mask, torch.finfo(q.dtype).min)
+        attn_mask = centered_bias(bias, allowed, q.dtype)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=softmax_scale, enable_gqa=gqa
     )
     if row_has_keys is not None:
         out = out * row_has_keys.to(out.dtype)
     return out
+
+
+def centered_bias(bias: torch.Tensor, allowed: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask SDPA takes (in ``dtype``): ``bias`` with disallowed keys at the dtype's
+    minimum and each row shifted so its largest allowed entry is 0.
+
+    Softmax ignores a per-row constant, and the shift keeps the entries that carry weight near 0,
+    where bf16/fp16 are fine-grained: an ALiBi row aligned to the newest key reaches
+    ``-slope * seq_len`` for early queries, where bf16 steps are whole units.
+    """
+    compute = torch.promote_types(dtype, torch.float32)
+    shifted = bias.to(compute)
+    if allowed is not None:
+        shifted = shifted.masked_fill(~allowed, float("-inf"))
+    shifted = shifted - shifted.amax(dim=-1, keepdim=True)
+    return shifted.to(dtype).nan_to_num(neginf=torch.finfo(dtype).min)
 
 
 class TorchBackend(AttentionBackend):

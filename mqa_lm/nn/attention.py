@@ -92,7 +92,7 @@ class MultiQueryAttention(nn.Module):
         if qk_ln:
             self.q_ln = build_norm(norm_type, dim, device=device)
             self.k_ln = build_norm(norm_type, kv_dim, device=device)
-        self.rotary = RotaryEmbedding(self.head_dim, rope_theta, device=device) if rope_theta else None
+        self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta else None
 
     def forward(
         self,
@@ -122,6 +122,7 @@ class MultiQueryAttention(nn.Module):
             ``(context [batch, seq, dim], attn_weights or None, (key, value) after this call)``.
         """
         batch, q_len = self._check_input(x)
+        ATTENTION_BACKENDS.get(resolve_impl(self.attn_impl, x.device)).check_device(x.device)
         past_len = self._check_cache(past_key_value, batch, x)
         k_len = past_len + q_len
         key_padding_mask = self._check_mask(mask, batch, k_len, x.device)
@@ -197,6 +198,9 @@ class MultiQueryAttention(nn.Module):
         if not (isinstance(past_key_value, (tuple, list)) and len(past_key_value) == 2):
             raise TypeError("past_key_value must be a (key, value) pair as returned by a previous call")
         key, value = past_key_value
+        for name, t in (("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"past_key_value {name} must be a tensor, got {type(t).__name__}")
         want = [batch, self.kv_heads, None, self.head_dim]
         for name, t in (("key", key), ("value", value)):
             if t.dim() != 4 or [s if w is not None else None for s, w in zip(t.shape, want)] != want:

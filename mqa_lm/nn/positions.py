@@ -13,37 +13,42 @@ class RotaryEmbedding(nn.Module):
 
     ``forward(x, offset)`` rotates ``x`` [batch, heads, seq, head_dim] as if its rows sat at absolute
     positions ``offset .. offset + seq - 1``, so cached keys keep the rotation of their position.
-    The cos/sin tables are computed in fp32 and grown on demand.
+
+    The angles are computed in fp64 and the cos/sin tables cached per (device, dtype), grown on
+    demand. Nothing is stored as a buffer: ``model.to(torch.bfloat16)`` would otherwise round the
+    inverse frequencies to bf16 and rotate every position by a wrong angle.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
-            size = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]))
-            positions = torch.arange(size, device=device, dtype=torch.float32)
-            freqs = torch.outer(positions, self.inv_freq.to(device))
+    def _cos_sin(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._tables.get((device, dtype))
+        if cached is None or cached[0].shape[0] < length:
+            size = max(length, 2 * (0 if cached is None else cached[0].shape[0]))
+            # fp64 on the CPU: position * frequency loses ~1e-4 rad at position 4096 in fp32.
+            inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+            freqs = torch.outer(torch.arange(size, dtype=torch.float64), inv_freq)
             angles = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = angles.cos(), angles.sin()
-        return self._cos, self._sin
+            cached = (angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype))
+            self._tables[(device, dtype)] = cached
+        return cached
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         seq = x.shape[-2]
-        cos, sin = self._tables(offset + seq, x.device)
-        cos = cos[offset : offset + seq].to(x.dtype)
-        sin = sin[offset : offset + seq].to(x.dtype)
+        cos, sin = self._cos_sin(offset + seq, x.device, x.dtype)
+        cos, sin = cos[offset : offset + seq], sin[offset : offset + seq]
         half = self.head_dim // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, theta={self.theta}"
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
