@@ -1,0 +1,120 @@
+"""The LightningModule: wraps :class:`MQATransformer` with the loss, the optimizer and the schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from mqa_lm.model import MQAConfig, MQATransformer
+from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+class MQALitModule(L.LightningModule):
+    """Trains an :class:`MQATransformer` on (x, y) token windows.
+
+    Args:
+        model: the :class:`MQAConfig` fields as a plain dict. ``vocab_size: None`` takes the size of
+            the datamodule's tokenizer when the trainer builds the model (``configure_model``); the
+            resolved value is written back into the saved hyperparameters, so a checkpoint rebuilds
+            the same model.
+        optim: the :class:`OptimConfig` fields as a plain dict.
+        compile: wrap the model in ``torch.compile``.
+
+    Hyperparameters are saved as plain containers, so checkpoints load with ``weights_only=True``.
+    """
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any] | None = None, compile: bool = False) -> None:
+        super().__init__()
+        model = dict(model)
+        optim = OptimConfig.from_dict(dict(optim or {})).to_dict()
+        self.save_hyperparameters({"model": model, "optim": optim, "compile": bool(compile)})
+        self.optim_config = OptimConfig.from_dict(optim)
+        self.model: MQATransformer | None = None
+        if model.get("vocab_size") is not None:
+            self._build(model)
+
+    # ---- model construction -----------------------------------------------------------------
+
+    def _build(self, model_fields: dict[str, Any]) -> None:
+        config = MQAConfig.from_dict(model_fields)
+        self.hparams["model"] = config.to_dict()
+        self.model = MQATransformer(config)
+        # Kept out of nn.Module registration, so the compiled wrapper adds no second set of
+        # state_dict keys; it shares the parameters of self.model.
+        self.__dict__["_step_fn"] = torch.compile(self.model) if self.hparams["compile"] else self.model
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        vocab_size = getattr(datamodule, "vocab_size", None)
+        if vocab_size is None:
+            raise ValueError(
+                "model.vocab_size is null and no datamodule with a tokenizer is attached; "
+                "set model.vocab_size or train with a datamodule"
+            )
+        self._build({**self.hparams["model"], "vocab_size": int(vocab_size)})
+
+    @property
+    def config(self) -> MQAConfig:
+        assert self.model is not None, "the model is built in configure_model()"
+        return self.model.config
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._step_fn(idx, targets)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self(x, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self(x, y)
+        self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if val_loss is not None:
+            self.log("val/ppl", torch.exp(val_loss.float()), on_step=False, on_epoch=True, sync_dist=True)
+
+    # ---- optimisation -----------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.model, self.optim_config)
+        decay_steps = self.optim_config.decay_steps or self._max_steps()
+        scheduler = build_scheduler(optimizer, self.optim_config, decay_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _max_steps(self) -> int:
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps < 1:
+            est = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+            if not math.isfinite(est):
+                raise ValueError("set trainer.max_steps (or optim.decay_steps) so the cosine schedule has an end")
+            return int(est)
+        return int(max_steps)
+
+    # ---- text in, text out ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
+               top_p: float | None = None, eos_token_id: int | None = None, seed: int = 0) -> list[int]:
+        """Generate after ``prompt_ids`` with the KV cache; returns prompt + continuation ids."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      eos_token_id=eos_token_id, generator=gen)
+        finally:
+            self.model.train(was_training)
+        return out[0].tolist()

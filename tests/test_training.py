@@ -1,0 +1,180 @@
+"""The training slice end to end: config composition, validation messages, fast_dev_run, resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from mqa_lm.training import ConfigError, build_callbacks, build_loggers, train, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+CORPUS = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+) * 40
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS, encoding="utf-8")
+    return path
+
+
+def small_run(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long CPU run on a character corpus."""
+    return [
+        "data=text",
+        f"data.paths=[{corpus}]",
+        "data.tokenizer=char",
+        "data.block_size=16",
+        "data.batch_size=4",
+        "data.val_batches=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.max_seq_len=16",
+        "model.n_layers=2",
+        "model.d_model=32",
+        "model.heads=4",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "sample.max_new_tokens=8",
+        *extra,
+    ]
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("model", "trainer", "logger", "callbacks", "optim", "debug", "experiment", "data") for o in group_options(g)],
+)
+def test_every_config_option_composes_and_instantiates(tmp_path, corpus, group, option):
+    overrides = [f"{group}={option}", f"paths.output_dir={tmp_path}"]
+    if group == "data" or group == "experiment":
+        overrides += [f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_cfg(overrides)
+    validate_config(cfg)
+    instantiate(cfg.data)
+    for cb in build_callbacks(cfg):
+        assert cb is not None
+    build_loggers(cfg)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg.update(precision="32-true", accelerator="cpu", devices=1)
+    instantiate(trainer_cfg, logger=False, enable_checkpointing=False)
+
+
+def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
+    gpu = compose_cfg(["experiment=shakespeare_char", f"data.paths=[{corpus}]"])
+    assert (gpu.model.n_layers, gpu.model.d_model, gpu.model.heads, gpu.model.kv_heads) == (6, 384, 6, 1)
+    assert (gpu.data.block_size, gpu.data.batch_size, gpu.model.resid_pdrop, gpu.optim.lr) == (256, 64, 0.2, 1e-3)
+    assert gpu.trainer.max_steps == 5000
+    cpu = compose_cfg(["experiment=shakespeare_char_cpu", f"data.paths=[{corpus}]"])
+    assert (cpu.model.n_layers, cpu.model.d_model, cpu.model.heads, cpu.data.block_size, cpu.data.batch_size) == (4, 128, 4, 64, 12)
+    assert (cpu.trainer.max_steps, cpu.model.resid_pdrop) == (2000, 0.0)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.heads=7", "model.d_model=512"], "model.d_model=512 is not divisible by model.heads=7"),
+        (["model.attn_impl=foo"], "unknown model.attn_impl 'foo'; valid choices are: auto, flash, torch, triton"),
+        (["model.norm_type=batchnorm"], "unknown model.norm_type 'batchnorm'"),
+        (["model.kv_heads=3"], "kv_heads=3"),
+        (["optim.lr=-0.1"], "optim.lr must be > 0, got -0.1"),
+        (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr="),
+        (["model.max_seq_len=64", "data.block_size=128"], "data.block_size=128 is longer than model.max_seq_len=64"),
+        (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer"),
+        (["+model.n_head=4"], "unknown model config keys ['n_head']"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' is not a file"),
+    ],
+)
+def test_bad_config_values_stop_with_one_clear_message(tmp_path, overrides, message):
+    cfg = compose_cfg([f"paths.output_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert message in str(err.value)
+
+
+def test_missing_data_path_stops_before_work(tmp_path):
+    cfg = compose_cfg(small_run(tmp_path, tmp_path / "nope.txt"))
+    with pytest.raises(ConfigError, match="nope.txt"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resumed_run_reaches_the_weights_of_an_uninterrupted_run(tmp_path, corpus):
+    common = ["optim.decay_steps=16", "optim.warmup_steps=4", "trainer.val_check_interval=8",
+              "trainer.deterministic=true", "sample.max_new_tokens=0"]
+    straight = tmp_path / "straight"
+    train(compose_cfg(small_run(straight, corpus, "trainer.max_steps=16", *common)))
+    first = tmp_path / "first"
+    train(compose_cfg(small_run(first, corpus, "trainer.max_steps=8", *common)))
+    last = first / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    resumed = tmp_path / "resumed"
+    train(compose_cfg(small_run(resumed, corpus, "trainer.max_steps=16", f"ckpt_path={last}", *common)))
+
+    a = _weights(straight / "run" / "checkpoints" / "last.ckpt")
+    b = _weights(resumed / "run" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    # and the run did learn: the resumed weights moved away from the step-8 checkpoint
+    mid = _weights(last)
+    assert any(not torch.equal(mid[n], b[n]) for n in mid)
+
+
+def test_checkpoint_hyperparameters_are_plain_and_rebuild_the_model(tmp_path, corpus):
+    train(compose_cfg(small_run(tmp_path, corpus, "trainer.max_steps=4", "trainer.val_check_interval=4")))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert type(hp["model"]) is dict and hp["model"]["vocab_size"] > 1
+    from mqa_lm.lit_module import MQALitModule
+
+    module = MQALitModule.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert module.model.config.vocab_size == hp["model"]["vocab_size"]
+
+
+def test_train_py_fast_dev_run_of_the_default_prints_a_sample(tmp_path):
+    """The real entry point on the embedded default corpus (capped so the test stays quick)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "debug=fdr", "data.max_chars=200000",
+           f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
+           "trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sample (" in proc.stdout
+    assert (tmp_path / "run" / "sample.txt").read_text(encoding="utf-8").strip()
+
+
+def test_train_py_reports_a_config_error_and_exits_2(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "model.heads=7", "model.d_model=512", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "config error: model.d_model=512 is not divisible by model.heads=7" in proc.stderr
