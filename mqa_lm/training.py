@@ -16,6 +16,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mqa_lm.distributed import check_launch, global_batch_line
+from mqa_lm.fault_tolerance import fault_tolerance_callbacks, fault_tolerance_plugins, merge_plugins, resume_checkpoint
 from mqa_lm.lit_module import MQALitModule
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
@@ -88,6 +90,11 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as ``cfg`` says; returns the final callback metrics as floats."""
     model_fields, optim_fields = validate_config(cfg)
+    try:
+        check_launch(cfg)
+        ckpt_path = resume_checkpoint(cfg)  # resume=auto: the run directory's newest valid checkpoint
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -102,10 +109,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = MQALitModule(model=model_fields, optim=optim_fields, compile=cfg.get("compile", False))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
+    plugins = merge_plugins([instantiate(p) for p in trainer_cfg.pop("plugins", None) or []], fault_tolerance_plugins(cfg))
     trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, _convert_="partial"
+        trainer_cfg, callbacks=build_callbacks(cfg) + fault_tolerance_callbacks(cfg), logger=build_loggers(cfg) or False,
+        plugins=plugins, _convert_="partial"
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    if trainer.is_global_zero:
+        print(global_batch_line(trainer, datamodule), flush=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
@@ -119,7 +130,7 @@ def report(cfg: DictConfig, trainer: L.Trainer, module: MQALitModule, datamodule
     for cb in trainer.checkpoint_callbacks:
         if getattr(cb, "last_model_path", ""):
             lines.append(f"last checkpoint: {cb.last_model_path}")
-        if getattr(cb, "best_model_path", ""):
+        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None) != "step":  # not the recovery ones
             lines.append(f"best checkpoint: {cb.best_model_path} (val/loss {float(cb.best_model_score or 0):.4f})")
     for lg in trainer.loggers:
         lines.append(f"{type(lg).__name__} logs: {lg.log_dir}")
