@@ -228,6 +228,21 @@ class MQATransformer(nn.Module):
         _, weights, _ = self._run(idx, needs_weights=True)
         return weights
 
+    @torch.no_grad()
+    def attention_probe(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Diagnostics of one forward on the reference path: per layer, the post-softmax weights
+        [batch, heads, seq, seq] and the largest pre-softmax logit ``scale * q.k`` [batch, heads]
+        over the keys each query may see (see :func:`mqa_lm.nn.attention.max_attention_logit`)."""
+        layers = [block.attn for block in self.blocks]
+        for attn in layers:
+            attn.record_max_logit = True
+        try:
+            _, weights, _ = self._run(idx, needs_weights=True)
+            return weights, [attn.max_logit for attn in layers]
+        finally:
+            for attn in layers:
+                attn.record_max_logit, attn.max_logit = False, None
+
     def _run(
         self, idx: torch.Tensor, past_key_values: list[KVCache] | None = None, needs_weights: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[KVCache]]:

@@ -16,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mqa_lm.callbacks.tracking import log_resolved_config
 from mqa_lm.distributed import check_launch, global_batch_line
 from mqa_lm.fault_tolerance import fault_tolerance_callbacks, fault_tolerance_plugins, merge_plugins, resume_checkpoint
 from mqa_lm.lit_module import MQALitModule
@@ -80,7 +81,9 @@ def validate_config(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    # A factory may return None to opt out (the progress bar when trainer.enable_progress_bar is false).
+    built = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
+    return [cb for cb in built if cb is not None]
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -116,6 +119,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     if trainer.is_global_zero:
         print(global_batch_line(trainer, datamodule), flush=True)
+    log_resolved_config(trainer.loggers, cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}

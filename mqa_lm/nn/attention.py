@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mqa_lm.kernels import ATTENTION_BACKENDS, reference_attention, resolve_impl
+from mqa_lm.kernels.common import allowed_keys
 from mqa_lm.nn.linears import LINEARS, build_linear
 from mqa_lm.nn.norms import NORMS, build_norm
 from mqa_lm.nn.positions import RotaryEmbedding
@@ -93,6 +94,11 @@ class MultiQueryAttention(nn.Module):
             self.q_ln = build_norm(norm_type, dim, device=device)
             self.k_ln = build_norm(norm_type, kv_dim, device=device)
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta else None
+        # Diagnostics (MQATransformer.attention_probe): when set, a needs_weights call also keeps
+        # the largest softmax input per [batch, head] in max_logit, the logit growth that qk_ln and
+        # clip_qkv exist to prevent. Off by default so the weights path costs nothing extra.
+        self.record_max_logit = False
+        self.max_logit: torch.Tensor | None = None
 
     def forward(
         self,
@@ -153,6 +159,10 @@ class MultiQueryAttention(nn.Module):
         if needs_weights:
             self._note(f"attn_impl={self.attn_impl!r}: needs_weights=True runs on the reference math path")
             context, weights = reference_attention(q, k, v, **kwargs)
+            if self.record_max_logit:
+                self.max_logit = max_attention_logit(
+                    q, k, softmax_scale=self.softmax_scale, causal=causal, key_padding_mask=key_padding_mask
+                )
             used = "reference"
         else:
             used = self._pick_backend(q, k, kwargs)
@@ -247,6 +257,30 @@ class MultiQueryAttention(nn.Module):
         if cols > k_len:
             bias = bias[:, :, :, cols - k_len :]
         return bias
+
+
+def max_attention_logit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    softmax_scale: float,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The largest pre-softmax logit ``softmax_scale * q.k`` per [batch, head], fp32, over the
+    (query, key) pairs the mask lets attend; -inf for a head whose every row is masked.
+
+    An additive bias (ALiBi) is left out: it is a fixed function of position whose per-row offset is
+    arbitrary (softmax ignores it), while q.k is what grows when training goes unstable."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    q_grouped = q.float().reshape(batch, kv_heads, heads // kv_heads, q_len, head_dim)
+    scores = torch.einsum("bkgqd,bksd->bkgqs", q_grouped, k.float()).reshape(batch, heads, q_len, k_len)
+    scores = scores * softmax_scale
+    allowed = allowed_keys(q_len, k_len, causal, key_padding_mask, q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.amax(dim=(-2, -1))
 
 
 def check_attention_args(
