@@ -44,7 +44,7 @@ def main() -> None:
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     print(f"{'step':>6} " + " ".join(f"{n:>10}" for n in names))
     for s in steps:
-        if s % args.every == 0 or s == steps[-1]:
+        if s % args.every < 10 or s == steps[-1]:
             print(f"{s:>6} " + " ".join(f"{c[s]:>10.4f}" for c in curves))
     base = curves[0]
     tail = [s for s in steps if s > steps[-1] - 100]

@@ -21,8 +21,9 @@ for stage in "$@"; do
   curves)
     common=(model=gpt2_small trainer=gpu data=stdlib data.max_chars=null data.vocab_size=8192
             data.block_size=1024 data.batch_size=16 trainer.max_steps=300 trainer.val_check_interval=100
-            trainer.log_every_n_steps=1 optim.warmup_steps=30 sample.max_new_tokens=50 trainer.enable_progress_bar=false
-            callbacks.model_checkpoint.save_top_k=0 callbacks.model_checkpoint.save_last=false)
+            trainer.log_every_n_steps=10 optim.warmup_steps=30 sample.max_new_tokens=50 trainer.enable_progress_bar=false
+            callbacks.model_checkpoint.save_top_k=0 callbacks.model_checkpoint.save_last=false
+            callbacks.recovery_checkpoint.save_top_k=0 callbacks.attention_maps.every_n_steps=100)
     for impl in torch triton flash; do
       start=$(date +%s)
       timeout 240 python3 train.py "${common[@]}" model.attn_impl=$impl hydra.run.dir="$runs/curve_$impl" \
