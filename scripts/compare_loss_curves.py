@@ -43,8 +43,11 @@ def main() -> None:
     curves = [read_curve(p, args.key) for p in args.files]
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     print(f"{'step':>6} " + " ".join(f"{n:>10}" for n in names))
+    shown = -1
     for s in steps:
-        if s % args.every < 10 or s == steps[-1]:
+        # The first logged step of each --every bucket (logged steps need not be multiples of it).
+        if s // args.every != shown or s == steps[-1]:
+            shown = s // args.every
             print(f"{s:>6} " + " ".join(f"{c[s]:>10.4f}" for c in curves))
     base = curves[0]
     tail = [s for s in steps if s > steps[-1] - 100]
