@@ -88,10 +88,31 @@ class MQALitModule(L.LightningModule):
     # ---- optimisation -----------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model, self.optim_config)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        optimizer = build_optimizer(self.model, self.optim_config, grad_scaling=scaler is not None)
         decay_steps = self.optim_config.decay_steps or self._max_steps()
         scheduler = build_scheduler(optimizer, self.optim_config, decay_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as the Trainer says; a fused AdamW under bf16 is clipped here directly.
+
+        Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales
+        gradients itself (fused AdamW), though bf16 has no loss scale to undo; with no GradScaler
+        in play, clipping the gradients as they stand is exactly right.
+        """
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if fused and scaler is None and gradient_clip_val:
+            if gradient_clip_algorithm in (None, "norm"):
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _max_steps(self) -> int:
         max_steps = self.trainer.max_steps if self._trainer is not None else -1

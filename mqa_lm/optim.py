@@ -80,9 +80,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, grad_scaling: bool = False) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`. ``fused`` None picks the fused kernel on CUDA unless a
+    GradScaler is in play (fp16), where gradients must be unscaled before clipping."""
     on_cuda = next(model.parameters()).is_cuda
-    fused = on_cuda if cfg.fused is None else cfg.fused
+    fused = (on_cuda and not grad_scaling) if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
     )
