@@ -144,8 +144,12 @@ def report(cfg: DictConfig, trainer: L.Trainer, module: MQALitModule, datamodule
     max_new = int(sample_cfg.get("max_new_tokens", 0))
     if max_new > 0 and module.model is not None and hasattr(datamodule, "encode"):
         prompt_ids = datamodule.encode(sample_cfg.get("prompt") or "\n") or [0]
-        ids = module.sample(prompt_ids, max_new, temperature=float(sample_cfg.get("temperature", 0.8)),
-                            top_k=sample_cfg.get("top_k"), seed=int(cfg.seed))
+        # fit() hands the module back on the CPU; sample where and how it trained (device, autocast),
+        # which also keeps CUDA-only kernels such as attn_impl=flash usable here.
+        module.to(trainer.strategy.root_device)
+        with trainer.precision_plugin.forward_context():
+            ids = module.sample(prompt_ids, max_new, temperature=float(sample_cfg.get("temperature", 0.8)),
+                                top_k=sample_cfg.get("top_k"), seed=int(cfg.seed))
         text = datamodule.decode(ids)
         sample_file = Path(cfg.paths.output_dir) / "sample.txt"
         sample_file.parent.mkdir(parents=True, exist_ok=True)

@@ -182,3 +182,36 @@ def test_train_py_reports_a_config_error_and_exits_2(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "config error: model.d_model=512 is not divisible by model.heads=7" in proc.stderr
+
+
+def test_fused_adamw_under_bf16_mixed_clips_gradients():
+    """Lightning refuses to clip for fused optimizers; the module clips itself when no scaler exists."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mqa_lm.lit_module import MQALitModule
+
+    torch.manual_seed(0)
+    data = torch.randint(0, 32, (8, 17))
+    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=4)
+    module = MQALitModule(
+        model=dict(vocab_size=32, max_seq_len=16, n_layers=1, d_model=32, heads=4, attn_impl="torch"),
+        optim=dict(lr=1e-3, warmup_steps=1, fused=True),
+    )
+    seen: list[float] = []
+
+    class RecordNorm(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            # A post-hook: Lightning runs backward and clipping inside optimizer.step(closure), and the
+            # step leaves the (clipped) gradients in place.
+            def post_step(optimizer, args, kwargs):
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            trainer.optimizers[0].register_step_post_hook(post_step)
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[RecordNorm()])
+    trainer.fit(module, loader)
+    assert trainer.optimizers[0].param_groups[0]["fused"]
+    assert len(seen) == 2 and all(n <= 1e-3 * 1.01 for n in seen), seen
