@@ -22,6 +22,7 @@ The scores are kept in base 2 (``log2(e)`` folded into the scale) so the softmax
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -195,8 +196,12 @@ def _attn_fwd(
 
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    bias_base = Bias + b * stride_bb
-    mask_base = KeyMask + b * stride_mb
+    bias_base = Bias  # None when absent: only read under HAS_BIAS
+    if HAS_BIAS:
+        bias_base = Bias + b * stride_bb
+    mask_base = KeyMask  # None when absent: only read under HAS_MASK
+    if HAS_MASK:
+        mask_base = KeyMask + b * stride_mb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -384,7 +389,8 @@ def _attn_bwd(
         do_base = dO + b * stride_dob
         lse_base = Lse + bh.to(tl.int64) * n_rows
         delta_base = Delta + bh.to(tl.int64) * n_rows
-        bias_base = Bias + b * stride_bb
+        # An absent bias/mask arrives as None; no None-valued name may outlive this runtime branch.
+        bias_base = Bias + b * stride_bb if HAS_BIAS else 0
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, attend, keys, key_ok, q_base, do_base, lse_base, delta_base, bias_base,
             kvh, masked_lo, masked_hi, n_rows, qk_scale, seq_k, shift,
@@ -429,8 +435,8 @@ def _attn_bwd(
 
         k_base = K + b * stride_kb + kvh * stride_kh
         v_base = V + b * stride_vb + kvh * stride_vh
-        bias_base = Bias + b * stride_bb
-        mask_base = KeyMask + b * stride_mb
+        bias_base = Bias + b * stride_bb if HAS_BIAS else 0
+        mask_base = KeyMask + b * stride_mb if HAS_MASK else 0
         hi, full = _causal_ranges(m_block * BLOCK_M2, m_block * BLOCK_M2 + BLOCK_M2 - 1, seq_q, seq_k, GROUP, CAUSAL, BLOCK_N2)
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, k_base, v_base, bias_base, mask_base, head, pos, row_ok, 0, full,
@@ -512,6 +518,63 @@ def _kernel(kind: str, block_d: int, tuned: bool) -> triton.runtime.Autotuner:
     return _KERNELS[(kind, family, tuned)]
 
 
+# A launch through the autotuner and ``JITFunction.run`` re-derives, every call, what a repeated
+# call cannot change (tuning key, argument binding and specialisation). In a gpt2_small training
+# step that host time, not the kernels, set the pace: the step ran host-bound
+# (scripts/profile_attention_block.py, docs/benchmarks.md). After one ordinary launch, the
+# compiled kernel is launched directly, keyed on everything Triton specialises on, taken exactly:
+# every integer argument, every dtype, each pointer's 16-byte alignment, the constexprs.
+_LAUNCHES: dict[tuple, tuple] = {}
+_MAX_LAUNCHES = 512  # decoding makes a key per length; bounded so a long generation cannot grow it
+DIRECT_LAUNCH_ENV = "MQA_LM_TRITON_DIRECT_LAUNCH"
+_direct_launch_works = [True]  # turned off for good if this Triton's compiled kernels refuse it
+
+
+def _spec_key(args: tuple) -> tuple:
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, float):
+            key.append(float)  # floats are never specialised on
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+def _launch(fn, grid, args: tuple, constexprs: dict) -> None:
+    """``fn[grid](*args, **constexprs)``, directly into the cached compiled kernel on a repeat."""
+    if _interpreting() or not _direct_launch_works[0] or os.environ.get(DIRECT_LAUNCH_ENV, "1") == "0":
+        fn[grid](*args, **constexprs)
+        return
+    key = (id(fn), args[0].device.index, tuple(constexprs.values()), _spec_key(args))
+    hit = _LAUNCHES.get(key)
+    if hit is not None:
+        compiled, launch_grid, tail = hit
+        try:
+            compiled[launch_grid](*args, *tail)
+            return
+        except (TypeError, ValueError, AttributeError):
+            # An argument convention this Triton does not share: it raises before launching.
+            _direct_launch_works[0] = False
+            _LAUNCHES.clear()
+            fn[grid](*args, **constexprs)
+            return
+    compiled = fn[grid](*args, **constexprs)
+    config = getattr(fn, "best_config", None)
+    meta = {**constexprs, **(config.all_kwargs() if config is not None else {})}
+    jit_fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
+    try:
+        tail = tuple(meta[name] for name in jit_fn.arg_names[len(args):])
+    except KeyError:
+        return
+    if compiled is None or not hasattr(compiled, "__getitem__"):
+        return
+    if len(_LAUNCHES) >= _MAX_LAUNCHES:
+        _LAUNCHES.clear()
+    _LAUNCHES[key] = (compiled, tuple(grid(meta)) if callable(grid) else tuple(grid), tail)
+
+
 def chosen_configs() -> dict[str, str]:
     """What the autotuner picked for every key it has tuned so far (for benchmark notes)."""
     found = {}
@@ -583,9 +646,8 @@ def attention_forward(
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * batch_kv,)
 
-    kernel[grid](
-        q, k, v, out, lse,
-        bias if bias is not None else q, mask if mask is not None else q,
+    _launch(kernel, grid, (
+        q, k, v, out, lse, bias, mask,
         softmax_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -594,9 +656,10 @@ def attention_forward(
         *bias_strides,
         mask.stride(0) if mask is not None else 0,
         batch_kv, kv_heads, q_len, k_len, _seq_bucket(q_len, k_len),
+    ), dict(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-    )
+    ))
     return out, lse
 
 
@@ -620,7 +683,8 @@ def attention_backward(
     """Run the backward kernels for ``out, lse = attention_forward(...)``; returns (dq, dk, dv).
 
     ``dk``/``dv`` [b, kv_heads, k_len, d] hold the sums over each K/V head's query heads. Output
-    buffers may be given (unit last stride) to be written in place. ``kv_splits`` (default: picked
+    buffers may be given (unit last stride) to be written in place; dk and dv allocated here are two
+    views of one buffer. ``kv_splits`` (default: picked
     from the shape and the multiprocessor count) is how many programs share the packed query rows
     of one key block; above 1 their fp32 partial sums are added atomically.
     """
@@ -628,46 +692,57 @@ def attention_backward(
     batch, heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    batch_kv = batch * kv_heads
+    n_rows = q_len * group
+    empty = q.numel() == 0 or k.numel() == 0
+    atomic = False
+    if not empty:
+        if kv_splits is None:
+            kv_splits = _default_kv_splits(q.device, batch_kv, k_len, n_rows)
+        kv_chunk = triton.cdiv(triton.cdiv(n_rows, max(kv_splits, 1)), _CHUNK_ALIGN) * _CHUNK_ALIGN
+        n_chunks = triton.cdiv(n_rows, kv_chunk)
+        atomic = n_chunks > 1
     if dq is None:
         dq = torch.empty(batch, q_len, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
-    if dk is None:
-        dk = torch.empty(batch, k_len, kv_heads, head_dim, device=k.device, dtype=k.dtype).transpose(1, 2)
-    if dv is None:
-        dv = torch.empty(batch, k_len, kv_heads, head_dim, device=v.device, dtype=v.dtype).transpose(1, 2)
-    if q.numel() == 0 or k.numel() == 0:
+    # dK and dV we allocate ourselves share one [2, b, k_len, kv_heads, d] buffer, so the atomic
+    # path zeroes one fp32 buffer and converts it once: every torch op is host time (see _launch).
+    kv_shape = (2, batch, k_len, kv_heads, head_dim)
+    if dk is None and dv is None:
+        if not atomic:
+            dk, dv = torch.empty(kv_shape, device=k.device, dtype=k.dtype).transpose(2, 3).unbind(0)
+    else:
+        if dk is None:
+            dk = torch.empty(batch, k_len, kv_heads, head_dim, device=k.device, dtype=k.dtype).transpose(1, 2)
+        if dv is None:
+            dv = torch.empty(batch, k_len, kv_heads, head_dim, device=v.device, dtype=v.dtype).transpose(1, 2)
+    if empty:
         return dq.zero_(), dk.zero_(), dv.zero_()
     mask = _mask_arg(key_padding_mask)
     bias_strides = _bias_strides(bias, (batch, heads, q_len, k_len))
     block_d = _block_d(head_dim)
-    batch_kv = batch * kv_heads
-    n_rows = q_len * group
 
     delta = torch.empty_like(lse)
     delta_rows = 64
-    _attn_bwd_delta[(triton.cdiv(n_rows, delta_rows), batch_kv)](
+    _launch(_attn_bwd_delta, (triton.cdiv(n_rows, delta_rows), batch_kv), (
         out, grad_out, delta,
         out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         kv_heads, q_len,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows,
-    )
+    ), dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows))
 
     kernel = _kernel("bwd", block_d, _autotuning())
-    if kv_splits is None:
-        kv_splits = _default_kv_splits(q.device, batch_kv, k_len, n_rows)
-    kv_chunk = triton.cdiv(triton.cdiv(n_rows, max(kv_splits, 1)), _CHUNK_ALIGN) * _CHUNK_ALIGN
-    n_chunks = triton.cdiv(n_rows, kv_chunk)
-    atomic = n_chunks > 1
-    dk_acc = torch.zeros(dk.shape, device=dk.device, dtype=torch.float32) if atomic else dk
-    dv_acc = torch.zeros(dv.shape, device=dv.device, dtype=torch.float32) if atomic else dv
+    if atomic:
+        acc = torch.zeros(kv_shape, device=k.device, dtype=torch.float32).transpose(2, 3)
+        dk_acc, dv_acc = acc.unbind(0)
+    else:
+        dk_acc, dv_acc = dk, dv
 
     def grid(meta):
         kv_programs = triton.cdiv(k_len, meta["BLOCK_N1"]) * batch_kv * n_chunks
         return (kv_programs + triton.cdiv(n_rows, meta["BLOCK_M2"]) * batch_kv,)
 
-    kernel[grid](
-        q, k, v, grad_out, lse, delta, dq, dk_acc, dv_acc,
-        bias if bias is not None else q, mask if mask is not None else q,
+    _launch(kernel, grid, (
+        q, k, v, grad_out, lse, delta, dq, dk_acc, dv_acc, bias, mask,
         softmax_scale * LOG2E, softmax_scale,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -679,12 +754,16 @@ def attention_backward(
         *bias_strides,
         mask.stride(0) if mask is not None else 0,
         batch_kv, kv_heads, q_len, k_len, _seq_bucket(q_len, k_len), kv_chunk,
+    ), dict(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, KV_ATOMIC=atomic,
-    )
+    ))
     if atomic:
-        dk.copy_(dk_acc)
-        dv.copy_(dv_acc)
+        if dk is None:
+            dk, dv = acc.to(k.dtype).unbind(0)
+        else:
+            dk.copy_(dk_acc)
+            dv.copy_(dv_acc)
     return dq, dk, dv
 
 
@@ -692,10 +771,15 @@ def attention_backward(
 _CHUNK_ALIGN = 128
 
 
+@functools.cache
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _default_kv_splits(device: torch.device, batch_kv: int, k_len: int, n_rows: int) -> int:
     """Split each key block's rows until the dK/dV programs number about four per multiprocessor,
     keeping every chunk at least 2048 rows long so the atomic adds stay rare."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(device.index) if device.type == "cuda" else 4
     kv_programs = triton.cdiv(k_len, 128) * batch_kv
     wanted = triton.cdiv(4 * sms, kv_programs)
     return max(1, min(wanted, n_rows // 2048))
@@ -742,9 +826,13 @@ def _fwd_op_fake(q, k, v, bias, key_padding_mask, softmax_scale, causal):
     "Tensor? key_padding_mask, float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)",
 )
 def _bwd_op(grad_out, q, k, v, out, lse, bias, key_padding_mask, softmax_scale, causal):
+    # A custom op's outputs may not alias one another: dK and dV get buffers of their own here.
+    batch, kv_heads, k_len, head_dim = k.shape
+    dk = k.new_empty(batch, k_len, kv_heads, head_dim).transpose(1, 2)
+    dv = v.new_empty(batch, k_len, kv_heads, head_dim).transpose(1, 2)
     return attention_backward(
         grad_out, q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal, bias=bias,
-        key_padding_mask=key_padding_mask,
+        key_padding_mask=key_padding_mask, dk=dk, dv=dv,
     )
 
 
@@ -774,6 +862,30 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the custom op, for eager mode: the custom op's dispatch
+    costs host time on every call (more than a kernel launch), and eager needs no tracing."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, key_padding_mask, softmax_scale, causal):
+        out, lse = attention_forward(
+            q, k, v, softmax_scale=softmax_scale, causal=causal, bias=bias, key_padding_mask=key_padding_mask
+        )
+        ctx.save_for_backward(q, k, v, out, lse, bias, key_padding_mask)
+        ctx.softmax_scale = softmax_scale
+        ctx.causal = causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, bias, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = attention_backward(
+            grad_out, q, k, v, out, lse, softmax_scale=ctx.softmax_scale, causal=ctx.causal, bias=bias,
+            key_padding_mask=key_padding_mask,
+        )
+        return dq, dk, dv, None, None, None, None
 
 
 def check_attention_inputs(
@@ -843,7 +955,8 @@ def triton_attention(
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flash attention of q [b, h, q_len, d] over k, v [b, kv_heads, k_len, d]; differentiable in
-    q, k and v, traceable by ``torch.compile``.
+    q, k and v, traceable by ``torch.compile`` (through the custom op ``mqa_lm::triton_attention_fwd``;
+    eager calls skip its dispatch).
 
     ``causal`` is aligned bottom-right (query ``i`` sees key ``j`` iff ``j <= i + k_len - q_len``);
     ``bias`` is additive, 4-D and broadcastable to [b, h, q_len, k_len] (no gradient);
@@ -857,5 +970,7 @@ def triton_attention(
         raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = key_padding_mask != 0
-    out, _ = _fwd_op(q, k, v, bias, key_padding_mask, float(softmax_scale), bool(causal))
-    return out
+    if torch.compiler.is_compiling():
+        out, _ = _fwd_op(q, k, v, bias, key_padding_mask, float(softmax_scale), bool(causal))
+        return out
+    return _EagerAttention.apply(q, k, v, bias, key_padding_mask, float(softmax_scale), bool(causal))
