@@ -544,7 +544,9 @@ def _spec_key(args: tuple) -> tuple:
 
 def _launch(fn, grid, args: tuple, constexprs: dict) -> None:
     """``fn[grid](*args, **constexprs)``, directly into the cached compiled kernel on a repeat."""
-    if _interpreting() or not _direct_launch_works[0] or os.environ.get(DIRECT_LAUNCH_ENV, "1") == "0":
+    # Opt-in until it has run on a GPU: it bypasses Triton's launcher, and no GPU has executed
+    # it yet (the device budget ran out first). MQA_LM_TRITON_DIRECT_LAUNCH=1 turns it on.
+    if _interpreting() or not _direct_launch_works[0] or os.environ.get(DIRECT_LAUNCH_ENV, "0") != "1":
         fn[grid](*args, **constexprs)
         return
     key = (id(fn), args[0].device.index, tuple(constexprs.values()), _spec_key(args))
