@@ -7,13 +7,14 @@ tied LM head), then generation with the KV cache.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_args
 from mqa_lm.nn.mlp import MLP
 from mqa_lm.nn.norms import build_norm
@@ -24,8 +25,10 @@ MLP_TYPES = ("gelu", "swiglu")
 
 
 @dataclass
-class MQAConfig:
+class MQAConfig(DictRoundTrip):
     """Every option of the model, validated on construction (one ValueError naming the field)."""
+
+    config_group: ClassVar[str] = "model config"
 
     vocab_size: int = 50304
     max_seq_len: int = 1024
@@ -52,11 +55,7 @@ class MQAConfig:
     verbose: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "n_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        for name in ("d_model", "heads", "kv_heads"):
+        for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "heads", "kv_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
@@ -114,17 +113,6 @@ class MQAConfig:
         if self.mlp_type == "swiglu":
             return 64 * math.ceil(8 * self.d_model / 3 / 64)
         return 4 * self.d_model
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "MQAConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; valid keys are: {', '.join(sorted(known))}")
-        return cls(**values)
 
 
 class Block(nn.Module):

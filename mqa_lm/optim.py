@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from mqa_lm.config_fields import DictRoundTrip
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(DictRoundTrip):
     """AdamW + warmup/cosine settings, validated on construction (errors name ``optim.<field>``).
 
     ``decay_steps`` null means "the run's ``trainer.max_steps``"; after it the rate stays ``min_lr``.
     """
+
+    config_group: ClassVar[str] = "optim"
 
     lr: float = 6e-4
     min_lr: float = 6e-5
@@ -43,17 +47,6 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ValueError(f"optim.decay_steps must be >= 1 (or null for trainer.max_steps), got {self.decay_steps}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "OptimConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown optim keys {unknown}; valid keys are: {', '.join(sorted(known))}")
-        return cls(**values)
 
 
 def lr_at(step: int, cfg: OptimConfig, decay_steps: int) -> float:

@@ -6,7 +6,6 @@ validate -> datamodule -> module -> callbacks, loggers -> Trainer.fit -> report 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 

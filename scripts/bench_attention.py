@@ -13,7 +13,6 @@ allocates beyond its inputs, and how far our outputs and gradients are from SDPA
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
@@ -219,19 +218,12 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    import triton
-
-    from mqa_lm.kernels.triton_attention import chosen_configs
+    from mqa_lm.kernels.triton_attention import benchmark_environment
 
     print_table(rows, list(impls))
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **benchmark_environment(),
         "flops": "fwd = 4*b*h*s^2*d (/2 causal); fwd+bwd = 3.5 * fwd",
-        "configs": chosen_configs(),
         "rows": rows,
     }
     print("\nautotuned configs:")

@@ -20,7 +20,6 @@ in tokens/s. Needs a CUDA GPU; no Hydra.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -258,20 +257,13 @@ def main() -> None:
             del step
             torch.cuda.empty_cache()
 
-    import triton
-
-    from mqa_lm.kernels.triton_attention import chosen_configs
+    from mqa_lm.kernels.triton_attention import benchmark_environment
 
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+        **benchmark_environment(),
         "shape": {k: getattr(args, k) for k in ("batch", "seq", "dim", "heads", "kv_heads")},
         "entries": entries,
         "model": models,
-        "configs": chosen_configs(),
     }
     print("\nautotuned configs:", json.dumps(result["configs"], indent=1))
     if args.json:

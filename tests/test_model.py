@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_reference import press_alibi_slopes, ref_alibi, ref_attention, ref_model_logits, ref_norm, ref_qkv

@@ -577,6 +577,23 @@ def _launch(fn, grid, args: tuple, constexprs: dict) -> None:
     _LAUNCHES[key] = (compiled, tuple(grid(meta)) if callable(grid) else tuple(grid), tail)
 
 
+def benchmark_environment() -> dict[str, object]:
+    """What a benchmark's JSON records about its run: card, UTC time, command, versions, and the
+    configurations the autotuner chose (call it after the timings)."""
+    import datetime
+    import sys
+    from pathlib import Path
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "configs": chosen_configs(),
+    }
+
+
 def chosen_configs() -> dict[str, str]:
     """What the autotuner picked for every key it has tuned so far (for benchmark notes)."""
     found = {}
