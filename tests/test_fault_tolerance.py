@@ -131,9 +131,22 @@ def test_sigkill_then_same_command_ends_bitwise_equal(shared, straight):
     run_dir = shared / "killed"
     code, out = interrupt(shared, run_dir, signal.SIGKILL)
     assert code == -signal.SIGKILL, out[-2000:]
+    logged_before = logged_steps(run_dir)
+    assert logged_before, "the interrupted run logged nothing"
     out = restart(shared, run_dir)
     assert f"resuming from {run_dir}" in out
     assert_bitwise_equal(weights(run_dir), straight_weights(straight))
+    # The continued run appends to the CSV log: nothing the first attempt logged is lost.
+    logged_after = logged_steps(run_dir)
+    assert logged_after[: len(logged_before)] == logged_before
+    assert max(logged_after) == MAX_STEPS - 1
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
 def test_sigterm_saves_at_a_step_boundary_and_restart_ends_bitwise_equal(shared, straight):
