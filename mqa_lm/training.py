@@ -71,8 +71,11 @@ def validate_config(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if int(accumulate) < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file; point it at a .ckpt (e.g. <run>/checkpoints/last.ckpt)")
+    # A file, or a directory for FSDP's sharded checkpoints.
+    if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not Path(ckpt_path).exists():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path!r} does not exist; point it at a checkpoint (e.g. <run>/checkpoints/last.ckpt)"
+        )
     sample = cfg.get("sample") or {}
     if int(sample.get("max_new_tokens", 0)) < 0:
         raise ConfigError(f"sample.max_new_tokens must be >= 0, got {sample.get('max_new_tokens')}")

@@ -111,7 +111,7 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         (["model.max_seq_len=64", "data.block_size=128"], "data.block_size=128 is longer than model.max_seq_len=64"),
         (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer"),
         (["+model.n_head=4"], "unknown model config keys ['n_head']"),
-        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' is not a file"),
+        (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' does not exist"),
     ],
 )
 def test_bad_config_values_stop_with_one_clear_message(tmp_path, overrides, message):
