@@ -97,6 +97,14 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
     cpu = compose_cfg(["experiment=shakespeare_char_cpu", f"data.paths=[{corpus}]"])
     assert (cpu.model.n_layers, cpu.model.d_model, cpu.model.heads, cpu.data.block_size, cpu.data.batch_size) == (4, 128, 4, 64, 12)
     assert (cpu.trainer.max_steps, cpu.model.resid_pdrop) == (2000, 0.0)
+    # MQA parameter-matched to nanoGPT's MHA model: the MLP takes what K/V no longer use.
+    from mqa_lm import MQAConfig, MQATransformer
+
+    for cfg in (gpu, cpu):
+        fields = {k: v for k, v in cfg.model.items()}
+        mqa = MQATransformer(MQAConfig(**{**fields, "vocab_size": 65})).num_params()
+        mha = MQATransformer(MQAConfig(**{**fields, "vocab_size": 65, "kv_heads": fields["heads"], "mlp_hidden": None})).num_params()
+        assert mqa == mha
 
 
 @pytest.mark.parametrize(
