@@ -186,6 +186,33 @@ def test_slurm_sigusr1_saves_requeues_and_the_requeued_job_resumes(shared, strai
     assert_bitwise_equal(weights(run_dir), straight_weights(straight))
 
 
+def test_ddp_ranks_agree_on_a_checked_step_then_resume(shared, tmp_path):
+    """Two gloo ranks: SIGTERM is acted on at the next multiple of check_every_n_steps (the only steps
+    with a collective), the checkpoint is saved once, and the same command resumes from it."""
+    run_dir = tmp_path / "ddp-terminated"
+    extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "preemption.check_every_n_steps=7"]
+
+    def ddp_command(base: Path, rd: Path) -> list[str]:
+        cmd = [a for a in command(base, rd) if not a.startswith("trainer=")]
+        return cmd[:2] + extra + cmd[2:]
+
+    proc = subprocess.Popen(ddp_command(shared, run_dir), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoints(proc, run_dir / "checkpoints", 1, timeout=180)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    saved = torch.load(hpc, map_location="cpu", weights_only=True)
+    assert saved["global_step"] % 7 == 0 and 0 < saved["global_step"] < MAX_STEPS, saved["global_step"]
+    assert not (run_dir / "hpc_ckpt_2.ckpt").exists()
+    done = subprocess.run(ddp_command(shared, run_dir), env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming from {hpc}" in done.stdout + done.stderr
+    assert f"`max_steps={MAX_STEPS}` reached" in done.stdout + done.stderr
+
+
 # ---- checkpoint files -------------------------------------------------------------------------
 
 
