@@ -12,7 +12,7 @@
    time with neither launch overhead nor cache hits.
 
     python scripts/bench_generate.py [--quick] [--json out.json]
-    python scripts/bench_generate.py --device cpu --quick      # smoke run, tiny model, no HF/Triton
+    python scripts/bench_generate.py --device cpu --quick      # smoke run: tiny fp32 model, no Triton
 """
 
 from __future__ import annotations
@@ -94,14 +94,14 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
                 rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
                 traceback.print_exc()
             print(rows[-1], flush=True)
-        if on_cuda and not args.no_hf:
-            bench_hf(args, device, batch, idx, rows)
+        if not args.no_hf:
+            bench_hf(args, device, dtype, batch, idx, rows)
     del model
     if on_cuda:
         torch.cuda.empty_cache()
 
 
-def bench_hf(args, device: torch.device, batch: int, idx: torch.Tensor, rows: list[dict]) -> None:
+def bench_hf(args, device: torch.device, dtype: torch.dtype, batch: int, idx: torch.Tensor, rows: list[dict]) -> None:
     try:
         from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
@@ -109,7 +109,7 @@ def bench_hf(args, device: torch.device, batch: int, idx: torch.Tensor, rows: li
                                   n_layer=args.layers, n_head=args.heads, multi_query=True,
                                   activation_function="gelu_pytorch_tanh")
         torch.manual_seed(0)
-        hf = GPTBigCodeForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+        hf = GPTBigCodeForCausalLM(config).to(device=device, dtype=dtype).eval()
     except Exception as err:  # noqa: BLE001
         rows.append(dict(section="generate", name="HF GPTBigCode", batch=batch, error=repr(err)))
         print(rows[-1], flush=True)
@@ -130,7 +130,8 @@ def bench_hf(args, device: torch.device, batch: int, idx: torch.Tensor, rows: li
             rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)[:300]))
         print(rows[-1], flush=True)
     del hf
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def graph_time(calls, device: torch.device, replays: int = 5) -> float:

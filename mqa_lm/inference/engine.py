@@ -127,9 +127,14 @@ class InferenceEngine:
         self.cuda_graph = bool(cuda_graph) and max_len >= 4
         self.split_size = split_size
 
-        kv_shape = (batch_size, config.kv_heads, max_len, config.head_dim)
-        self.k_caches = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v_caches = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        # K and V of a layer share one buffer [batch, 2, kv_heads, max_len, head_dim], so that
+        # without RoPE or QK-norm the new key and value are written by one copy straight from the
+        # QKV projection's output. Each is still [batch, kv_heads, max_len, head_dim] with a unit
+        # stride along head_dim, as the kernels and SDPA want.
+        kv_shape = (batch_size, 2, config.kv_heads, max_len, config.head_dim)
+        self.kv_caches = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.k_caches = [kv[:, 0] for kv in self.kv_caches]
+        self.v_caches = [kv[:, 1] for kv in self.kv_caches]
         long = dict(device=device, dtype=torch.long)
         self.key_mask = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.pad = torch.zeros(batch_size, **long)  # left-padding per row
@@ -165,7 +170,8 @@ class InferenceEngine:
 
     def _qkv(self, layer: int, attn: MultiQueryAttention, h: torch.Tensor, positions: torch.Tensor):
         """Queries [b, heads, s, d] and keys/values [b, kv_heads, s, d] of ``h`` [b, s, dim] at
-        per-row ``positions`` [b, s], as ``MultiQueryAttention.forward`` computes them."""
+        per-row ``positions`` [b, s], as ``MultiQueryAttention.forward`` computes them; and, when
+        keys and values leave the projection unchanged, both as one [b, 2, kv_heads, s, d] view."""
         batch, seq, _ = h.shape
         qkv = attn.Wqkv(h)
         if attn.clip_qkv is not None:
@@ -179,13 +185,16 @@ class InferenceEngine:
         k = k.view(batch, seq, attn.kv_heads, attn.head_dim).transpose(1, 2)
         v = v.view(batch, seq, attn.kv_heads, attn.head_dim).transpose(1, 2)
         tables = self.rope[layer]
+        kv = None
         if tables is not None:
             cos, sin = tables
             if cos.dtype != q.dtype:
                 cos, sin = attn.rotary.cos_sin(self.max_len, q.device, q.dtype)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v
+        elif not attn.qk_ln:
+            kv = qkv[..., attn.dim :].view(batch, seq, 2, attn.kv_heads, attn.head_dim).permute(0, 2, 3, 1, 4)
+        return q, k, v, kv
 
     def _prefill(self, idx: torch.Tensor, prompt_mask: torch.Tensor | None) -> torch.Tensor:
         """Run the prompt, fill the caches and the state; returns the last position's logits."""
@@ -205,7 +214,7 @@ class InferenceEngine:
             bias = bias[..., -length:]
         for i, block in enumerate(model.blocks):
             attn = block.attn
-            q, k, v = self._qkv(i, attn, block.norm_1(x), positions)
+            q, k, v, _ = self._qkv(i, attn, block.norm_1(x), positions)
             self.k_caches[i][:, :, :length] = k
             self.v_caches[i][:, :, :length] = v
             context = _prefill_attention(attn, q, k, v, bias, prompt_mask)
@@ -259,10 +268,13 @@ class InferenceEngine:
             bias = (self.slopes[:, None] * (self.key_pos - cur)).view(1, -1, 1, self.max_len)
         for i, block in enumerate(model.blocks):
             attn = block.attn
-            q, k, v = self._qkv(i, attn, block.norm_1(x), positions)
+            q, k, v, kv = self._qkv(i, attn, block.norm_1(x), positions)
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]
-            k_cache.index_copy_(2, cur, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, cur, v.to(v_cache.dtype))
+            if kv is not None:
+                self.kv_caches[i].index_copy_(3, cur, kv.to(k_cache.dtype))
+            else:
+                k_cache.index_copy_(2, cur, k.to(k_cache.dtype))
+                v_cache.index_copy_(2, cur, v.to(v_cache.dtype))
             context = self._decode_attention(attn, q.to(k_cache.dtype), k_cache, v_cache, lengths, bias)
             x = x + attn.out_proj(context.to(x.dtype).transpose(1, 2).reshape(batch, 1, attn.dim))
             x = x + block.mlp(block.norm_2(x))
