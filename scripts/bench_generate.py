@@ -11,7 +11,7 @@
    replays a CUDA graph of many calls over rotating caches larger than L2, so it is the kernels'
    time with neither launch overhead nor cache hits.
 
-    python scripts/bench_generate.py [--quick] [--json out.json]
+    python scripts/bench_generate.py [--quick] [--compile] [--no-hf] [--json out.json]
     python scripts/bench_generate.py --device cpu --quick      # smoke run: tiny fp32 model, no Triton
 """
 
@@ -74,6 +74,8 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             engines["ours: engine eager triton"] = dict(attention="triton", cuda_graph=False)
             engines["ours: engine graph sdpa"] = dict(attention="sdpa", cuda_graph=True)
             engines["ours: engine graph triton"] = dict(attention="triton", cuda_graph=True)
+            if args.compile:
+                engines["ours: engine graph triton + inductor"] = dict(attention="triton", cuda_graph=True, compile=True)
         for name, kwargs in engines.items():
             try:
                 engine = InferenceEngine(model, batch, max_len=args.max_seq_len, **kwargs)
@@ -227,6 +229,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="about a minute: fewer tokens, repeats and lengths")
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the engine with torch.compile (inductor) inside the CUDA graph (compiles per batch)")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -70,6 +70,9 @@ class InferenceEngine:
         split_size: keys per program of the Triton kernel (default: chosen from the shapes).
         keep_logits: also keep every step's fp32 logits in ``step_logits`` [max_len, batch, vocab]
             (row ``i`` produced new token ``i``): for tests and debugging, it costs a copy per step.
+        compile: run the decode step through ``torch.compile`` (True: inductor, which fuses the
+            norms, residual adds and sampling ops; a string names another backend), still inside
+            the CUDA graph; the Triton decode kernel stays outside the compiled regions.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class InferenceEngine:
         dtype: torch.dtype | None = None,
         split_size: int | None = None,
         keep_logits: bool = False,
+        compile: bool | str = False,
     ) -> None:
         config = model.config
         if max_len is None:
@@ -155,6 +159,10 @@ class InferenceEngine:
             block.attn.rotary.cos_sin(max_len, device, dtype) if block.attn.rotary is not None else None
             for block in model.blocks
         ]
+        self._step_impl = self._decode_step
+        if compile:
+            self._step_impl = torch.compile(self._decode_step, backend="inductor" if compile is True else compile,
+                                            dynamic=False)
         self._graphs: dict[Settings, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.fingerprint = parameter_fingerprint(model)
@@ -235,9 +243,7 @@ class InferenceEngine:
 
     def _decode_attention(self, attn: MultiQueryAttention, q, k_cache, v_cache, lengths, bias) -> torch.Tensor:
         if self.attention == "triton":
-            from mqa_lm.kernels.triton_decode import decode_attention
-
-            return decode_attention(
+            return _triton_decode(
                 q, k_cache, v_cache, lengths=lengths, key_mask=self.key_mask, bias=bias,
                 softmax_scale=attn.softmax_scale, split_size=self.split_size, check=False,
             )
@@ -252,8 +258,10 @@ class InferenceEngine:
         Only device tensors change between calls, and nothing here reads a value on the host, so
         this is what the CUDA graph captures.
         """
+        self._step_impl(self.model, settings)
+
+    def _decode_step(self, model: MQATransformer, settings: Settings) -> None:
         temperature, top_k, top_p, eos = settings
-        model = self.model
         batch, cur = self.batch_size, self.cur
         self.key_mask.index_fill_(1, cur, True)
         positions = (cur - self.pad)[:, None]
@@ -437,6 +445,14 @@ class InferenceEngine:
             if bool(hit.any(dim=1).all()):
                 new = new[:, : int(hit.int().argmax(dim=1).max()) + 1]
         return torch.cat([idx, new.to(idx.device)], dim=1)
+
+
+@torch.compiler.disable
+def _triton_decode(*args, **kwargs) -> torch.Tensor:
+    """The Triton decode kernel, called as is from a compiled step (a graph break, not a trace)."""
+    from mqa_lm.kernels.triton_decode import decode_attention
+
+    return decode_attention(*args, **kwargs)
 
 
 def _prefill_attention(attn: MultiQueryAttention, q, k, v, bias, mask) -> torch.Tensor:
