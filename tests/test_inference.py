@@ -247,3 +247,13 @@ def test_compiled_step_equals_eager():
         got = compiled.generate(idx, 25, generator=torch.Generator().manual_seed(0), **kwargs)
         assert torch.equal(got, want)
     assert counters["stats"]["unique_graphs"] >= 2  # one graph per sampling setting, no fallback
+
+
+def test_generate_under_and_outside_inference_mode():
+    # An engine whose buffers were made under inference_mode must not be reused outside it.
+    model = tiny_model()
+    idx = tokens(1, 4)
+    with torch.inference_mode():
+        inside = model.generate(idx, 8, temperature=0.0)
+    outside = model.generate(idx, 8, temperature=0.0)
+    assert torch.equal(inside, outside)

@@ -510,7 +510,9 @@ def engine_generate(
     if idx.device != device:
         return None
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    key = (device, batch, cache_length(needed, config.max_seq_len), autocast)
+    # Buffers made under inference_mode cannot be updated in place outside it (Lightning runs
+    # validation hooks, and so training-time samples, under inference_mode).
+    key = (device, batch, cache_length(needed, config.max_seq_len), autocast, torch.is_inference_mode_enabled())
     engines = _ENGINES.setdefault(model, {})
     engine = engines.get(key)
     if engine is None or engine.fingerprint != parameter_fingerprint(model):

@@ -323,7 +323,7 @@ def decode_attention(
         heads, max_len, size, n_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
         HAS_LENGTHS=lengths is not None,
-        num_warps=1 if interpreting else 4,
+        num_warps=1 if interpreting else (4 if n_splits * block_d <= 8192 else 8),
     )
     return out
 
