@@ -123,6 +123,8 @@ def test_bad_inputs():
         check_decode_inputs(q, k, v, torch.tensor([1.0, 2.0]), None, None)
     with pytest.raises(ValueError, match=r"key_mask must be bool \[batch=2, max_len=16\]"):
         check_decode_inputs(q, k, v, None, torch.ones(2, 15, dtype=torch.bool), None)
+    with pytest.raises(TypeError, match="not bf16"):
+        check_decode_inputs(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, None, None)
     with pytest.raises(ValueError, match="broadcastable to"):
         check_decode_inputs(q, k, v, None, None, torch.zeros(1, 4, 1, 15))
 

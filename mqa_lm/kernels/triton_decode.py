@@ -217,6 +217,9 @@ def check_decode_inputs(
         raise TypeError(f"decode_attention takes fp16/bf16 (fp32 under TRITON_INTERPRET=1), got {q.dtype}")
     if q.device.type == "cuda" and q.dtype == torch.float32:
         raise TypeError("decode_attention takes fp16/bf16 on CUDA; cast the model to bf16 or use the SDPA path")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # Triton's interpreter computes bf16 tiles wrongly (the training kernels' too).
+        raise TypeError("decode_attention under TRITON_INTERPRET=1 takes fp32/fp16, not bf16; cast the inputs")
     if not (q.device == k_cache.device == v_cache.device):
         raise ValueError(f"q and the caches must be on one device, got {q.device}, {k_cache.device}, {v_cache.device}")
     if head_dim > MAX_HEAD_DIM:
