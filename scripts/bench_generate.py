@@ -12,6 +12,7 @@
    time with neither launch overhead nor cache hits.
 
     python scripts/bench_generate.py [--quick] [--compile] [--no-hf] [--json out.json]
+    python scripts/bench_generate.py --profile     # kernels and GPU time of one decode step
     python scripts/bench_generate.py --device cpu --quick      # smoke run: tiny fp32 model, no Triton
 """
 
@@ -200,6 +201,26 @@ def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None
         torch.cuda.empty_cache()
 
 
+def profile_step(args, device: torch.device, dtype: torch.dtype) -> None:
+    """Kernels of one eager decode step at batch 1 (what the CUDA graph replays) and their GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model(args, device, dtype)
+    engine = InferenceEngine(model, 1, max_len=args.max_seq_len, attention="triton", cuda_graph=False)
+    idx = torch.randint(0, args.vocab, (1, args.prompt), device=device)
+    engine.generate(idx, 8, temperature=0.0)
+    steps = 16
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate(idx, steps + 1, temperature=0.0)
+        sync(device)
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels = sum(e.count for e in events) / (steps + 1)
+    gpu_us = sum(e.self_device_time_total for e in events) / (steps + 1)
+    print(f"\n== one decode step, eager (batch 1): ~{kernels:.0f} kernels, {gpu_us:.0f} us of GPU time ==")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+
+
 def print_table(rows: list[dict]) -> None:
     print("\n== generation (greedy unless noted) ==")
     print(f"{'variant':46s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>9s}")
@@ -232,6 +253,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also the engine with torch.compile (inductor) inside the CUDA graph (compiles per batch)")
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile one eager decode step at batch 1 (kernel count and GPU time)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -253,6 +276,11 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    if args.profile:
+        if device.type != "cuda":
+            parser.error("--profile needs --device cuda")
+        profile_step(args, device, dtype)
+        return
     rows: list[dict] = []
     start = time.perf_counter()
     bench_generation(args, device, dtype, rows)
