@@ -165,7 +165,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None:
-    from mqa_lm.kernels.triton_decode import decode_attention, decode_bytes
+    from mqa_lm.kernels.triton_decode import decode_attention, decode_bytes, split_plan
 
     copy_gbs = copy_bandwidth(device)
     rows.append(dict(section="attention", name="copy bandwidth (read+write)", gb_per_s=copy_gbs))
@@ -187,12 +187,19 @@ def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None
             "sdpa": [lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != heads)
                      for k, v in caches],
         }
+        if length == max(args.lengths) and kv_heads == 1:
+            # Keys per program against the default plan (split_plan), to tune it.
+            for size in (128, 512, 2048):
+                impls[f"ours/{size}"] = [lambda k=k, v=v, size=size: decode_attention(
+                    q, k, v, out=out, check=False, split_size=size) for k, v in caches]
         for name, calls in impls.items():
             try:
                 seconds = graph_time(calls, device)
                 gbs = nbytes / seconds / 1e9
                 rows.append(dict(section="attention", name=name, batch=batch, kv_heads=kv_heads, length=length,
                                  us=seconds * 1e6, gb_per_s=gbs, pct_copy=100 * gbs / copy_gbs))
+                if name == "ours":
+                    rows[-1]["split_plan"] = split_plan(batch, kv_heads, heads, length, device)[:2]
             except Exception as err:  # noqa: BLE001
                 rows.append(dict(section="attention", name=name, batch=batch, kv_heads=kv_heads, length=length,
                                  error=repr(err)[:300]))
@@ -234,15 +241,16 @@ def print_table(rows: list[dict]) -> None:
     attention = [r for r in rows if r["section"] == "attention"]
     if attention:
         print("\n== decode attention (K/V bytes read / kernel time) ==")
-        print(f"{'impl':6s} {'batch':>5s} {'kvh':>4s} {'keys':>6s} {'us':>8s} {'GB/s':>8s} {'% copy':>7s}")
+        print(f"{'impl':9s} {'batch':>5s} {'kvh':>4s} {'keys':>6s} {'us':>8s} {'GB/s':>8s} {'% copy':>7s}  split")
         for r in attention:
             if "batch" not in r:
                 print(f"{r['name']}: {r['gb_per_s']:.0f} GB/s")
             elif "error" in r:
-                print(f"{r['name']:6s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d}  error: {r['error'][:60]}")
+                print(f"{r['name']:9s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d}  error: {r['error'][:60]}")
             else:
-                print(f"{r['name']:6s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d} {r['us']:8.1f} "
-                      f"{r['gb_per_s']:8.0f} {r['pct_copy']:6.0f}%")
+                plan = "{}x{}".format(*r["split_plan"][::-1]) if "split_plan" in r else ""
+                print(f"{r['name']:9s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d} {r['us']:8.1f} "
+                      f"{r['gb_per_s']:8.0f} {r['pct_copy']:6.0f}%  {plan}")
 
 
 def main() -> None:
