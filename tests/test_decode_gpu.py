@@ -82,6 +82,8 @@ def small_model(pos_emb="learned", kv_heads=1, dtype=torch.bfloat16, **overrides
     torch.manual_seed(0)
     config = MQAConfig(vocab_size=1000, max_seq_len=256, n_layers=4, d_model=256, heads=8, kv_heads=kv_heads,
                        attn_impl="torch", pos_emb=pos_emb, init_std=0.05, **overrides)
+    # Relative error bounds of 3e-2 on logits: bf16 rounds every op; a cache, mask or position bug
+    # moves logits by O(1).
     return MQATransformer(config).cuda().to(dtype).eval()
 
 
@@ -105,7 +107,7 @@ def test_engine_bf16_logits_match_full_forwards(pos_emb, attention):
     with torch.no_grad():
         full, _ = model(out[:, :-1])
     got = engine.step_logits[:100].transpose(0, 1)
-    assert rel_err(got, full[:, 16:].float()) < 2e-2
+    assert rel_err(got, full[:, 16:].float()) < 3e-2
 
 
 @pytest.mark.parametrize("attention", ["triton", "sdpa"])
@@ -143,7 +145,7 @@ def test_left_padded_rows_equal_rows_alone_bf16():
         alone = InferenceEngine(model, batch_size=1, max_len=128, keep_logits=True)
         alone.generate(idx[row : row + 1, 20 - n :], 1, temperature=0.0)
         # The first token's logits (prefill) agree to bf16 accuracy whatever the padding.
-        assert rel_err(batched.step_logits[0, row], alone.step_logits[0, 0]) < 2e-2
+        assert rel_err(batched.step_logits[0, row], alone.step_logits[0, 0]) < 3e-2
 
 
 def test_generate_uses_the_engine_and_matches_eager_and_autocast_runs():
@@ -159,7 +161,7 @@ def test_generate_uses_the_engine_and_matches_eager_and_autocast_runs():
         assert not engine.cuda_graph and engine.dtype == torch.bfloat16
         out = engine.generate(idx, 30, temperature=0.0)
         full, _ = model32(out[:, :-1])
-    assert rel_err(engine.step_logits[:30].transpose(0, 1), full[:, 7:].float()) < 2e-2
+    assert rel_err(engine.step_logits[:30].transpose(0, 1), full[:, 7:].float()) < 3e-2
 
 
 def test_inductor_compiled_graph_step_matches_uncompiled():
@@ -171,4 +173,4 @@ def test_inductor_compiled_graph_step_matches_uncompiled():
         out = engine.generate(idx, 40, prompt_mask=mask, temperature=0.0)
         logits.append(engine.step_logits[:40].clone())
     assert out.shape == (2, 50)
-    assert rel_err(logits[1], logits[0]) < 2e-2
+    assert rel_err(logits[1], logits[0]) < 3e-2
