@@ -21,6 +21,7 @@ forward applies RoPE at one offset for the whole batch.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Iterator
 
@@ -389,7 +390,14 @@ class InferenceEngine:
             float(top_p) if top_p is not None and top_p < 1.0 and temperature > 0 else None,
             int(eos_token_id) if eos_token_id is not None else None,
         )
-        graph = self._graph(settings) if self.cuda_graph else None  # before the prefill: see _graph
+        graph = None
+        if self.cuda_graph:  # before the prefill: the warm-up overwrites the state (see _graph)
+            try:
+                graph = self._graph(settings)
+            except RuntimeError as err:
+                # A module that cannot be captured (e.g. a third-party linear): run eagerly.
+                warnings.warn(f"InferenceEngine: CUDA graph capture failed, decoding eagerly: {err}", stacklevel=2)
+                self.cuda_graph = False
         mask = prompt_mask.to(self.device, torch.bool) if prompt_mask is not None else None
         logits = self._prefill(idx.long(), mask)
         if temperature > 0:
