@@ -119,6 +119,10 @@ def run(cfg: DictConfig) -> None:
     rows = [ids for ids in encoded for _ in range(cfg.num_samples)]
     eos = tokenizer.token_to_id("<|endoftext|>") if cfg.stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+
+    def shown(ids: list[int]) -> list[int]:
+        return [t for t in ids if t != eos]  # a row's end-of-sequence token ends it, unprinted
+
     streamer = None
     if len(rows) == 1:
         streamer = TextStreamer(tokenizer)
@@ -129,7 +133,7 @@ def run(cfg: DictConfig) -> None:
         model, rows, cfg.max_new_tokens, temperature=float(cfg.temperature), top_k=cfg.top_k,
         top_p=cfg.top_p, eos_token_id=eos, generator=generator, attention=cfg.attention,
         cuda_graph=None if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph),
-        on_tokens=(lambda fresh: streamer.put(fresh[0])) if streamer is not None else None,
+        on_tokens=(lambda fresh: streamer.put(shown(fresh[0]))) if streamer is not None else None,
     )
     seconds = time.perf_counter() - start
     if streamer is not None:
@@ -138,7 +142,7 @@ def run(cfg: DictConfig) -> None:
         for i, ids in enumerate(new):
             prompt = prompts[i // cfg.num_samples]
             print(f"--- prompt {i // cfg.num_samples} sample {i % cfg.num_samples} ---")
-            print(prompt + tokenizer.decode(ids, skip_special_tokens=False))
+            print(prompt + tokenizer.decode(shown(ids), skip_special_tokens=False))
     count = sum(len(ids) for ids in new)
     print(f"({count} tokens in {seconds:.2f} s, {count / seconds:.0f} tok/s, {len(rows)} rows on {device}, {dtype})",
           file=sys.stderr)
