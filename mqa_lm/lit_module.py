@@ -80,6 +80,15 @@ class MQALitModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The tokenizer travels with the weights (a plain str, so weights_only=True still loads it):
+        # a checkpoint alone is enough to generate text (mqa_lm.pretrained.load_pretrained).
+        from mqa_lm.pretrained import CHECKPOINT_TOKENIZER_KEY, datamodule_tokenizer
+
+        tokenizer = datamodule_tokenizer(self._trainer)
+        if tokenizer is not None:
+            checkpoint[CHECKPOINT_TOKENIZER_KEY] = tokenizer.to_str()
+
     def on_validation_epoch_end(self) -> None:
         val_loss = self.trainer.callback_metrics.get("val/loss")
         if val_loss is not None:

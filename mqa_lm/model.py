@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_ar
 from mqa_lm.nn.mlp import MLP
 from mqa_lm.nn.norms import build_norm
 from mqa_lm.nn.positions import alibi_bias as build_alibi_bias
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 POSITION_TYPES = ("learned", "rope", "alibi", "none")
 MLP_TYPES = ("gelu", "swiglu")
@@ -345,6 +349,26 @@ class MQATransformer(nn.Module):
         t = self.config.max_seq_len if seq_len is None else seq_len
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.heads * c.head_dim * t
+
+    # ---- saving and loading -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> MQATransformer:
+        """The model saved at ``path`` (an export directory, a run directory or a ``.ckpt``), in eval
+        mode; see :func:`mqa_lm.pretrained.load_pretrained`, which also returns the tokenizer."""
+        from mqa_lm.pretrained import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype, **kwargs)[0]
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Tokenizer | None = None, **kwargs: Any) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) to ``directory``;
+        see :func:`mqa_lm.pretrained.save_pretrained`."""
+        from mqa_lm.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer, **kwargs)
 
 
 def sample_next_token(

@@ -3,6 +3,7 @@ W&B tracking and the progress bar. Each is a Lightning callback (or logger) with
 ``configs/callbacks/`` (``configs/logger/`` for W&B)."""
 
 from mqa_lm.callbacks.attention import AttentionMapLogger, attention_entropy, attention_stats
+from mqa_lm.callbacks.export import PretrainedExport
 from mqa_lm.callbacks.heatmap import render_heatmap, to_uint8
 from mqa_lm.callbacks.progress import TokensPerSecondBar, progress_bar
 from mqa_lm.callbacks.samples import SampleLogger
@@ -10,7 +11,7 @@ from mqa_lm.callbacks.throughput import PEAK_FLOPS, GradNormMonitor, TokenThroug
 from mqa_lm.callbacks.tracking import RunMetadata, RunWandbLogger, log_resolved_config, scrub_secrets
 
 __all__ = [
-    "AttentionMapLogger", "GradNormMonitor", "PEAK_FLOPS", "RunMetadata", "RunWandbLogger", "SampleLogger",
-    "TokenThroughputMonitor", "TokensPerSecondBar", "attention_entropy", "attention_stats", "log_resolved_config",
+    "AttentionMapLogger", "GradNormMonitor", "PEAK_FLOPS", "PretrainedExport", "RunMetadata", "RunWandbLogger",
+    "SampleLogger", "TokenThroughputMonitor", "TokensPerSecondBar", "attention_entropy", "attention_stats", "log_resolved_config",
     "peak_flops", "progress_bar", "render_heatmap", "scrub_secrets", "to_uint8",
 ]
