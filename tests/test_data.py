@@ -26,7 +26,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 
