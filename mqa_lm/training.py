@@ -98,8 +98,29 @@ def resolve_compile(setting: str | bool, trainer: L.Trainer) -> bool:
 
 
 def _group(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """A config group as a plain, resolved dict ({} when absent)."""
     node = cfg.get(key)
-    return {} if node is None else OmegaConf.to_container(node, resolve=True)
+    values = {} if node is None else OmegaConf.to_container(node, resolve=True)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key} must be a mapping of settings, got {values!r}")
+    return {str(k): v for k, v in values.items()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_trainer(trainer: DictConfig, optim: OptimConfig) -> None:
+    """The trainer values the run's own logic depends on (Lightning checks the rest when it is built)."""
+    max_steps = trainer.get("max_steps", -1)
+    if max_steps is not None and not _is_int(max_steps):
+        raise ConfigError(f"trainer.max_steps must be an integer, got {max_steps!r}")
+    # With no max_steps the cosine schedule needs optim.decay_steps to know where it ends.
+    if not trainer.get("fast_dev_run", False) and (max_steps is None or max_steps < 1) and optim.decay_steps is None:
+        raise ConfigError(f"trainer.max_steps must be a positive integer, got {max_steps!r}")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not _is_int(accumulate) or accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
 
 
 def validate_config(cfg: DictConfig) -> RunConfig:
@@ -132,13 +153,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
             f"data.block_size={data.block_size} is longer than model.max_seq_len={model.max_seq_len}; "
             "lower data.block_size or raise model.max_seq_len"
         )
-    max_steps = cfg.trainer.get("max_steps", -1)
-    fast_dev_run = cfg.trainer.get("fast_dev_run", False)
-    if not fast_dev_run and (max_steps is None or int(max_steps) < 1) and optim.decay_steps is None:
-        raise ConfigError(f"trainer.max_steps must be a positive integer, got {max_steps!r}")
-    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
-    if int(accumulate) < 1:
-        raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+    _check_trainer(cfg.trainer, optim)
     compile_setting = (cfg.get("module") or {}).get("compile", False)
     if not (isinstance(compile_setting, bool) or compile_setting == "auto"):
         raise ConfigError(f"module.compile must be auto, true or false, got {compile_setting!r}")

@@ -119,6 +119,8 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr="),
         (["model.max_seq_len=64", "data.block_size=128"], "data.block_size=128 is longer than model.max_seq_len=64"),
         (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer"),
+        (["trainer.max_steps=many"], "trainer.max_steps must be an integer, got 'many'"),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
         (["+model.n_head=4"], "unknown model config keys ['n_head']"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' does not exist"),
         # Lightning's model-registry download is not supported: the same message as any missing file.
