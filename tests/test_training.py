@@ -292,3 +292,33 @@ def test_fused_adamw_under_bf16_mixed_clips_gradients():
     trainer.fit(module, loader)
     assert trainer.optimizers[0].param_groups[0]["fused"]
     assert len(seen) == 2 and all(n <= 1e-3 * 1.01 for n in seen), seen
+
+
+def test_compiled_module_reports_its_first_step_time(caplog):
+    """The first compiled step (tracing and compiling included) is timed once; eager runs say nothing."""
+    import logging
+
+    from mqa_lm.lit_module import MQALitModule
+
+    model = dict(vocab_size=32, max_seq_len=16, n_layers=1, d_model=32, heads=4, attn_impl="torch")
+    with caplog.at_level(logging.INFO):
+        for compiled in (False, True):
+            module = MQALitModule(model=model, compile=compiled)  # torch.compile is lazy: nothing compiles here
+            for batch_idx in range(2):
+                module.on_train_batch_start(None, batch_idx)
+                module.on_train_batch_end(None, None, batch_idx)
+    timed = [r.getMessage() for r in caplog.records if "compile + first step" in r.getMessage()]
+    assert len(timed) == 1 and timed[0].endswith(" s"), timed
+
+
+def test_module_takes_the_validated_configs_and_waits_for_the_vocabulary(tmp_path):
+    """With model.vocab_size null the module builds nothing until the trainer's datamodule gives the
+    size (test_checkpoint_hyperparameters_are_plain_and_rebuild_the_model covers that end to end)."""
+    from mqa_lm.lit_module import MQALitModule
+
+    run = validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.n_layers=1", "model.d_model=32"]))
+    module = MQALitModule(model=run.model, optim=run.optim, vocab_from_data=run.vocab_from_data)
+    assert module.model is None and module.hparams["model"]["vocab_size"] is None
+    assert module.optim_config is run.optim
+    built = MQALitModule(model=run.model.to_dict() | {"vocab_size": 77}, optim=run.optim.to_dict())
+    assert built.config.vocab_size == 77 and built.config.n_layers == 1
