@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mqa_lm.fault_tolerance import (
+from mqa_lm.checkpointing import (
     AtomicCheckpointIO,
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -51,7 +51,7 @@ def command(base: Path, run_dir: Path) -> list[str]:
         "model.resid_pdrop=0.1", "model.emb_pdrop=0.1", "model.attn_pdrop=0.1",
         "trainer=cpu", f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=50",
         "trainer.deterministic=true", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "optim.warmup_steps=10", "callbacks=model_checkpoint",
+        "optim.warmup_steps=10", "callbacks=[model_checkpoint,rng_state,preemption]",
         f"callbacks.recovery_checkpoint.every_n_train_steps={EVERY}", "logger=csv",
         f"hydra.run.dir={run_dir}", "sample.max_new_tokens=0",
     ]
@@ -190,7 +190,7 @@ def test_ddp_ranks_agree_on_a_checked_step_then_resume(shared, tmp_path):
     """Two gloo ranks: SIGTERM is acted on at the next multiple of check_every_n_steps (the only steps
     with a collective), the checkpoint is saved once, and the same command resumes from it."""
     run_dir = tmp_path / "ddp-terminated"
-    extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "preemption.check_every_n_steps=7"]
+    extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "callbacks.preemption.check_every_n_steps=7"]
 
     def ddp_command(base: Path, rd: Path) -> list[str]:
         cmd = [a for a in command(base, rd) if not a.startswith("trainer=")]
