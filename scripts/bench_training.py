@@ -39,7 +39,7 @@ def train_py(impl: str, compiled: bool, args: argparse.Namespace, run_dir: Path)
         sys.executable, str(ROOT / "train.py"), f"model={args.model}", "model.vocab_size=50304",
         f"model.attn_impl={impl}", "trainer=gpu", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10",
         "data=stdlib", "data.vocab_size=8192", "data.block_size=1024", f"data.batch_size={args.batch}",
-        f"compile={'true' if compiled else 'false'}", f"hydra.run.dir={run_dir}", *QUIET, *args.override,
+        f"module.compile={'true' if compiled else 'false'}", f"hydra.run.dir={run_dir}", *QUIET, *args.override,
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)

@@ -95,7 +95,7 @@ def _unsafe_detail(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def _load_weights_only(path: Path, mmap: bool) -> Any:
+def load_weights_only(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -128,7 +128,7 @@ def verify_checkpoint(path: str | Path) -> None:
                 f"sharded checkpoint {path} has no .metadata (written last), so it is incomplete"
             )
         if (path / "meta.pt").is_file():
-            _load_weights_only(path / "meta.pt", mmap=False)
+            load_weights_only(path / "meta.pt", mmap=False)
         return
     if not path.is_file():
         raise CorruptCheckpointError(f"checkpoint {path} does not exist")
@@ -148,7 +148,7 @@ def verify_checkpoint(path: str | Path) -> None:
             raise CorruptCheckpointError(f"checkpoint {path} is corrupt ({err})") from None
     elif path.read_bytes()[:2] == b"PK":
         raise CorruptCheckpointError(f"checkpoint {path} is a truncated zip archive (no central directory)")
-    ckpt = _load_weights_only(path, mmap=is_zip)
+    ckpt = load_weights_only(path, mmap=is_zip)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CorruptCheckpointError(
