@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mqa_lm import MQAConfig, MQATransformer
+from model_helpers import attention_weights
 from mqa_reference import press_alibi_slopes, ref_alibi, ref_attention, ref_model_logits, ref_norm, ref_qkv
 
 POS_EMBS = ["learned", "rope", "alibi", "none"]
@@ -91,7 +92,7 @@ def test_alibi_bias_stays_fp32_when_the_model_is_cast():
 def test_attention_weights_match_reference():
     model = tiny_model(torch.float64, pos_emb="alibi")
     idx = tokens(2, 9)
-    weights = model.attention_weights(idx)
+    weights = attention_weights(model, idx)
     assert len(weights) == 2 and weights[0].shape == (2, 4, 9, 9)
     x = ref_norm(model.blocks[0].norm_1, model.wte.weight.double()[idx])
     q, k, v = ref_qkv(model.blocks[0].attn, x)
