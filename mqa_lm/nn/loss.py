@@ -51,7 +51,12 @@ def linear_cross_entropy(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     elif weight.dtype != hidden.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype outside autocast")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
+    grad_enabled = torch.is_grad_enabled()
+    want_hidden, want_weight = grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad
+    if not (want_hidden or want_weight):
+        # Evaluation: the loss alone (a Function's forward cannot tell that no gradient is wanted).
+        return _chunked(hidden, weight, targets, chunk_size, ignore_index, False, False)[0]
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, want_hidden, want_weight)
 
 
 def _describe(t: Any) -> str:
@@ -69,26 +74,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         chunk_size: int,
         ignore_index: int,
+        want_hidden: bool,
+        want_weight: bool,
     ) -> torch.Tensor:
-        # The casts were done by linear_cross_entropy; inside, every matmul runs in the input dtype.
+        # The autocast casts were done by linear_cross_entropy; inside, every matmul runs in the
+        # input dtype.
         with torch.autocast(hidden.device.type, enabled=False):
-            return _forward(ctx, hidden, weight, targets, chunk_size, ignore_index)
+            loss, grad_hidden, grad_weight = _chunked(
+                hidden, weight, targets, chunk_size, ignore_index, want_hidden, want_weight
+            )
+        ctx.save_for_backward(
+            grad_hidden if grad_hidden is not None else hidden.new_empty(0),
+            grad_weight if grad_weight is not None else weight.new_empty(0),
+        )
+        ctx.wants = (want_hidden, want_weight)
+        return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        want_hidden, want_weight = ctx.wants
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if want_hidden else None
+        grad_weight = grad_weight * grad_loss.to(grad_weight.dtype) if want_weight else None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def _forward(
-    ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, ignore_index: int
-) -> torch.Tensor:
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    ignore_index: int,
+    want_hidden: bool,
+    want_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean loss, d loss / d hidden or None, d loss / d weight or None), chunk by chunk."""
     rows = hidden.shape[0]
     # fp32 softmax statistics for fp16/bf16/fp32 input; fp64 stays fp64.
     stat_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     valid = targets != ignore_index
     # Every row's gradient carries 1/count; folding it in now leaves the backward a single scale.
     # (A count of 0 gives inf * 0 = NaN gradients, matching F.cross_entropy's NaN loss.)
@@ -116,9 +139,8 @@ def _forward(
                 grad_hidden[start:end] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ h).to(stat_dtype)
-    if want_hidden or want_weight:
-        ctx.save_for_backward(
-            grad_hidden if grad_hidden is not None else hidden.new_empty(0),
-            grad_weight.to(weight.dtype) if grad_weight is not None else weight.new_empty(0),
-        )
-    return total * inv_count
+    return (
+        total * inv_count,
+        grad_hidden,
+        grad_weight.to(weight.dtype) if grad_weight is not None else None,
+    )
