@@ -287,7 +287,8 @@ class MultiQueryAttention(nn.Module):
                 kernel = self._resolve_kernel(q.device, q.dtype)
             used, fn, call_check, note = kernel
             if note is not None:
-                self._note(note)
+                if self.verbose:
+                    self._note(note)
             elif call_check is not None:
                 reason = call_check(
                     q, k, causal=causal, bias=bias, key_padding_mask=key_padding_mask, dropout_p=dropout_p
