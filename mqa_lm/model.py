@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -239,7 +239,7 @@ class MQATransformer(nn.Module):
         bias = self.alibi_bias(idx.device)
         weights, max_logits = [], []
         for block in self.blocks:
-            x, w, m = block.probe(x, bias=bias)
+            x, w, m = cast(Block, block).probe(x, bias=bias)
             weights.append(w)
             max_logits.append(m)
         return weights, max_logits
