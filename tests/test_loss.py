@@ -140,3 +140,27 @@ def test_gradients_are_formed_only_when_wanted():
     assert evaluation.get_total_flops() == logits_flops
     assert forward.get_total_flops() == 3 * logits_flops
     assert backward.get_total_flops() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_autocast_matches_float64_on_a_gpt2_sized_head():
+    # 4096 rows x 50304 classes: the whole fp32 logits alone would take 824 MB; everything the chunked
+    # loss holds at once (bf16 copies of the inputs, the fp32 weight gradient, one 512-row chunk)
+    # stays well below that.
+    gen = torch.Generator("cuda").manual_seed(0)
+    hidden = (torch.randn(4096, 768, device="cuda", generator=gen) * 0.5).requires_grad_()
+    weight = (torch.randn(50304, 768, device="cuda", generator=gen) * 0.02).requires_grad_()
+    targets = torch.randint(0, 50304, (4096,), device="cuda", generator=gen)
+    targets[::7] = -100
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, 512)
+    peak = torch.cuda.max_memory_allocated() - base
+    loss.backward()
+    assert peak < 0.75 * 4096 * 50304 * 4, f"peak {peak / 2**20:.0f} MiB"
+    want, want_h, want_w = reference(hidden, weight, targets)
+    assert abs(loss.double() - want) / want < 1e-3
+    for got, ref in ((hidden.grad, want_h), (weight.grad, want_w)):
+        assert ((got.double() - ref).norm() / ref.norm()) < 2e-2

@@ -130,15 +130,16 @@ def _chunked(
         target_logit = logits.gather(1, picked[:, None])[:, 0]
         total = total + torch.where(keep, log_z - target_logit, 0.0).sum()
         if want_hidden or want_weight:
-            # d loss / d logits = (softmax - onehot) / count on kept rows, 0 on ignored ones.
-            grad_logits = (logits - log_z[:, None]).exp_()
+            # d loss / d logits = (softmax - onehot) / count on kept rows, 0 on ignored ones, formed
+            # in the logits' own buffer: one fp32 chunk alive at a time.
+            grad_logits = logits.sub_(log_z[:, None]).exp_()
             grad_logits.scatter_add_(1, picked[:, None], torch.full_like(target_logit, -1.0)[:, None])
             grad_logits.mul_((keep.to(stat_dtype) * inv_count)[:, None])
             grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += (grad_logits.t() @ h).to(stat_dtype)
+                grad_weight.add_(grad_logits.t() @ h)
     return (
         total * inv_count,
         grad_hidden,
