@@ -62,10 +62,12 @@ class FlashBackend(AttentionBackend):
                 "use attn_impl='torch' (or 'auto') on this device"
             )
 
+    def unsupported_on(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"FlashAttention takes fp16/bf16, not {dtype} (enable autocast or cast the model)"
+        return None
+
     def unsupported(self, q, k, *, causal, bias, key_padding_mask, dropout_p):  # type: ignore[override]
-        self.check_device(q.device)
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return f"FlashAttention takes fp16/bf16, not {q.dtype} (enable autocast or cast the model)"
         if bias is not None:
             return "FlashAttention cannot add an arbitrary bias"
         if key_padding_mask is not None:
