@@ -314,6 +314,10 @@ class MQATransformer(nn.Module):
         generation stops once every row has. Past ``max_seq_len`` the context is the last
         ``max_seq_len`` tokens, exactly as nanoGPT crops: the cache cannot slide (positions are
         absolute), so each such step re-runs that window without a cache.
+
+        Runs on :mod:`mqa_lm.inference`'s static-cache engine (a CUDA graph per step on GPU) when
+        prompt + new tokens fit in ``max_seq_len`` (env ``MQA_LM_GENERATE_ENGINE=0`` opts out);
+        sampled tokens then come from uniforms drawn from ``generator`` up front.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -325,6 +329,27 @@ class MQATransformer(nn.Module):
             raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
         if idx.shape[1] == 0:
             raise ValueError("generate needs at least one prompt token")
+        # The static-cache engine (CUDA graph on GPU) whenever the context never slides.
+        from mqa_lm.inference import engine_generate
+
+        fast = engine_generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+        if fast is not None:
+            return fast
+        return self.generate_with_growing_cache(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+
+    @torch.no_grad()
+    def generate_with_growing_cache(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """:meth:`generate` on the ``decode`` path (the cache grows by concatenation), which also
+        slides the context past ``max_seq_len``; arguments are assumed valid."""
         limit = self.config.max_seq_len
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         cache: list[KVCache] | None = None

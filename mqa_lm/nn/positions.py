@@ -27,7 +27,8 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _cos_sin(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables [>= length, head_dim] for positions 0.. (the cached tensors, grown on demand)."""
         cached = self._tables.get((device, dtype))
         if cached is None or cached[0].shape[0] < length:
             size = max(length, 2 * (0 if cached is None else cached[0].shape[0]))
@@ -41,14 +42,18 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         seq = x.shape[-2]
-        cos, sin = self._cos_sin(offset + seq, x.device, x.dtype)
-        cos, sin = cos[offset : offset + seq], sin[offset : offset + seq]
-        half = self.head_dim // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        cos, sin = self.cos_sin(offset + seq, x.device, x.dtype)
+        return apply_rotary(x, cos[offset : offset + seq], sin[offset : offset + seq])
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}"
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [..., head_dim] by angles whose cos/sin broadcast against it ("rotate half")."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:

@@ -1,0 +1,209 @@
+"""Text in, text out: batched prompts (left padding), streamed continuations, and the perplexity /
+bits per byte of a text with a sliding window. Used by ``generate.py``; independent of Hydra."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from mqa_lm.inference.engine import InferenceEngine, cache_length
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from mqa_lm.model import MQATransformer
+
+EOT = "<|endoftext|>"
+
+
+def start_ids(tokenizer: Tokenizer) -> list[int]:
+    """What an empty prompt, and the context before a text's first token, is: the document
+    separator the model was trained with (``<|endoftext|>``, else a blank line)."""
+    eot = tokenizer.token_to_id(EOT)
+    if eot is not None:
+        return [eot]
+    return tokenizer.encode("\n\n", add_special_tokens=False).ids or [0]
+
+
+def left_pad(rows: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> (ids [batch, longest], mask [batch, longest]); the padding
+    (id 0, mask False) is on the left so every row's last token is in the last column."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = True
+    return ids.to(device), mask.to(device)
+
+
+class TextStreamer:
+    """Prints one row's continuation as its tokens arrive. Byte-level BPE can split a character
+    across tokens, so text ending in an incomplete character is held back until it completes."""
+
+    def __init__(self, tokenizer: Tokenizer, out: TextIO = sys.stdout) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def put(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+
+
+@torch.no_grad()
+def generate_ids(
+    model: MQATransformer,
+    rows: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    attention: str = "auto",
+    cuda_graph: bool | None = None,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
+    chunk: int = 8,
+) -> list[list[int]]:
+    """The new token ids of every row (prompts of any lengths, batched with left padding).
+
+    ``on_tokens`` gets each row's newest tokens every ``chunk`` steps (streaming). A row stops at
+    ``eos_token_id`` (included). When a prompt plus its continuation exceeds ``max_seq_len``, rows
+    run one at a time through :meth:`MQATransformer.generate`, which slides the context.
+    """
+    device = model.wte.weight.device
+    limit = model.config.max_seq_len
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens - 1 > limit:
+        results = []
+        for row in rows:
+            idx = torch.tensor([row], dtype=torch.long, device=device)
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 eos_token_id=eos_token_id, generator=generator)[0, len(row):].tolist()
+            results.append(out)
+            if on_tokens is not None:
+                on_tokens([out])
+        return [_cut_at(r, eos_token_id) for r in results]
+    ids, mask = left_pad(rows, device)
+    engine = InferenceEngine(model, len(rows), cache_length(longest + max_new_tokens - 1, limit),
+                             attention=attention, cuda_graph=cuda_graph)
+    results = [[] for _ in rows]
+    for piece in engine.stream(ids, max_new_tokens, prompt_mask=mask, temperature=temperature, top_k=top_k,
+                               top_p=top_p, eos_token_id=eos_token_id, generator=generator, chunk=chunk):
+        new = piece.tolist()
+        fresh = []
+        for row, tokens in zip(results, new):
+            # Past its end-of-sequence a row only repeats it: nothing to show.
+            done = eos_token_id is not None and eos_token_id in row
+            fresh.append([] if done else _cut_at(tokens, eos_token_id))
+            row.extend(fresh[-1])
+        if on_tokens is not None:
+            on_tokens(fresh)
+    return results
+
+
+def _cut_at(tokens: list[int], eos: int | None) -> list[int]:
+    if eos is not None and eos in tokens:
+        return tokens[: tokens.index(eos) + 1]
+    return tokens
+
+
+@dataclass
+class Perplexity:
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes of the texts
+    nll: float  # summed negative log-likelihood, nats
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / math.log(2) / max(self.bytes, 1)
+
+
+@torch.no_grad()
+def perplexity(
+    model: MQATransformer,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> Perplexity:
+    """Loss, perplexity and bits per byte of ``texts`` under ``model``.
+
+    Each text is tokenised after the document separator (so its first token is scored too) and
+    read in windows of ``window`` tokens (default ``max_seq_len``) that start ``stride`` tokens
+    apart (default half a window): each token is scored once, in the first window where it is
+    not among the first ``window - stride`` positions, so every score after the first window has
+    at least ``window - stride`` tokens of context. ``stride = window`` is plain chunking.
+    """
+    window = window or model.config.max_seq_len
+    if not 2 <= window <= model.config.max_seq_len:
+        raise ValueError(f"window must be in [2, max_seq_len={model.config.max_seq_len}], got {window}")
+    stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    device = model.wte.weight.device
+    total = Perplexity(tokens=0, bytes=0, nll=0.0)
+    pending: list[tuple[list[int], list[int]]] = []
+
+    def flush() -> None:
+        width = max(len(x) for x, _ in pending)
+        inputs = torch.zeros(len(pending), width, dtype=torch.long)
+        targets = torch.full((len(pending), width), -100, dtype=torch.long)
+        for i, (x, y) in enumerate(pending):
+            inputs[i, : len(x)] = torch.tensor(x)
+            targets[i, : len(y)] = torch.tensor(y)
+        logits, _ = model(inputs.to(device))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
+                               reduction="sum")
+        total.nll += float(loss)
+        pending.clear()
+
+    for text in texts:
+        ids = start_ids(tokenizer) + tokenizer.encode(text, add_special_tokens=False).ids
+        total.bytes += len(text.encode("utf-8"))
+        first_target = len(start_ids(tokenizer))  # the separator itself is context, not scored
+        scored_until = first_target  # targets [first_target, scored_until) are done
+        begin = 0
+        while scored_until < len(ids):
+            end = min(begin + window, len(ids) - 1)
+            # Inputs ids[begin:end+1) predict ids[begin+1:end+1]; score the ones not yet scored.
+            x = ids[begin:end]
+            y = [t if begin + 1 + i >= scored_until else -100 for i, t in enumerate(ids[begin + 1 : end + 1])]
+            pending.append((x, y))
+            total.tokens += end + 1 - scored_until
+            scored_until = end + 1
+            begin += stride
+            if len(pending) == batch_size:
+                flush()
+    if pending:
+        flush()
+    return total

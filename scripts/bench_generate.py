@@ -1,0 +1,270 @@
+"""Benchmark generation and decode attention on one GPU (or a tiny smoke run on CPU).
+
+1. Generation, GPT-2-small shape (12 layers, d 768, 12 query heads, 1 K/V head, vocab 50304,
+   random weights in bf16), 32-token prompt, 512 new tokens, greedy, at batch 1 and 16:
+   ``generate_with_growing_cache`` (the old path), the engine eager, the engine as a CUDA graph
+   with SDPA and with our Triton decode kernel (also with top-k/top-p sampling), and HF
+   transformers' ``GPTBigCodeForCausalLM.generate`` at the same shape (dynamic and static cache).
+2. Decode attention alone (one query token per row over a cache of L keys): GB/s of K/V read,
+   ours vs SDPA (given exactly the L cached keys, its best case), at L = 2k/8k/32k for batch 1
+   and 32 (MQA), and kv_heads 1 vs 12 at batch 16, against the card's copy bandwidth. Each timing
+   replays a CUDA graph of many calls over rotating caches larger than L2, so it is the kernels'
+   time with neither launch overhead nor cache hits.
+
+    python scripts/bench_generate.py [--quick] [--compile] [--no-hf] [--json out.json]
+    python scripts/bench_generate.py --device cpu --quick      # smoke run: tiny fp32 model, no Triton
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
+from mqa_lm.inference import InferenceEngine  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up call (seconds)."""
+    fn()
+    sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype) -> MQATransformer:
+    torch.manual_seed(0)
+    config = MQAConfig(vocab_size=args.vocab, max_seq_len=args.max_seq_len, n_layers=args.layers, d_model=args.d_model,
+                       heads=args.heads, kv_heads=1, attn_impl="torch", pos_emb="learned")
+    return MQATransformer(config).to(device=device, dtype=dtype).eval()
+
+
+def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[dict]) -> None:
+    model = build_model(args, device, dtype)
+    on_cuda = device.type == "cuda"
+    for batch in args.batches:
+        idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device,
+                            generator=torch.Generator(device=device).manual_seed(batch))
+        new = args.new_tokens
+        variants = {
+            "ours: old path (growing cache)": lambda: model.generate_with_growing_cache(idx, new, temperature=0.0),
+        }
+        engines = {"ours: engine eager sdpa": dict(attention="sdpa", cuda_graph=False)}
+        if on_cuda:
+            engines["ours: engine eager triton"] = dict(attention="triton", cuda_graph=False)
+            engines["ours: engine graph sdpa"] = dict(attention="sdpa", cuda_graph=True)
+            engines["ours: engine graph triton"] = dict(attention="triton", cuda_graph=True)
+            if args.compile:
+                engines["ours: engine graph triton + inductor"] = dict(attention="triton", cuda_graph=True, compile=True)
+        for name, kwargs in engines.items():
+            try:
+                engine = InferenceEngine(model, batch, max_len=args.max_seq_len, **kwargs)
+            except Exception as err:  # noqa: BLE001 - one failure must not stop the run
+                rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
+                continue
+            variants[name] = lambda e=engine: e.generate(idx, new, temperature=0.0)
+            if name.endswith("graph triton"):
+                gen = torch.Generator(device=device)
+                variants[name + " top-k/top-p"] = lambda e=engine: e.generate(
+                    idx, new, temperature=0.8, top_k=50, top_p=0.95, generator=gen.manual_seed(1))
+        for name, fn in variants.items():
+            try:
+                seconds = timed(fn, device, args.repeats)
+                rows.append(dict(section="generate", name=name, batch=batch, seconds=seconds,
+                                 tok_per_s=batch * new / seconds, ms_per_step=1e3 * seconds / new))
+            except Exception as err:  # noqa: BLE001
+                rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
+                traceback.print_exc()
+            print(rows[-1], flush=True)
+        if not args.no_hf:
+            bench_hf(args, device, dtype, batch, idx, rows)
+    del model
+    if on_cuda:
+        torch.cuda.empty_cache()
+
+
+def bench_hf(args, device: torch.device, dtype: torch.dtype, batch: int, idx: torch.Tensor, rows: list[dict]) -> None:
+    try:
+        from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+        config = GPTBigCodeConfig(vocab_size=args.vocab, n_positions=args.max_seq_len, n_embd=args.d_model,
+                                  n_layer=args.layers, n_head=args.heads, multi_query=True,
+                                  activation_function="gelu_pytorch_tanh")
+        torch.manual_seed(0)
+        hf = GPTBigCodeForCausalLM(config).to(device=device, dtype=dtype).eval()
+    except Exception as err:  # noqa: BLE001
+        rows.append(dict(section="generate", name="HF GPTBigCode", batch=batch, error=repr(err)))
+        print(rows[-1], flush=True)
+        return
+    attention_mask = torch.ones_like(idx)
+    for cache in ("dynamic", "static"):
+        name = f"HF GPTBigCode {cache} cache"
+        kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                      pad_token_id=0, attention_mask=attention_mask)
+        if cache == "static":
+            kwargs["cache_implementation"] = "static"
+        try:
+            with torch.no_grad():
+                seconds = timed(lambda: hf.generate(idx, **kwargs), device, 1)
+            rows.append(dict(section="generate", name=name, batch=batch, seconds=seconds,
+                             tok_per_s=batch * args.new_tokens / seconds, ms_per_step=1e3 * seconds / args.new_tokens))
+        except Exception as err:  # noqa: BLE001
+            rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)[:300]))
+        print(rows[-1], flush=True)
+    del hf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def graph_time(calls, device: torch.device, replays: int = 5) -> float:
+    """Seconds per call of ``calls`` (a list of closures), captured once in a CUDA graph."""
+    for fn in calls[:2]:
+        fn()  # compile / pick kernels outside the capture
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    sync(device)
+    return start.elapsed_time(end) / 1e3 / (replays * len(calls))
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    src = torch.empty(512 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = graph_time([lambda: dst.copy_(src)] * 10, device)
+    return 2 * src.numel() / seconds / 1e9
+
+
+def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None:
+    from mqa_lm.kernels.triton_decode import decode_attention, decode_bytes
+
+    copy_gbs = copy_bandwidth(device)
+    rows.append(dict(section="attention", name="copy bandwidth (read+write)", gb_per_s=copy_gbs))
+    head_dim, heads = 64, 12
+    cases = [(b, 1, L) for b in (1, 32) for L in args.lengths]
+    cases += [(16, kvh, L) for kvh in (1, 12) for L in args.kv_lengths]
+    for batch, kv_heads, length in cases:
+        nbytes = decode_bytes(batch, kv_heads, length, head_dim, 2)
+        # Enough caches to cycle through that no call finds its K/V in L2.
+        copies = max(2, min(64, math.ceil(512 * 2**20 / nbytes)))
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+        caches = [(torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
+                   torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen))
+                  for _ in range(copies)]
+        out = torch.empty_like(q)
+        impls = {
+            "ours": [lambda k=k, v=v: decode_attention(q, k, v, out=out, check=False) for k, v in caches],
+            "sdpa": [lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != heads)
+                     for k, v in caches],
+        }
+        for name, calls in impls.items():
+            try:
+                seconds = graph_time(calls, device)
+                gbs = nbytes / seconds / 1e9
+                rows.append(dict(section="attention", name=name, batch=batch, kv_heads=kv_heads, length=length,
+                                 us=seconds * 1e6, gb_per_s=gbs, pct_copy=100 * gbs / copy_gbs))
+            except Exception as err:  # noqa: BLE001
+                rows.append(dict(section="attention", name=name, batch=batch, kv_heads=kv_heads, length=length,
+                                 error=repr(err)[:300]))
+            print(rows[-1], flush=True)
+        del caches
+        torch.cuda.empty_cache()
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n== generation (greedy unless noted) ==")
+    print(f"{'variant':46s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>9s}")
+    for r in rows:
+        if r["section"] != "generate":
+            continue
+        if "error" in r:
+            print(f"{r['name']:46s} {r['batch']:5d}  error: {r['error'][:80]}")
+        else:
+            print(f"{r['name']:46s} {r['batch']:5d} {r['tok_per_s']:10.0f} {r['ms_per_step']:9.3f}")
+    attention = [r for r in rows if r["section"] == "attention"]
+    if attention:
+        print("\n== decode attention (K/V bytes read / kernel time) ==")
+        print(f"{'impl':6s} {'batch':>5s} {'kvh':>4s} {'keys':>6s} {'us':>8s} {'GB/s':>8s} {'% copy':>7s}")
+        for r in attention:
+            if "batch" not in r:
+                print(f"{r['name']}: {r['gb_per_s']:.0f} GB/s")
+            elif "error" in r:
+                print(f"{r['name']:6s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d}  error: {r['error'][:60]}")
+            else:
+                print(f"{r['name']:6s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d} {r['us']:8.1f} "
+                      f"{r['gb_per_s']:8.0f} {r['pct_copy']:6.0f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="about a minute: fewer tokens, repeats and lengths")
+    parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the engine with torch.compile (inductor) inside the CUDA graph (compiles per batch)")
+    parser.add_argument("--json", type=Path, help="write every row here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available; use --device cpu --quick for a smoke run")
+    if device.type == "cuda":
+        args.layers, args.d_model, args.heads, args.vocab, args.max_seq_len = 12, 768, 12, 50304, 1024
+        dtype = torch.bfloat16
+    else:  # a smoke run: tiny model, fp32
+        args.layers, args.d_model, args.heads, args.vocab, args.max_seq_len = 2, 64, 4, 512, 128
+        dtype = torch.float32
+    args.prompt = 32
+    args.batches = [1, 16]
+    args.new_tokens = 512 if not args.quick else 64
+    args.repeats = 2 if not args.quick else 1
+    if device.type == "cpu":
+        args.new_tokens, args.batches = 16, [1, 4]
+    args.lengths = [2048, 8192, 32768] if not args.quick else [2048, 32768]
+    args.kv_lengths = [2048, 8192] if not args.quick else [2048]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    rows: list[dict] = []
+    start = time.perf_counter()
+    bench_generation(args, device, dtype, rows)
+    if device.type == "cuda":
+        bench_decode_attention(args, device, rows)
+    print_table(rows)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if args.json:
+        env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "argv": sys.argv}
+        args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The decode kernel and the inference engine on a CUDA GPU in bf16 (skipped without CUDA).
+
+Kernel outputs are poisoned with NaN first, so an element the kernel skips fails the test; the
+engine's logits at every step are checked against full forwards of the text it generated, and the
+CUDA-graph replay against the same step run eagerly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
+from mqa_lm.inference import InferenceEngine  # noqa: E402
+
+# batch, heads, kv_heads, max_len, head_dim, lengths ("full" or a list), extra
+CASES = [
+    (1, 12, 1, 32768, 64, "full", ""),
+    (1, 12, 1, 32768, 64, [20001], "bias"),
+    (4, 12, 1, 4096, 64, [4096, 1000, 1, 0], "mask"),
+    (2, 32, 8, 2000, 128, [2000, 1333], "mask+bias"),
+    (3, 16, 16, 1500, 64, [1500, 7, 900], ""),
+    (2, 8, 1, 777, 256, "full", "bias"),
+    (16, 12, 1, 8192, 64, "full", ""),
+    (2, 64, 1, 3000, 96, [2999, 3000], "mask"),
+]
+
+
+def reference64(q, k, v, *, scale, lengths=None, key_mask=None, bias=None):
+    q, k, v = q.double(), k.double(), v.double()
+    heads, kv_heads, max_len = q.shape[1], k.shape[1], k.shape[2]
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias.double()
+    allowed = torch.ones(q.shape[0], max_len, dtype=torch.bool, device=q.device)
+    if lengths is not None:
+        allowed &= torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
+    if key_mask is not None:
+        allowed &= key_mask
+    allowed = allowed[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    seen = allowed.any(-1, keepdim=True)
+    return (torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1) * seen) @ v
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}L{}d{}{}".format(*c[:5], c[6]))
+def test_decode_kernel_bf16_matches_float64(case):
+    from mqa_lm.kernels.triton_decode import decode_attention
+
+    batch, heads, kv_heads, max_len, head_dim, lengths, extra = case
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, heads, 1, head_dim, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(batch, kv_heads, max_len, head_dim, device="cuda", generator=gen).bfloat16()
+    v = torch.randn(batch, kv_heads, max_len, head_dim, device="cuda", generator=gen).bfloat16()
+    kwargs = {}
+    if lengths != "full":
+        kwargs["lengths"] = torch.tensor(lengths, device="cuda", dtype=torch.int32)
+    if "mask" in extra:
+        kwargs["key_mask"] = torch.rand(batch, max_len, device="cuda", generator=gen) > 0.2
+    if "bias" in extra:
+        slopes = torch.tensor([2.0 ** (-8 * (i + 1) / heads) for i in range(heads)], device="cuda")
+        kwargs["bias"] = (slopes[:, None] * (torch.arange(max_len, device="cuda") - (max_len - 1.0))).view(1, heads, 1, max_len)
+    out = torch.full_like(q, float("nan"))
+    got = decode_attention(q, k, v, out=out, softmax_scale=head_dim ** -0.5, **kwargs)
+    assert torch.isfinite(got).all()
+    want = reference64(q, k, v, scale=head_dim ** -0.5, **kwargs)
+    assert rel_err(got, want) < 1e-2
+    if lengths != "full":
+        empty = torch.tensor(lengths, device="cuda") == 0
+        assert torch.equal(got[empty], torch.zeros_like(got[empty]))
+
+
+def small_model(pos_emb="learned", kv_heads=1, dtype=torch.bfloat16, **overrides):
+    torch.manual_seed(0)
+    config = MQAConfig(vocab_size=1000, max_seq_len=256, n_layers=4, d_model=256, heads=8, kv_heads=kv_heads,
+                       attn_impl="torch", pos_emb=pos_emb, init_std=0.05, **overrides)
+    return MQATransformer(config).cuda().to(dtype).eval()
+
+
+def prompts(batch, width, lengths=None, seed=1):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    idx = torch.randint(0, 1000, (batch, width), device="cuda", generator=gen)
+    if lengths is None:
+        return idx, None
+    mask = torch.arange(width, device="cuda")[None, :] >= (width - torch.tensor(lengths, device="cuda"))[:, None]
+    return idx, mask
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope", "alibi", "none"])
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+def test_engine_bf16_logits_match_full_forwards(pos_emb, attention):
+    model = small_model(pos_emb, kv_heads=2)
+    idx, _ = prompts(3, 17)
+    engine = InferenceEngine(model, batch_size=3, max_len=256, attention=attention, keep_logits=True)
+    assert engine.cuda_graph
+    out = engine.generate(idx, 100, temperature=0.8, top_k=50, generator=torch.Generator(device="cuda").manual_seed(2))
+    with torch.no_grad():
+        full, _ = model(out[:, :-1])
+    got = engine.step_logits[:100].transpose(0, 1)
+    assert rel_err(got, full[:, 16:].float()) < 2e-2
+
+
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=40)])
+def test_cuda_graph_replay_equals_eager(attention, sampling):
+    model = small_model("rope", kv_heads=1)
+    idx, mask = prompts(4, 12, lengths=[12, 5, 9, 1])
+    runs = []
+    for graph in (True, False):
+        engine = InferenceEngine(model, batch_size=4, max_len=128, attention=attention, cuda_graph=graph)
+        gen = torch.Generator(device="cuda").manual_seed(3)
+        runs.append(engine.generate(idx, 90, prompt_mask=mask, generator=gen, **sampling))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_graph_is_reused_across_calls_with_different_prompts():
+    model = small_model("alibi", kv_heads=4)
+    engine = InferenceEngine(model, batch_size=2, max_len=128)
+    first = engine.generate(prompts(2, 30, seed=4)[0], 50, temperature=0.0)
+    idx, mask = prompts(2, 9, lengths=[9, 3], seed=5)
+    second = engine.generate(idx, 70, prompt_mask=mask, temperature=0.0)
+    assert len(engine._graphs) == 1
+    fresh = InferenceEngine(model, batch_size=2, max_len=128, cuda_graph=False)
+    assert torch.equal(second, fresh.generate(idx, 70, prompt_mask=mask, temperature=0.0))
+    assert torch.equal(first, fresh.generate(prompts(2, 30, seed=4)[0], 50, temperature=0.0))
+
+
+def test_left_padded_rows_equal_rows_alone_bf16():
+    model = small_model("rope", kv_heads=1)
+    lengths = [20, 4, 13]
+    idx, mask = prompts(3, 20, lengths=lengths, seed=6)
+    batched = InferenceEngine(model, batch_size=3, max_len=128, keep_logits=True)
+    batched.generate(idx, 40, prompt_mask=mask, temperature=0.0)
+    for row, n in enumerate(lengths):
+        alone = InferenceEngine(model, batch_size=1, max_len=128, keep_logits=True)
+        alone.generate(idx[row : row + 1, 20 - n :], 1, temperature=0.0)
+        # The first token's logits (prefill) agree to bf16 accuracy whatever the padding.
+        assert rel_err(batched.step_logits[0, row], alone.step_logits[0, 0]) < 2e-2
+
+
+def test_generate_uses_the_engine_and_matches_eager_and_autocast_runs():
+    model = small_model("learned", kv_heads=1)
+    idx, _ = prompts(2, 8)
+    got = model.generate(idx, 60, temperature=0.0)
+    eager = InferenceEngine(model, batch_size=2, max_len=128, cuda_graph=False).generate(idx, 60, temperature=0.0)
+    assert torch.equal(got, eager)
+    # fp32 weights under bf16 autocast (how training samples): the engine runs eagerly in bf16.
+    model32 = small_model("rope", kv_heads=2, dtype=torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        engine = InferenceEngine(model32, batch_size=2, max_len=128, keep_logits=True)
+        assert not engine.cuda_graph and engine.dtype == torch.bfloat16
+        out = engine.generate(idx, 30, temperature=0.0)
+        full, _ = model32(out[:, :-1])
+    assert rel_err(engine.step_logits[:30].transpose(0, 1), full[:, 7:].float()) < 2e-2
+
+
+def test_inductor_compiled_graph_step_matches_uncompiled():
+    model = small_model("learned", kv_heads=1)
+    idx, mask = prompts(2, 10, lengths=[10, 6])
+    logits = []
+    for compile in (False, True):
+        engine = InferenceEngine(model, batch_size=2, max_len=128, keep_logits=True, compile=compile)
+        out = engine.generate(idx, 40, prompt_mask=mask, temperature=0.0)
+        logits.append(engine.step_logits[:40].clone())
+    assert out.shape == (2, 50)
+    assert rel_err(logits[1], logits[0]) < 2e-2

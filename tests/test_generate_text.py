@@ -1,0 +1,128 @@
+"""mqa_lm.inference.text: batched generation from token rows, streaming, and the sliding-window
+perplexity against a per-token computation from the definition."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mqa_lm import MQAConfig, MQATransformer
+from mqa_lm.data.tokenizer import build_char, train_bpe
+from mqa_lm.inference.text import TextStreamer, generate_ids, left_pad, perplexity, start_ids
+
+TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n" * 2
+
+
+@pytest.fixture(autouse=True)
+def _no_triton_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def model_for(vocab, max_seq_len=16, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = MQAConfig(vocab_size=vocab, max_seq_len=max_seq_len, n_layers=2, d_model=32, heads=4, kv_heads=1,
+                       attn_impl="torch", init_std=0.3, **overrides)
+    return MQATransformer(config).double().eval()
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [9]], "cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_rows_of_different_lengths_equal_each_row_alone(pos_emb):
+    model = model_for(40, max_seq_len=48, pos_emb=pos_emb)
+    rows = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
+    streamed = [[] for _ in rows]
+
+    def collect(fresh):
+        for acc, new in zip(streamed, fresh):
+            acc.extend(new)
+
+    got = generate_ids(model, rows, 20, temperature=0.0, on_tokens=collect, chunk=3)
+    assert got == streamed
+    for row, new in zip(rows, got):
+        idx = torch.tensor([row])
+        assert new == model.generate_with_growing_cache(idx, 20, temperature=0.0)[0, len(row):].tolist()
+
+
+def test_rows_stop_at_eos_and_long_rows_slide():
+    model = model_for(40, max_seq_len=16)
+    rows = [[1, 2, 3], [4, 5]]
+    free = generate_ids(model, rows, 10, temperature=0.0)
+    eos = free[0][4]
+    got = generate_ids(model, rows, 10, temperature=0.0, eos_token_id=eos)
+    assert got[0] == free[0][: free[0].index(eos) + 1]
+    if eos in free[1]:
+        assert got[1] == free[1][: free[1].index(eos) + 1]
+    else:
+        assert got[1] == free[1]
+    # 3 + 20 tokens exceed max_seq_len=16: rows run alone through generate, which slides.
+    long = generate_ids(model, rows, 20, temperature=0.0)
+    for row, new in zip(rows, long):
+        assert new == model.generate_with_growing_cache(torch.tensor([row]), 20, temperature=0.0)[0, len(row):].tolist()
+
+
+def test_streamer_never_prints_half_a_character():
+    tokenizer = train_bpe(["héllo wörld ünïcödé " * 20], vocab_size=300)
+    text = "wörld ünïcödé héllo"
+    ids = tokenizer.encode(text).ids
+    out = io.StringIO()
+    streamer = TextStreamer(tokenizer, out)
+    seen = []
+    for token in ids:
+        streamer.put([token])
+        seen.append(out.getvalue())
+    streamer.end()
+    assert all("\ufffd" not in s for s in seen)
+    assert out.getvalue() == text + "\n"
+
+
+def reference_nll(model, ids, first_target, window, stride):
+    """Per target token j: its log-probability given the context of the window that scores it,
+    by one forward of exactly that context (ids[begin:j]) per token."""
+    nll, scored_until, begin = 0.0, first_target, 0
+    count = 0
+    while scored_until < len(ids):
+        end = min(begin + window, len(ids) - 1)
+        for j in range(scored_until, end + 1):
+            logits, _ = model(torch.tensor([ids[begin:j]]))
+            nll -= F.log_softmax(logits[0, -1].double(), -1)[ids[j]].item()
+            count += 1
+        scored_until = end + 1
+        begin += stride
+    return nll, count
+
+
+@pytest.mark.parametrize("window,stride", [(16, 16), (16, 5), (8, 1)])
+def test_perplexity_matches_per_token_definition(window, stride):
+    tokenizer = build_char([TEXT])
+    model = model_for(tokenizer.get_vocab_size(), max_seq_len=16)
+    texts = [TEXT[:70], TEXT[70:95]]
+    got = perplexity(model, tokenizer, texts, window=window, stride=stride, batch_size=3)
+    want_nll, want_count = 0.0, 0
+    for text in texts:
+        ids = start_ids(tokenizer) + tokenizer.encode(text, add_special_tokens=False).ids
+        nll, count = reference_nll(model, ids, 1, window, stride)
+        want_nll += nll
+        want_count += count
+    assert got.tokens == want_count == 95  # every character scored once
+    assert got.bytes == 95
+    assert math.isclose(got.nll, want_nll, rel_tol=1e-9)
+    assert math.isclose(got.bits_per_byte, want_nll / math.log(2) / 95, rel_tol=1e-9)
+    assert math.isclose(got.perplexity, math.exp(want_nll / 95), rel_tol=1e-9)
+
+
+def test_perplexity_rejects_bad_windows():
+    tokenizer = build_char([TEXT])
+    model = model_for(tokenizer.get_vocab_size(), max_seq_len=16)
+    with pytest.raises(ValueError, match=r"window must be in \[2, max_seq_len=16\], got 17"):
+        perplexity(model, tokenizer, [TEXT], window=17)
+    with pytest.raises(ValueError, match=r"stride must be in \[1, window=8\], got 9"):
+        perplexity(model, tokenizer, [TEXT], window=8, stride=9)

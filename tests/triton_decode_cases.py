@@ -1,0 +1,145 @@
+"""The Triton decode kernel and the engine on it, under ``TRITON_INTERPRET=1`` on CPU tensors.
+
+Not collected by a plain ``pytest`` run: ``tests/test_inference.py`` runs this module in a
+subprocess with the interpreter switched on before Triton is imported. Lengths are odd and the
+interpreter's split size is 32 keys with 16-key tiles, so rows end mid-tile, mid-split, and
+splits lie wholly past a row's length.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 set before Triton is imported"
+)
+
+from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
+from mqa_lm.inference import InferenceEngine  # noqa: E402
+from mqa_lm.kernels.triton_decode import check_decode_inputs, decode_attention, split_plan  # noqa: E402
+
+
+def reference64(q, k, v, *, scale, lengths=None, key_mask=None, bias=None):
+    """One query per row over the cache, float64, from the definition: K/V repeated per query head,
+    keys past the row's length or masked out get no weight, a row with no key gives zeros."""
+    q, k, v = q.double(), k.double(), v.double()
+    heads, kv_heads, max_len = q.shape[1], k.shape[1], k.shape[2]
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
+    scores = q @ k.transpose(-1, -2) * scale  # [b, h, 1, max_len]
+    if bias is not None:
+        scores = scores + bias.double()
+    allowed = torch.ones(q.shape[0], max_len, dtype=torch.bool)
+    if lengths is not None:
+        allowed &= torch.arange(max_len)[None, :] < lengths[:, None]
+    if key_mask is not None:
+        allowed &= key_mask
+    allowed = allowed[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    seen = allowed.any(-1, keepdim=True)
+    return (torch.softmax(scores.masked_fill(~seen, 0.0), dim=-1) * seen) @ v
+
+
+def rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def inputs(batch, heads, kv_heads, max_len, head_dim, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, max_len, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, max_len, head_dim, generator=gen).to(dtype)
+    return q, k, v
+
+
+def run(q, k, v, **kwargs):
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    got = decode_attention(q, k, v, out=out, **kwargs)
+    assert got is out
+    return got
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 1), (6, 2), (3, 3), (20, 1)], ids=["mqa", "gqa", "mha", "mqa20"])
+@pytest.mark.parametrize("extra", ["", "lengths", "mask", "bias", "lengths+mask+bias"])
+def test_matches_float64(heads, kv_heads, extra):
+    q, k, v = inputs(3, heads, kv_heads, 101, 24, seed=heads + kv_heads)
+    gen = torch.Generator().manual_seed(7)
+    kwargs = {}
+    if "lengths" in extra:
+        kwargs["lengths"] = torch.tensor([101, 37, 1])
+    if "mask" in extra:
+        kwargs["key_mask"] = torch.rand(3, 101, generator=gen) > 0.3
+    if "bias" in extra:
+        slopes = torch.tensor([2.0 ** (-(i + 1)) for i in range(heads)])
+        kwargs["bias"] = (slopes[:, None] * (torch.arange(101) - 100.0)).reshape(1, heads, 1, 101)
+    scale = 0.29
+    got = run(q, k, v, softmax_scale=scale, **kwargs)
+    want = reference64(q, k, v, scale=scale, **kwargs)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("split_size", [16, 48, 200])
+def test_split_sizes(split_size):
+    q, k, v = inputs(2, 8, 2, 157, 32, seed=3)
+    lengths = torch.tensor([157, 70])
+    bias = torch.randn(2, 8, 1, 157, generator=torch.Generator().manual_seed(1))
+    got = run(q, k, v, lengths=lengths, bias=bias, split_size=split_size)
+    size, n_splits, _ = split_plan(2, 2, 8, 157, q.device, split_size)
+    assert size % 16 == 0 and n_splits == math.ceil(157 / size)
+    assert rel_err(got, reference64(q, k, v, scale=32 ** -0.5, lengths=lengths, bias=bias)) < 1e-5
+
+
+def test_rows_with_no_key_are_zero_and_strided_inputs_work():
+    q, k, v = inputs(3, 4, 1, 45, 16, seed=4)
+    mask = torch.ones(3, 45, dtype=torch.bool)
+    mask[1] = False  # every key masked
+    lengths = torch.tensor([45, 45, 0])  # no key at all
+    # q as a transposed view and a stride-0 bias over batch, as the engine passes them.
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    bias = torch.randn(1, 4, 1, 45).expand(3, 4, 1, 45)
+    got = run(q_t, k, v, lengths=lengths, key_mask=mask, bias=bias)
+    assert torch.equal(got[1:], torch.zeros_like(got[1:]))
+    assert rel_err(got[:1], reference64(q[:1], k[:1], v[:1], scale=0.25, bias=bias[:1])) < 1e-5
+
+
+def test_fp16_and_head_dim_padding():
+    q, k, v = inputs(2, 4, 2, 77, 40, dtype=torch.float16, seed=5)
+    got = run(q, k, v, lengths=torch.tensor([77, 50]))
+    assert rel_err(got, reference64(q, k, v, scale=40 ** -0.5, lengths=torch.tensor([77, 50]))) < 2e-3
+
+
+def test_bad_inputs():
+    q, k, v = inputs(2, 4, 2, 16, 16)
+    with pytest.raises(ValueError, match="one query token per row"):
+        check_decode_inputs(torch.randn(2, 4, 2, 16), k, v, None, None, None)
+    with pytest.raises(ValueError, match="multiple of kv_heads=3"):
+        check_decode_inputs(q, torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), None, None, None)
+    with pytest.raises(ValueError, match=r"lengths must be an integer tensor \[batch=2\]"):
+        check_decode_inputs(q, k, v, torch.tensor([1.0, 2.0]), None, None)
+    with pytest.raises(ValueError, match=r"key_mask must be bool \[batch=2, max_len=16\]"):
+        check_decode_inputs(q, k, v, None, torch.ones(2, 15, dtype=torch.bool), None)
+    with pytest.raises(ValueError, match="broadcastable to"):
+        check_decode_inputs(q, k, v, None, None, torch.zeros(1, 4, 1, 15))
+
+
+@pytest.mark.parametrize("pos_emb,kv_heads", [("alibi", 1), ("rope", 2), ("learned", 4)])
+def test_engine_on_the_kernel_equals_engine_on_sdpa(pos_emb, kv_heads):
+    torch.manual_seed(0)
+    model = MQATransformer(MQAConfig(vocab_size=64, max_seq_len=64, n_layers=2, d_model=32, heads=4,
+                                     kv_heads=kv_heads, attn_impl="torch", pos_emb=pos_emb, init_std=0.3)).eval()
+    idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :3] = False  # a left-padded row
+    runs = {}
+    for attention in ("triton", "sdpa"):
+        engine = InferenceEngine(model, batch_size=2, max_len=64, attention=attention, keep_logits=True)
+        assert engine.attention == attention
+        out = engine.generate(idx, 40, prompt_mask=mask, temperature=0.0)
+        runs[attention] = (out, engine.step_logits[:40].clone())
+    assert torch.equal(runs["triton"][0], runs["sdpa"][0])
+    torch.testing.assert_close(runs["triton"][1], runs["sdpa"][1], rtol=1e-5, atol=1e-5)
