@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import math
 import zipfile
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -170,7 +170,8 @@ def load_pretrained(
     """Load a model and its tokenizer from ``path``.
 
     Args:
-        path: an export directory (``model.safetensors`` + ``config.json``), a run directory
+        path: an export directory (``model.safetensors`` + ``config.json``; a transformers GPTBigCode
+            or Llama directory is read through :func:`mqa_lm.hf.read_hf`), a run directory
             (``outputs/<date>/<time>/``: its ``model/`` export, the best model by val loss, else
             ``checkpoints/last.ckpt``) or a Lightning ``.ckpt`` file.
         device, dtype: where and in what dtype to put the model; ``dtype=None`` keeps the dtype
@@ -279,10 +280,10 @@ def read_export(directory: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], To
     except (OSError, ValueError) as err:
         raise PretrainedError(f"{config_path} is not valid JSON ({err}); save the model again") from None
     if isinstance(raw, dict) and "model_type" in raw:
-        raise PretrainedError(
-            f"{config_path} is a Hugging Face transformers config (model_type={raw['model_type']!r}), not an mqa-lm "
-            "one; load it with MQATransformer.from_hf(directory)"
-        )
+        # A transformers directory (GPTBigCode / Llama): mapped onto our model by mqa_lm.hf.
+        from mqa_lm.hf import read_hf
+
+        return read_hf(directory)
     config = config_from_dict(raw, str(config_path))
     try:
         state = load_file(str(model_path))

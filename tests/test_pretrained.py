@@ -116,7 +116,7 @@ def test_clear_errors_for_missing_and_corrupt_files(tmp_path):
     with pytest.raises(PretrainedError, match="do not match its model config: missing blocks.2"):
         load_pretrained(out)
     (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(PretrainedError, match="from_hf"):
+    with pytest.raises(ValueError, match="config.json lacks 'hidden_size', which a llama config must have"):
         load_pretrained(out)
 
     out = save_pretrained(tiny(), tmp_path / "m3")
