@@ -343,6 +343,13 @@ def build_model(config: MQAConfig, state: Mapping[str, torch.Tensor], source: Pa
     # The random init is overwritten at once; do not let it advance the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         model = MQATransformer(config)
+    load_weights(model, state, source)
+    return model
+
+
+def load_weights(model: MQATransformer, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Copy ``state`` into ``model``; a missing, extra or misshapen tensor is one :class:`PretrainedError`."""
+    config = model.config
     state = dict(state)
     if config.tie_embeddings and TIED_HEAD not in state and "wte.weight" in state:
         state[TIED_HEAD] = state["wte.weight"]
@@ -359,7 +366,6 @@ def build_model(config: MQAConfig, state: Mapping[str, torch.Tensor], source: Pa
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
         raise PretrainedError(f"the weights of {source} do not match its model config: {shown}")
     model.load_state_dict(state, strict=True)
-    return model
 
 
 # ---- Lightning side ---------------------------------------------------------------------------

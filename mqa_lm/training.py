@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from mqa_lm.callbacks.tracking import log_resolved_config
 from mqa_lm.distributed import check_launch, global_batch_line
 from mqa_lm.fault_tolerance import fault_tolerance_callbacks, fault_tolerance_plugins, merge_plugins, resume_checkpoint
+from mqa_lm.init_from import apply_init_from, load_init_weights
 from mqa_lm.lit_module import MQALitModule
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
@@ -94,6 +95,10 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as ``cfg`` says; returns the final callback metrics as floats."""
+    try:
+        cfg, init_source = apply_init_from(cfg)  # init_from=...: a pretrained model's architecture and tokenizer
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
     model_fields, optim_fields = validate_config(cfg)
     try:
         check_launch(cfg)
@@ -112,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise ConfigError(str(cause)) from None
         raise
     module = MQALitModule(model=model_fields, optim=optim_fields, compile=cfg.get("compile", False))
+    if init_source is not None and ckpt_path is None:  # a resumed run has its own weights
+        load_init_weights(module.model, init_source)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
     plugins = merge_plugins([instantiate(p) for p in trainer_cfg.pop("plugins", None) or []], fault_tolerance_plugins(cfg))
