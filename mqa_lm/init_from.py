@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mqa_lm.data.tokenizer import vocab_size_of
-from mqa_lm.model import MQAConfig
+from mqa_lm.model import MQAConfig, MQATransformer
 
 # How the model runs and regularises, not what it computes: these keep the run's model.* values.
 RUNTIME_FIELDS = ("attn_impl", "attn_pdrop", "resid_pdrop", "emb_pdrop", "verbose", "fc_type")
@@ -87,7 +87,7 @@ def resolve_init_from(spec: str, run_dir: str | Path) -> InitSource:
         return InitSource(spec, config, tokenizer_file if tokenizer_file.is_file() else None,
                           lambda: pretrained.read_export(source)[1])
     config, state, tokenizer = pretrained.read_checkpoint(source)
-    tokenizer_file = None
+    tokenizer_file: Path | None = None
     if tokenizer is not None:
         tokenizer_file = pretrained.write_tokenizer(Path(run_dir) / pretrained.TOKENIZER_FILE, tokenizer)
     return InitSource(spec, config, tokenizer_file, lambda: state)
@@ -123,7 +123,7 @@ def apply_init_from(cfg: DictConfig) -> tuple[DictConfig, InitSource | None]:
     return cfg, source
 
 
-def load_init_weights(model: torch.nn.Module, source: InitSource) -> None:
+def load_init_weights(model: MQATransformer, source: InitSource) -> None:
     """Copy the weights of ``source`` into ``model`` (an ``MQATransformer`` built from the merged config)."""
     from mqa_lm.pretrained import load_weights
 

@@ -296,7 +296,11 @@ def read_export(directory: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], To
 
 def read_checkpoint(path: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], Tokenizer | None]:
     """Config, model tensors and tokenizer (or None) of a Lightning checkpoint of ``MQALitModule``."""
-    from mqa_lm.fault_tolerance import CheckpointError, _load_weights_only, verify_checkpoint
+    from mqa_lm.fault_tolerance import (
+        CheckpointError,
+        _load_weights_only,
+        verify_checkpoint,
+    )
 
     try:
         verify_checkpoint(path)  # zip CRCs, weights_only, state_dict present: one clear error each

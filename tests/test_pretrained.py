@@ -8,11 +8,16 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from test_training import CORPUS, compose_cfg, small_run
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char
-from mqa_lm.pretrained import MissingTokenizerError, PretrainedError, load_pretrained, save_pretrained
-from test_training import CORPUS, compose_cfg, small_run
+from mqa_lm.pretrained import (
+    MissingTokenizerError,
+    PretrainedError,
+    load_pretrained,
+    save_pretrained,
+)
 
 TEXT = "hello pretrained world, with a few characters\n"
 
