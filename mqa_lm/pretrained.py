@@ -269,21 +269,25 @@ def read_export(directory: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], To
     from safetensors.torch import load_file
 
     config_path, model_path = directory / CONFIG_FILE, directory / MODEL_FILE
-    for needed in (config_path, model_path):
-        if not needed.is_file():
-            raise PretrainedError(
-                f"{directory} has no {needed.name}: the export is incomplete (interrupted while saving?); "
-                "save it again or load the run's checkpoint instead"
-            )
+    if not config_path.is_file():
+        raise PretrainedError(
+            f"{directory} has no {CONFIG_FILE}: the export is incomplete (interrupted while saving?); "
+            "save it again or load the run's checkpoint instead"
+        )
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise PretrainedError(f"{config_path} is not valid JSON ({err}); save the model again") from None
     if isinstance(raw, dict) and "model_type" in raw:
-        # A transformers directory (GPTBigCode / Llama): mapped onto our model by mqa_lm.hf.
+        # A transformers directory (GPTBigCode / Llama; weights possibly sharded): mqa_lm.hf maps it.
         from mqa_lm.hf import read_hf
 
         return read_hf(directory)
+    if not model_path.is_file():
+        raise PretrainedError(
+            f"{directory} has no {MODEL_FILE}: the export is incomplete (interrupted while saving?); "
+            "save it again or load the run's checkpoint instead"
+        )
     config = config_from_dict(raw, str(config_path))
     try:
         state = load_file(str(model_path))

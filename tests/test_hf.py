@@ -157,8 +157,12 @@ def test_from_hf_matches_a_random_transformers_model(tmp_path, family):
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    hf.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")  # sharded: an index and several files
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     model = MQATransformer.from_hf(tmp_path / "hf")
+    from mqa_lm.pretrained import load_pretrained
+
+    assert torch.equal(load_pretrained(tmp_path / "hf")[0].wte.weight, model.wte.weight)
     idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, rtol=0, atol=1e-5)
