@@ -15,6 +15,7 @@ into the built module.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from mqa_lm.model import MQAConfig, MQATransformer
 # How the model runs and regularises, not what it computes: these keep the run's model.* values.
 RUNTIME_FIELDS = ("attn_impl", "attn_pdrop", "resid_pdrop", "emb_pdrop", "verbose", "fc_type")
 HF_PREFIX = "hf:"
+log = logging.getLogger("mqa_lm")
 
 
 @dataclass
@@ -103,6 +105,11 @@ def apply_init_from(cfg: DictConfig) -> tuple[DictConfig, InitSource | None]:
     source = resolve_init_from(spec, cfg.paths.output_dir)
     ours: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
     merged = {**source.config.to_dict(), **{k: ours[k] for k in RUNTIME_FIELDS if k in ours}}
+    ignored = [f"model.{k}={ours[k]!r} (pretrained: {merged[k]!r})" for k in sorted(ours)
+               if k in merged and ours[k] is not None and ours[k] != merged[k]]
+    log.info("init_from=%s: architecture, tokenizer and weights of the pretrained model", spec)
+    if ignored:
+        log.warning("init_from=%s decides the architecture; ignored: %s", spec, ", ".join(ignored))
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.model = merged
