@@ -404,6 +404,16 @@ class MQATransformer(nn.Module):
 
         return load_pretrained(path, device=device, dtype=dtype, **kwargs)[0]
 
+    @classmethod
+    def from_hf(
+        cls, directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> MQATransformer:
+        """A transformers GPTBigCode or Llama directory as our model (eval mode); see
+        :func:`mqa_lm.hf.from_hf`, which also returns the tokenizer."""
+        from mqa_lm.hf import from_hf
+
+        return from_hf(directory, device=device, dtype=dtype)[0]
+
     def save_pretrained(self, directory: str | Path, tokenizer: Tokenizer | None = None, **kwargs: Any) -> Path:
         """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) to ``directory``;
         see :func:`mqa_lm.pretrained.save_pretrained`."""

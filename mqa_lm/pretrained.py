@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import math
 import zipfile
+from collections.abc import Mapping
 from dataclasses import fields, replace
 from pathlib import Path
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -170,7 +170,8 @@ def load_pretrained(
     """Load a model and its tokenizer from ``path``.
 
     Args:
-        path: an export directory (``model.safetensors`` + ``config.json``), a run directory
+        path: an export directory (``model.safetensors`` + ``config.json``; a transformers GPTBigCode
+            or Llama directory is read through :func:`mqa_lm.hf.read_hf`), a run directory
             (``outputs/<date>/<time>/``: its ``model/`` export, the best model by val loss, else
             ``checkpoints/last.ckpt``) or a Lightning ``.ckpt`` file.
         device, dtype: where and in what dtype to put the model; ``dtype=None`` keeps the dtype
@@ -268,20 +269,24 @@ def read_export(directory: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], To
     from safetensors.torch import load_file
 
     config_path, model_path = directory / CONFIG_FILE, directory / MODEL_FILE
-    for needed in (config_path, model_path):
-        if not needed.is_file():
-            raise PretrainedError(
-                f"{directory} has no {needed.name}: the export is incomplete (interrupted while saving?); "
-                "save it again or load the run's checkpoint instead"
-            )
+    if not config_path.is_file():
+        raise PretrainedError(
+            f"{directory} has no {CONFIG_FILE}: the export is incomplete (interrupted while saving?); "
+            "save it again or load the run's checkpoint instead"
+        )
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise PretrainedError(f"{config_path} is not valid JSON ({err}); save the model again") from None
     if isinstance(raw, dict) and "model_type" in raw:
+        # A transformers directory (GPTBigCode / Llama; weights possibly sharded): mqa_lm.hf maps it.
+        from mqa_lm.hf import read_hf
+
+        return read_hf(directory)
+    if not model_path.is_file():
         raise PretrainedError(
-            f"{config_path} is a Hugging Face transformers config (model_type={raw['model_type']!r}), not an mqa-lm "
-            "one; load it with MQATransformer.from_hf(directory)"
+            f"{directory} has no {MODEL_FILE}: the export is incomplete (interrupted while saving?); "
+            "save it again or load the run's checkpoint instead"
         )
     config = config_from_dict(raw, str(config_path))
     try:
@@ -342,6 +347,13 @@ def build_model(config: MQAConfig, state: Mapping[str, torch.Tensor], source: Pa
     # The random init is overwritten at once; do not let it advance the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         model = MQATransformer(config)
+    load_weights(model, state, source)
+    return model
+
+
+def load_weights(model: MQATransformer, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Copy ``state`` into ``model``; a missing, extra or misshapen tensor is one :class:`PretrainedError`."""
+    config = model.config
     state = dict(state)
     if config.tie_embeddings and TIED_HEAD not in state and "wte.weight" in state:
         state[TIED_HEAD] = state["wte.weight"]
@@ -358,7 +370,6 @@ def build_model(config: MQAConfig, state: Mapping[str, torch.Tensor], source: Pa
         shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
         raise PretrainedError(f"the weights of {source} do not match its model config: {shown}")
     model.load_state_dict(state, strict=True)
-    return model
 
 
 # ---- Lightning side ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from mqa_lm.checkpointing import (
 from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.data import DataConfig
 from mqa_lm.distributed import check_launch, global_batch_line
+from mqa_lm.init_from import apply_init_from, load_init_weights
 from mqa_lm.lit_module import MQALitModule
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
@@ -207,6 +208,10 @@ def merge_plugins(own: list[Any], extra: list[Any]) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as ``cfg`` says; returns the final callback metrics as floats."""
+    try:
+        cfg, init_source = apply_init_from(cfg)  # init_from=...: a pretrained model's architecture and tokenizer
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
     run = validate_config(cfg)
     callbacks = build_callbacks(cfg)
     root_dir = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
@@ -240,6 +245,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model=run.model, optim=run.optim, compile=resolve_compile(run.compile, trainer),
         vocab_from_data=run.vocab_from_data,
     )
+    if init_source is not None and ckpt_path is None:  # a resumed run has its own weights
+        load_init_weights(module.model, init_source)
     if trainer.is_global_zero:
         print(global_batch_line(trainer, datamodule), flush=True)
     log_resolved_config(trainer.loggers, cfg)

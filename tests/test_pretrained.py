@@ -8,11 +8,16 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from test_training import CORPUS, compose_cfg, small_run
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char
-from mqa_lm.pretrained import MissingTokenizerError, PretrainedError, load_pretrained, save_pretrained
-from test_training import CORPUS, compose_cfg, small_run
+from mqa_lm.pretrained import (
+    MissingTokenizerError,
+    PretrainedError,
+    load_pretrained,
+    save_pretrained,
+)
 
 TEXT = "hello pretrained world, with a few characters\n"
 
@@ -116,7 +121,7 @@ def test_clear_errors_for_missing_and_corrupt_files(tmp_path):
     with pytest.raises(PretrainedError, match="do not match its model config: missing blocks.2"):
         load_pretrained(out)
     (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(PretrainedError, match="from_hf"):
+    with pytest.raises(ValueError, match="config.json lacks 'hidden_size', which a llama config must have"):
         load_pretrained(out)
 
     out = save_pretrained(tiny(), tmp_path / "m3")
@@ -180,3 +185,40 @@ def test_a_training_run_is_self_contained(tmp_path):
         load_pretrained(old, require_tokenizer=True)
     _, tok3 = load_pretrained(old, tokenizer_path=next((tmp_path / "cache").rglob("tokenizer.json")))
     assert tok3.encode(CORPUS[:50]).ids == data_tokenizer.encode(CORPUS[:50]).ids
+
+
+@pytest.mark.parametrize("kind", ["hf", "run_dir", "ckpt"])
+def test_init_from_starts_training_from_pretrained_weights(tmp_path, kind):
+    """train.py init_from=...: the pretrained architecture, tokenizer and weights, whatever model.* says."""
+    from mqa_lm.training import ConfigError, train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    first = tmp_path / "first"
+    train(compose_cfg(small_run(first, corpus, "trainer.max_steps=2", "sample.max_new_tokens=0")))
+    source_model, source_tok = load_pretrained(first / "run")
+    if kind == "hf":
+        pytest.importorskip("transformers")
+        from mqa_lm.hf import export_hf
+
+        spec = "hf:" + str(export_hf(source_model, tmp_path / "hf", source_tok))
+        source_model, _ = load_pretrained(spec[3:])  # the same weights; norm_type reads back as layernorm
+    else:
+        spec = str(first / "run" if kind == "run_dir" else first / "run" / "checkpoints" / "last.ckpt")
+        source_model, _ = load_pretrained(spec)
+
+    second = tmp_path / "second"
+    # model.* asks for another architecture and data.tokenizer for BPE: init_from overrides both. A
+    # learning rate of 1e-12 keeps the one step from moving the weights measurably.
+    train(compose_cfg(small_run(second, corpus, f"init_from={spec}", "model.d_model=64", "model.n_layers=1",
+                                "data.tokenizer=bpe", "data.vocab_size=300", "trainer.max_steps=1",
+                                "optim.lr=1e-12", "optim.min_lr=0", "optim.warmup_steps=0",
+                                "trainer.val_check_interval=1", "sample.max_new_tokens=0")))
+    started, tok = load_pretrained(second / "run" / "checkpoints" / "last.ckpt")
+    assert started.config.to_dict() == source_model.config.to_dict()
+    for name, tensor in source_model.state_dict().items():
+        torch.testing.assert_close(started.state_dict()[name], tensor, rtol=0, atol=1e-9, msg=name)
+    assert tok.encode(CORPUS[:100]).ids == source_tok.encode(CORPUS[:100]).ids
+
+    with pytest.raises(ConfigError, match="init_from='/nope' does not exist"):
+        train(compose_cfg(small_run(tmp_path / "third", corpus, "init_from=/nope")))

@@ -57,19 +57,19 @@ class PretrainedExport(L.Callback):
             write_tokenizer(self.tokenizer_file, tokenizer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run:
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
             return
-        score = trainer.callback_metrics.get(self.monitor)
-        if score is None:
+        metric = trainer.callback_metrics.get(self.monitor)
+        if metric is None:
             return
-        score = float(score)
+        score = float(metric)
         if not is_better(score, self.best_score, self.mode):
             return
         self.best_score = score
         self.export(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.best_score is None and not trainer.fast_dev_run:
+        if self.best_score is None and not getattr(trainer, "fast_dev_run", False):
             self.export(trainer, pl_module)
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
