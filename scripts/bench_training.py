@@ -2,7 +2,9 @@
 bare PyTorch loop (the ceiling without Lightning), and nanoGPT's ``bench.py`` -- in one call.
 
     python scripts/bench_training.py --nanogpt .peers/nanogpt            # the full comparison
-    python scripts/bench_training.py --runs torch:compiled bare:compiled  # a subset
+    python scripts/bench_training.py --runs torch:compiled torch:compiled:chunked bare:compiled  # a subset
+
+A run is ``<attn_impl or bare or nanogpt>:<eager|compiled>[:<loss_impl>]``.
 
 The nanoGPT checkout is fetched by the user into a git-ignored folder (never vendored). Every
 train.py run uses gpt2_small with ``model.vocab_size=50304``, block 1024, ``--batch`` sequences,
@@ -34,9 +36,9 @@ QUIET = [
 ]
 
 
-def train_py(impl: str, compiled: bool, args: argparse.Namespace, run_dir: Path) -> dict:
+def train_py(impl: str, compiled: bool, loss: str, args: argparse.Namespace, run_dir: Path) -> dict:
     cmd = [
-        sys.executable, str(ROOT / "train.py"), f"model={args.model}", "model.vocab_size=50304",
+        sys.executable, str(ROOT / "train.py"), f"model={args.model}", "model.vocab_size=50304", f"model.loss_impl={loss}",
         f"model.attn_impl={impl}", "trainer=gpu", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10",
         "data=stdlib", "data.vocab_size=8192", "data.block_size=1024", f"data.batch_size={args.batch}",
         f"module.compile={'true' if compiled else 'false'}", f"hydra.run.dir={run_dir}", *QUIET, *args.override,
@@ -62,7 +64,7 @@ def train_py(impl: str, compiled: bool, args: argparse.Namespace, run_dir: Path)
     }
 
 
-def bare_loop(compiled: bool, args: argparse.Namespace) -> dict:
+def bare_loop(compiled: bool, loss: str, args: argparse.Namespace) -> dict:
     """Our model, fused AdamW, bf16 autocast, random tokens: the model math without Lightning."""
     import torch
     from omegaconf import OmegaConf
@@ -71,7 +73,7 @@ def bare_loop(compiled: bool, args: argparse.Namespace) -> dict:
 
     fields = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{args.model}.yaml"))
     fields = {k: v for k, v in fields.items() if k in MQAConfig.__dataclass_fields__}
-    fields.update(vocab_size=50304, attn_impl="torch")
+    fields.update(vocab_size=50304, attn_impl="torch", loss_impl=loss)
     torch.manual_seed(0)
     model = MQATransformer(MQAConfig(**fields)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -129,14 +131,15 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for run in args.runs:
-        impl, mode = run.split(":")
+        impl, mode, *rest = run.split(":")
         compiled = mode == "compiled"
+        loss = rest[0] if rest else "torch"
         if impl == "nanogpt":
             res = nanogpt(args.nanogpt, compiled, args)
         elif impl == "bare":
-            res = bare_loop(compiled, args)
+            res = bare_loop(compiled, loss, args)
         else:
-            res = train_py(impl, compiled, args, args.runs_dir / run.replace(":", "_"))
+            res = train_py(impl, compiled, loss, args, args.runs_dir / run.replace(":", "_"))
         results[run] = res
         print(json.dumps({"run": run, **{k: v for k, v in res.items() if k != "tail"}}), flush=True)
         if "tail" in res:
