@@ -16,6 +16,9 @@ from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
 
 
+COMPILE_SCOPES = ("model", "blocks")
+
+
 class MQALitModule(L.LightningModule):
     """Trains an :class:`MQATransformer` on (x, y) token windows.
 
@@ -30,6 +33,10 @@ class MQALitModule(L.LightningModule):
         optim: a validated :class:`OptimConfig`, or its fields as a plain dict.
         compile: wrap the model in ``torch.compile`` (``train()`` resolves ``module.compile: auto``);
             the first training step's time, compilation included, is printed.
+        compile_scope: ``model`` compiles the whole forward (loss included) as one graph; ``blocks``
+            compiles each transformer block on its own (``nn.Module.compile``), so under data
+            parallelism each block's gradients are ready, and can be all-reduced, as soon as its
+            backward ends instead of after the whole backward graph.
         vocab_from_data: with an :class:`MQAConfig`, ignore its ``vocab_size`` and take the
             tokenizer's (the config was validated with a stand-in because ``model.vocab_size`` is null).
 
@@ -37,10 +44,13 @@ class MQALitModule(L.LightningModule):
     """
 
     def __init__(self, model: MQAConfig | Mapping[str, Any], optim: OptimConfig | Mapping[str, Any] | None = None,
-                 compile: bool = False, vocab_from_data: bool = False) -> None:
+                 compile: bool = False, vocab_from_data: bool = False, compile_scope: str = "model") -> None:
         super().__init__()
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False here (train() resolves 'auto'), got {compile!r}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"module.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {compile_scope!r}")
+        self.compile_scope = compile_scope
         self._model_config = model if isinstance(model, MQAConfig) else None
         fields = model.to_dict() if isinstance(model, MQAConfig) else dict(model)
         if vocab_from_data:
@@ -60,9 +70,15 @@ class MQALitModule(L.LightningModule):
     def _build(self, config: MQAConfig) -> None:
         self.hparams["model"] = config.to_dict()
         self.model = MQATransformer(config)
+        step_fn: Any = self.model
+        if self.hparams["compile"] and self.compile_scope == "model":
+            step_fn = torch.compile(self.model)
+        elif self.hparams["compile"]:
+            for block in self.model.blocks:
+                block.compile()  # in place: parameters and state_dict keys unchanged
         # Kept out of nn.Module registration, so the compiled wrapper adds no second set of
         # state_dict keys; it shares the parameters of self.model.
-        self.__dict__["_step_fn"] = torch.compile(self.model) if self.hparams["compile"] else self.model
+        self.__dict__["_step_fn"] = step_fn
 
     def configure_model(self) -> None:
         if self.model is not None:

@@ -32,7 +32,7 @@ from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.data import DataConfig
 from mqa_lm.distributed import check_launch, global_batch_line
 from mqa_lm.init_from import apply_init_from, load_init_weights
-from mqa_lm.lit_module import MQALitModule
+from mqa_lm.lit_module import COMPILE_SCOPES, MQALitModule
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
 
@@ -158,6 +158,9 @@ def validate_config(cfg: DictConfig) -> RunConfig:
     compile_setting = (cfg.get("module") or {}).get("compile", False)
     if not (isinstance(compile_setting, bool) or compile_setting == "auto"):
         raise ConfigError(f"module.compile must be auto, true or false, got {compile_setting!r}")
+    scope = (cfg.get("module") or {}).get("compile_scope", "model")
+    if scope not in COMPILE_SCOPES:
+        raise ConfigError(f"module.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     ckpt_path = cfg.get("ckpt_path")
     return RunConfig(model=model, vocab_from_data=vocab_from_data, optim=optim, data=data,
                      datamodule_class=datamodule_class, sample=sample, compile=compile_setting,

@@ -322,3 +322,19 @@ def test_module_takes_the_validated_configs_and_waits_for_the_vocabulary(tmp_pat
     assert module.optim_config is run.optim
     built = MQALitModule(model=run.model.to_dict() | {"vocab_size": 77}, optim=run.optim.to_dict())
     assert built.config.vocab_size == 77 and built.config.n_layers == 1
+
+
+def test_compile_scope_blocks_compiles_each_block_in_place():
+    """compile_scope=blocks: every block compiled on its own, state_dict keys as in eager; a bad
+    scope is one config error naming the key."""
+    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.model import MQAConfig
+
+    config = MQAConfig(vocab_size=50, max_seq_len=16, n_layers=2, d_model=32, heads=4)
+    eager = MQALitModule(model=config, compile=False)
+    blocks = MQALitModule(model=config, compile=True, compile_scope="blocks")
+    assert all(block._compiled_call_impl is not None for block in blocks.model.blocks)
+    assert blocks.model._compiled_call_impl is None
+    assert list(blocks.state_dict()) == list(eager.state_dict())
+    with pytest.raises(ConfigError, match="module.compile_scope must be one of model, blocks, got 'layers'"):
+        validate_config(compose_cfg(["module.compile_scope=layers"]))
