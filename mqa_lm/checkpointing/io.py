@@ -88,29 +88,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
 
-def _unsafe_detail(err: BaseException) -> str:
-    for line in str(err).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip()
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+def _unsafe_globals(path: Path) -> list[str]:
+    """The pickle GLOBALs of a zip checkpoint that ``weights_only`` refuses ([] if it cannot tell)."""
+    try:
+        return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))))
+    except Exception:  # a damaged data.pkl: no global can be named, so it is not evidence of code
+        return []
 
 
 def load_weights_only(path: Path, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors.
+
+    Unsafe means a whole zip archive (CRCs already checked by :func:`verify_checkpoint`) whose
+    pickle names globals outside torch's allowlist; every other failure, random bytes included (torch
+    reads a non-zip file with the legacy unpickler, which refuses garbage opcodes the same way it
+    refuses code), is :class:`CorruptCheckpointError`, so auto-resume skips it.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        names = _unsafe_globals(path) if "Weights only load failed" in str(err) and zipfile.is_zipfile(path) else []
+        if names:
+            # torch's own message suggests weights_only=False, which would run the code: not repeated.
             raise UnsafeCheckpointError(
-                f"checkpoint {path} carries pickled Python objects ({_unsafe_detail(err)}), and unpickling "
-                "them can run arbitrary code, so it is not loaded (checkpoints load with weights_only=True). "
-                "If you trust the file, re-save it with plain tensors and containers only; otherwise start "
-                "from another checkpoint (ckpt_path=...) or another run directory"
+                f"checkpoint {path} carries pickled Python objects ({', '.join(names)}) and unpickling them can "
+                "run arbitrary code, so it is not loaded; if it came from code you trust, load it there and "
+                "re-save the weights as plain tensors (state_dict, global_step), or start from another "
+                "checkpoint (ckpt_path=...) or run directory"
             ) from None
-        raise CorruptCheckpointError(f"checkpoint {path} cannot be unpickled ({err})") from None
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt (not a readable torch.save archive)") from None
     except CheckpointError:
         raise
     except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged files
-        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from None
+        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def verify_checkpoint(path: str | Path) -> None:
