@@ -21,10 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mqa_lm.callbacks.tracking import log_resolved_config
 from mqa_lm.checkpointing import (
+    SPECIAL_CKPT_PATHS,
     AtomicCheckpointIO,
     PreemptionCallback,
     check_ckpt_path,
     check_resume_mode,
+    checkpoint_header,
     resume_checkpoint,
     slurm_environment,
 )
@@ -163,6 +165,33 @@ def validate_config(cfg: DictConfig) -> RunConfig:
                      ckpt_path=str(ckpt_path) if ckpt_path else None, resume=resume)
 
 
+def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConfig) -> None:
+    """Before any work: the checkpoint a run continues from must have steps left to train and the
+    command's model architecture (:meth:`MQAConfig.resume_differences`); :class:`ConfigError` otherwise."""
+    if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
+        return
+    step, hparams = checkpoint_header(ckpt_path)
+    max_steps = trainer.get("max_steps", -1)
+    if not trainer.get("fast_dev_run", False) and _is_int(max_steps) and max_steps > 0 and step >= max_steps:
+        where = "already at" if step == max_steps else "already past"
+        raise ConfigError(
+            f"the checkpoint {ckpt_path} is at step {step}, {where} trainer.max_steps={max_steps}, so nothing "
+            f"would be trained; raise trainer.max_steps above {step} to continue it, or start fresh "
+            "(resume=never, or another hydra.run.dir)"
+        )
+    saved = hparams.get("model")
+    if not isinstance(saved, dict):
+        return
+    diffs = run.model.resume_differences(saved, ignore=("vocab_size",) if run.vocab_from_data else ())
+    if diffs:
+        then = ", ".join(f"model.{name}={before}" for name, before, _ in diffs)
+        now = ", ".join(f"model.{name}={after}" for name, _, after in diffs)
+        raise ConfigError(
+            f"the checkpoint {ckpt_path} was trained with {then}; this command has {now}; use the "
+            "checkpoint's values to continue it, or start a new run (resume=never, or another hydra.run.dir)"
+        )
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The ``callbacks`` group, instantiated; a bad value is a :class:`ConfigError` naming the callback."""
     built = []
@@ -214,6 +243,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_launch(cfg)
         # resume=auto: the newest valid checkpoint of the run's checkpoint dirs (hpc ones in root_dir).
         ckpt_path = resume_checkpoint(run.ckpt_path, run.resume, checkpoint_dirs(cfg, callbacks), [Path(str(root_dir))])
+        check_resume_target(run, ckpt_path, cfg.trainer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     L.seed_everything(cfg.seed, workers=True)
@@ -258,8 +288,10 @@ def report(cfg: DictConfig, sample: SampleConfig, trainer: L.Trainer, module: MQ
     for cb in trainer.checkpoint_callbacks:
         if getattr(cb, "last_model_path", ""):
             lines.append(f"last checkpoint: {cb.last_model_path}")
-        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None) != "step":  # not the recovery ones
-            lines.append(f"best checkpoint: {cb.best_model_path} (val/loss {float(cb.best_model_score or 0):.4f})")
+        # Not the recovery ones (monitor=step); and a best with no computed score is not reported.
+        score = getattr(cb, "best_model_score", None)
+        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None) != "step" and score is not None:
+            lines.append(f"best checkpoint: {cb.best_model_path} ({cb.monitor} {float(score):.4f})")
     for lg in trainer.loggers:
         lines.append(f"{type(lg).__name__} logs: {lg.log_dir}")
     shown = {k: round(v, 4) for k, v in sorted(metrics.items())}

@@ -322,3 +322,32 @@ def test_module_takes_the_validated_configs_and_waits_for_the_vocabulary(tmp_pat
     assert module.optim_config is run.optim
     built = MQALitModule(model=run.model.to_dict() | {"vocab_size": 77}, optim=run.optim.to_dict())
     assert built.config.vocab_size == 77 and built.config.n_layers == 1
+
+
+def test_resume_target_past_max_steps_or_of_another_shape_stops_before_training(tmp_path, corpus, capsys):
+    first = tmp_path / "first"
+    train(compose_cfg(small_run(first, corpus, "trainer.max_steps=8", "trainer.val_check_interval=8",
+                                "sample.max_new_tokens=0")))
+    last = first / "run" / "checkpoints" / "last.ckpt"
+    second = tmp_path / "second"
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=4")))
+    assert str(err.value).startswith(f"the checkpoint {last} is at step 8, already past trainer.max_steps=4, "
+                                     "so nothing would be trained; raise trainer.max_steps above 8")
+    with pytest.raises(ConfigError, match="already at trainer.max_steps=8"):
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=8")))
+    # small_run has model.d_model=32, model.n_layers=2; Hydra keeps the last override of a key.
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=16",
+                                    "model.d_model=64", "model.n_layers=1", "model.resid_pdrop=0.1")))
+    assert str(err.value).startswith(f"the checkpoint {last} was trained with model.n_layers=2, model.d_model=32; "
+                                     "this command has model.n_layers=1, model.d_model=64; use the checkpoint's")
+    assert not (second / "run" / "checkpoints").exists()
+    # Dropout and the attention kernel may change on resume. No validation runs, so there is no best
+    # score: the first run's best path (all Lightning restores from another directory) is not reported.
+    capsys.readouterr()
+    train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=9",
+                                "trainer.val_check_interval=100", "model.resid_pdrop=0.1", "model.attn_impl=torch",
+                                "sample.max_new_tokens=0")))
+    out = capsys.readouterr().out
+    assert "final metrics: {'train/loss'" in out and "best checkpoint" not in out, out

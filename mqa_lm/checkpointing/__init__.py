@@ -29,6 +29,7 @@ from mqa_lm.checkpointing.resume import (
     SPECIAL_CKPT_PATHS,
     check_ckpt_path,
     check_resume_mode,
+    checkpoint_header,
     find_resume_checkpoint,
     resume_checkpoint,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "capture_rng_state",
     "check_ckpt_path",
     "check_resume_mode",
+    "checkpoint_header",
     "find_resume_checkpoint",
     "next_hpc_path",
     "restore_rng_state",
