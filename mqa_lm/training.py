@@ -30,12 +30,17 @@ from mqa_lm.checkpointing import (
     resume_checkpoint,
     slurm_environment,
 )
+from mqa_lm.checkpointing.resume import _is_rank_zero
 from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.data import DataConfig
 from mqa_lm.distributed import check_launch, global_batch_line
 from mqa_lm.lit_module import MQALitModule
+from mqa_lm.loggers import ResumableCSVLogger
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
+from mqa_lm.run_dir import RunDirLock, register_resolvers
+
+register_resolvers()  # ${run_id:} in configs/hydra/default.yaml
 
 log = logging.getLogger("mqa_lm")
 
@@ -165,11 +170,12 @@ def validate_config(cfg: DictConfig) -> RunConfig:
                      ckpt_path=str(ckpt_path) if ckpt_path else None, resume=resume)
 
 
-def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConfig) -> None:
+def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConfig) -> int | None:
     """Before any work: the checkpoint a run continues from must have steps left to train and the
-    command's model architecture (:meth:`MQAConfig.resume_differences`); :class:`ConfigError` otherwise."""
+    command's model architecture (:meth:`MQAConfig.resume_differences`); :class:`ConfigError` otherwise.
+    Returns the checkpoint's step (None for a fresh run or a name Lightning resolves)."""
     if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
-        return
+        return None
     step, hparams = checkpoint_header(ckpt_path)
     max_steps = trainer.get("max_steps", -1)
     if not trainer.get("fast_dev_run", False) and _is_int(max_steps) and max_steps > 0 and step >= max_steps:
@@ -181,7 +187,7 @@ def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConf
         )
     saved = hparams.get("model")
     if not isinstance(saved, dict):
-        return
+        return step
     diffs = run.model.resume_differences(saved, ignore=("vocab_size",) if run.vocab_from_data else ())
     if diffs:
         then = ", ".join(f"model.{name}={before}" for name, before, _ in diffs)
@@ -190,6 +196,7 @@ def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConf
             f"the checkpoint {ckpt_path} was trained with {then}; this command has {now}; use the "
             "checkpoint's values to continue it, or start a new run (resume=never, or another hydra.run.dir)"
         )
+    return step
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -235,15 +242,26 @@ def merge_plugins(own: list[Any], extra: list[Any]) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the final callback metrics as floats."""
+    """Train as ``cfg`` says; returns the final callback metrics as floats.
+
+    The launching process holds the run directory's lock (:class:`~mqa_lm.run_dir.RunDirLock`) while it
+    runs; ranks it starts, or that torchrun/srun start beside it, share the directory without it.
+    """
     run = validate_config(cfg)
+    if not _is_rank_zero():
+        return _train(cfg, run)
+    with RunDirLock(cfg.paths.output_dir):
+        return _train(cfg, run)
+
+
+def _train(cfg: DictConfig, run: RunConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg)
     root_dir = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
     try:
         check_launch(cfg)
         # resume=auto: the newest valid checkpoint of the run's checkpoint dirs (hpc ones in root_dir).
         ckpt_path = resume_checkpoint(run.ckpt_path, run.resume, checkpoint_dirs(cfg, callbacks), [Path(str(root_dir))])
-        check_resume_target(run, ckpt_path, cfg.trainer)
+        resumed_step = check_resume_target(run, ckpt_path, cfg.trainer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     L.seed_everything(cfg.seed, workers=True)
@@ -261,8 +279,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if any(isinstance(cb, PreemptionCallback) for cb in callbacks) and (env := slurm_environment()) is not None:
         ours.append(env)
     plugins = merge_plugins([instantiate(p) for p in trainer_cfg.pop("plugins", None) or []], ours)
+    loggers = build_loggers(cfg)
+    if resumed_step is not None:
+        for lg in loggers:
+            if isinstance(lg, ResumableCSVLogger):
+                lg.resume_from_step(resumed_step)
     trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg) or False, plugins=plugins, _convert_="partial"
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins, _convert_="partial"
     )
     module_cfg = _group(cfg, "module") or {"_target_": "mqa_lm.lit_module.MQALitModule"}
     module_cfg.pop("compile", None)

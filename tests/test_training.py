@@ -351,3 +351,28 @@ def test_resume_target_past_max_steps_or_of_another_shape_stops_before_training(
                                 "sample.max_new_tokens=0")))
     out = capsys.readouterr().out
     assert "final metrics: {'train/loss'" in out and "best checkpoint" not in out, out
+
+
+def _csv_steps(run_dir: Path) -> list[tuple[int, bool]]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), bool(r.get("val/loss"))) for r in csv.DictReader(f)]
+
+
+def test_resume_rotates_out_old_recovery_files_and_drops_replayed_csv_rows(tmp_path, corpus):
+    """An attempt that ran to step 8 is continued from its step-4 recovery checkpoint (as after a kill -9
+    whose newest files were damaged): the recovery files of the first attempt, the resumed one included,
+    are rotated out, and metrics.csv holds each step once, as an uninterrupted run logs them."""
+    common = ["trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "logger=csv",
+              "callbacks.recovery_checkpoint.every_n_train_steps=4", "sample.max_new_tokens=0"]
+    straight = tmp_path / "straight"
+    train(compose_cfg(small_run(straight, corpus, "trainer.max_steps=16", *common)))
+    run = tmp_path / "resumed"
+    train(compose_cfg(small_run(run, corpus, "trainer.max_steps=8", *common)))
+    ckpts = run / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000004.ckpt", "recovery-step000008.ckpt"]
+    train(compose_cfg(small_run(run, corpus, "trainer.max_steps=16", f"ckpt_path={ckpts / 'recovery-step000004.ckpt'}",
+                                *common)))
+    assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000012.ckpt", "recovery-step000016.ckpt"]
+    assert _csv_steps(run / "run") == _csv_steps(straight / "run")

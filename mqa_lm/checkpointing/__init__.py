@@ -11,6 +11,7 @@ The callbacks are configured in ``configs/callbacks/`` (``rng_state``, ``preempt
 from mqa_lm.checkpointing.io import (
     AtomicCheckpointIO,
     CheckpointError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     atomic_torch_save,
@@ -24,6 +25,7 @@ from mqa_lm.checkpointing.preemption import (
     PreemptionCallback,
     slurm_environment,
 )
+from mqa_lm.checkpointing.recovery import RecoveryCheckpoint
 from mqa_lm.checkpointing.resume import (
     RESUME_MODES,
     SPECIAL_CKPT_PATHS,
@@ -42,10 +44,12 @@ __all__ = [
     "SPECIAL_CKPT_PATHS",
     "AtomicCheckpointIO",
     "CheckpointError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "Preempted",
     "PreemptionCallback",
     "RNGStateCallback",
+    "RecoveryCheckpoint",
     "UnsafeCheckpointError",
     "atomic_torch_save",
     "capture_rng_state",

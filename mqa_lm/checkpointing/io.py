@@ -8,6 +8,7 @@ directory, fsyncs it and renames it into place, so a kill mid-write leaves the p
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -29,6 +30,25 @@ class CheckpointError(ValueError):
 
 class CorruptCheckpointError(CheckpointError):
     """Truncated, unreadable or not a training checkpoint (auto-resume falls back to an older one)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, file-size limit); the files already there
+    are intact (writes are atomic)."""
+
+
+# No space, quota exceeded, file too large: the device refused the bytes, nothing else is wrong.
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _device_full(err: BaseException) -> OSError | None:
+    """The OSError of a full device in ``err``'s chain (torch wraps its writer's errors in RuntimeError)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -59,8 +79,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        full = _device_full(err) if isinstance(err, Exception) else None
+        if full is not None:
+            raise CheckpointWriteError(
+                f"checkpoint {path.name} could not be written to {path.parent}: {os.strerror(full.errno or 0).lower()}; "
+                "the checkpoints already there are intact (nothing was overwritten): free space and run the same "
+                "command in the same run directory to resume from the newest"
+            ) from None
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
