@@ -74,8 +74,9 @@ class RunDirLock:
 
     Created with ``O_EXCL``, so of two runs starting together exactly one gets it. A lock whose
     owner is a dead process on this host (a run killed with SIGKILL, a crashed node's restart) is
-    stale: it is renamed away (one taker wins the rename) and taken. A lock from another host cannot
-    be checked and is refused with the file to delete.
+    stale, and so is one of this SLURM job's earlier run (a requeue may land on another node): it is
+    renamed away (one taker wins the rename) and taken. Any other lock from another host cannot be
+    checked and is refused with the file to delete.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -94,7 +95,8 @@ class RunDirLock:
 
     def acquire(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "slurm_job": os.environ.get("SLURM_JOB_ID")}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -104,6 +106,8 @@ class RunDirLock:
                     continue  # released meanwhile
                 pid, host = owner.get("pid"), owner.get("host")
                 stale = host == me["host"] and isinstance(pid, int) and (pid == me["pid"] or not _alive(pid))
+                # A requeued SLURM job may restart on another node: its earlier run has ended by then.
+                stale = stale or (me["slurm_job"] is not None and owner.get("slurm_job") == me["slurm_job"])
                 if not stale:
                     who = f"pid {pid} on host {host}, since {owner.get('started')}" if pid else "unreadable lock"
                     raise RunDirInUseError(

@@ -158,3 +158,22 @@ def test_disk_full_while_checkpointing_is_one_line_and_the_previous_checkpoints_
                              timeout=240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from {ckpt_dir / 'recovery-step000002.ckpt'}" in resumed.stdout, resumed.stderr[-3000:]
+
+
+def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_jobs_earlier_run(tmp_path, monkeypatch):
+    import json
+
+    from mqa_lm.run_dir import RunDirInUseError
+
+    foreign = {"pid": 1, "host": "node-that-is-not-this-one", "started": "2026-01-01 00:00:00", "slurm_job": "77"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(foreign))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(RunDirInUseError, match="pid 1 on host node-that-is-not-this-one"):
+        RunDirLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(RunDirInUseError):
+        RunDirLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the requeued job: its earlier run has ended
+    with RunDirLock(tmp_path) as lock:
+        assert lock.held and json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
