@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
-from typing import Iterable, Sequence
-
 import zipfile
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 from mqa_lm.checkpointing.io import HPC_PATTERN, CorruptCheckpointError, load_weights_only, verify_checkpoint
 
