@@ -116,7 +116,7 @@ class MQAConfig(DictRoundTrip):
         checkpoint's ``hyper_parameters["model"]``) differs from this config; fields absent from
         ``saved`` take their defaults. ``ignore`` skips more fields (``vocab_size`` when it comes
         from the data)."""
-        defaults = type(self)(**{"vocab_size": 1})
+        defaults = type(self)(vocab_size=1)
         diffs = []
         for f in fields(self):
             if f.name in self.RESUME_FREE_FIELDS or f.name in ignore:
