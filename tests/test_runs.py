@@ -99,13 +99,14 @@ def test_a_config_error_leaves_no_run_directory(tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_prints_a_command_that_resumes(tmp_path):
     cmd = tiny(tmp_path, "trainer.max_steps=100000", "trainer.val_check_interval=1000",
-               "callbacks=[model_checkpoint,rng_state,preemption]", "logger=csv")
+               "callbacks=[model_checkpoint,rng_state,preemption]", "logger=csv",
+               "callbacks.recovery_checkpoint.every_n_train_steps=5")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while not any(d.joinpath("csv", "hparams.yaml").exists() for d in run_dirs(tmp_path)):
+    # A recovery checkpoint means the training loop runs (the handler is installed at its start).
+    while not any(any(d.joinpath("checkpoints").glob("recovery-*.ckpt")) for d in run_dirs(tmp_path)):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.05)
-    time.sleep(3)  # into the training loop, where the handler is installed
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
