@@ -178,3 +178,29 @@ def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_jobs_earlie
     with RunDirLock(tmp_path) as lock:
         assert lock.held and json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_second_ctrl_c_stops_at_once_and_releases_the_run_directory(tmp_path):
+    """The handler as training installs it, sent two real SIGINTs: the first asks for a checkpoint at
+    the next step boundary (none comes here), the second exits 130 at once, lock released."""
+    script = (
+        "import os, signal, time\n"
+        "from mqa_lm.checkpointing import PreemptionCallback\n"
+        "from mqa_lm.run_dir import RunDirLock\n"
+        f"RunDirLock({str(tmp_path)!r}).acquire()\n"
+        "cb = PreemptionCallback()\n"
+        "signal.signal(signal.SIGINT, cb._handle)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(30)\n"
+        "print('still running')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        "received SIGINT: saving a checkpoint after the current optimizer step, then stopping (Ctrl-C again stops "
+        "at once, without one)",
+        "received SIGINT again: stopping now, without a checkpoint (the last saved one is kept)",
+    ]
+    assert not (tmp_path / LOCK_NAME).exists()
