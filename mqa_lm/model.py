@@ -98,6 +98,27 @@ class MQAConfig(DictRoundTrip):
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"unknown model.loss_impl {self.loss_impl!r}; valid choices are: {', '.join(LOSS_IMPLS)}")
 
+    # Fields a run may change when it continues from a checkpoint: they shape no weight and do not
+    # change what a weight means (dropout, kernel choice, logging, the initialisation it replaces).
+    RESUME_FREE_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"attn_impl", "attn_pdrop", "resid_pdrop", "emb_pdrop", "verbose", "init_std"}
+    )
+
+    def resume_differences(self, saved: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+        """``(field, saved value, this value)`` for every architecture field where ``saved`` (a
+        checkpoint's ``hyper_parameters["model"]``) differs from this config; fields absent from
+        ``saved`` take their defaults. ``ignore`` skips more fields (``vocab_size`` when it comes
+        from the data)."""
+        defaults = type(self)(vocab_size=1)
+        diffs = []
+        for f in fields(self):
+            if f.name in self.RESUME_FREE_FIELDS or f.name in ignore:
+                continue
+            before = saved.get(f.name, getattr(defaults, f.name))
+            if before != getattr(self, f.name):
+                diffs.append((f.name, before, getattr(self, f.name)))
+        return diffs
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.heads

@@ -21,20 +21,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from mqa_lm.callbacks.tracking import log_resolved_config
 from mqa_lm.checkpointing import (
+    SPECIAL_CKPT_PATHS,
     AtomicCheckpointIO,
     PreemptionCallback,
     check_ckpt_path,
     check_resume_mode,
+    checkpoint_header,
     resume_checkpoint,
     slurm_environment,
 )
+from mqa_lm.checkpointing.resume import _is_rank_zero
 from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.data import DataConfig
 from mqa_lm.distributed import check_launch, global_batch_line
-from mqa_lm.init_from import apply_init_from, load_init_weights
+from mqa_lm.init_from import InitSource, apply_init_from, load_init_weights
 from mqa_lm.lit_module import COMPILE_SCOPES, MQALitModule
+from mqa_lm.loggers import ResumableCSVLogger
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
+from mqa_lm.run_dir import RunDirLock, register_resolvers
+
+register_resolvers()  # ${run_id:} in configs/hydra/default.yaml
 
 log = logging.getLogger("mqa_lm")
 
@@ -167,6 +174,35 @@ def validate_config(cfg: DictConfig) -> RunConfig:
                      ckpt_path=str(ckpt_path) if ckpt_path else None, resume=resume)
 
 
+def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConfig) -> int | None:
+    """Before any work: the checkpoint a run continues from must have steps left to train and the
+    command's model architecture (:meth:`MQAConfig.resume_differences`); :class:`ConfigError` otherwise.
+    Returns the checkpoint's step (None for a fresh run or a name Lightning resolves)."""
+    if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
+        return None
+    step, hparams = checkpoint_header(ckpt_path)
+    max_steps = trainer.get("max_steps", -1)
+    if not trainer.get("fast_dev_run", False) and _is_int(max_steps) and max_steps > 0 and step >= max_steps:
+        where = "already at" if step == max_steps else "already past"
+        raise ConfigError(
+            f"the checkpoint {ckpt_path} is at step {step}, {where} trainer.max_steps={max_steps}, so nothing "
+            f"would be trained; raise trainer.max_steps above {step} to continue it, or start fresh "
+            "(resume=never, or another hydra.run.dir)"
+        )
+    saved = hparams.get("model")
+    if not isinstance(saved, dict):
+        return step
+    diffs = run.model.resume_differences(saved, ignore=("vocab_size",) if run.vocab_from_data else ())
+    if diffs:
+        then = ", ".join(f"model.{name}={before}" for name, before, _ in diffs)
+        now = ", ".join(f"model.{name}={after}" for name, _, after in diffs)
+        raise ConfigError(
+            f"the checkpoint {ckpt_path} was trained with {then}; this command has {now}; use the "
+            "checkpoint's values to continue it, or start a new run (resume=never, or another hydra.run.dir)"
+        )
+    return step
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The ``callbacks`` group, instantiated; a bad value is a :class:`ConfigError` naming the callback."""
     built = []
@@ -210,18 +246,30 @@ def merge_plugins(own: list[Any], extra: list[Any]) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the final callback metrics as floats."""
+    """Train as ``cfg`` says; returns the final callback metrics as floats.
+
+    The launching process holds the run directory's lock (:class:`~mqa_lm.run_dir.RunDirLock`) while it
+    runs; ranks it starts, or that torchrun/srun start beside it, share the directory without it.
+    """
     try:
         cfg, init_source = apply_init_from(cfg)  # init_from=...: a pretrained model's architecture and tokenizer
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     run = validate_config(cfg)
+    if not _is_rank_zero():
+        return _train(cfg, run, init_source)
+    with RunDirLock(cfg.paths.output_dir):
+        return _train(cfg, run, init_source)
+
+
+def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> dict[str, float]:
     callbacks = build_callbacks(cfg)
     root_dir = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
     try:
         check_launch(cfg)
         # resume=auto: the newest valid checkpoint of the run's checkpoint dirs (hpc ones in root_dir).
         ckpt_path = resume_checkpoint(run.ckpt_path, run.resume, checkpoint_dirs(cfg, callbacks), [Path(str(root_dir))])
+        resumed_step = check_resume_target(run, ckpt_path, cfg.trainer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     L.seed_everything(cfg.seed, workers=True)
@@ -239,8 +287,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if any(isinstance(cb, PreemptionCallback) for cb in callbacks) and (env := slurm_environment()) is not None:
         ours.append(env)
     plugins = merge_plugins([instantiate(p) for p in trainer_cfg.pop("plugins", None) or []], ours)
+    loggers = build_loggers(cfg)
+    if resumed_step is not None:
+        for lg in loggers:
+            if isinstance(lg, ResumableCSVLogger):
+                lg.resume_from_step(resumed_step)
     trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg) or False, plugins=plugins, _convert_="partial"
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins, _convert_="partial"
     )
     module_cfg = _group(cfg, "module") or {"_target_": "mqa_lm.lit_module.MQALitModule"}
     module_cfg.pop("compile", None)
@@ -268,8 +321,10 @@ def report(cfg: DictConfig, sample: SampleConfig, trainer: L.Trainer, module: MQ
     for cb in trainer.checkpoint_callbacks:
         if getattr(cb, "last_model_path", ""):
             lines.append(f"last checkpoint: {cb.last_model_path}")
-        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None) != "step":  # not the recovery ones
-            lines.append(f"best checkpoint: {cb.best_model_path} (val/loss {float(cb.best_model_score or 0):.4f})")
+        # Not the recovery ones (monitor=step); and a best with no computed score is not reported.
+        score = getattr(cb, "best_model_score", None)
+        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None) != "step" and score is not None:
+            lines.append(f"best checkpoint: {cb.best_model_path} ({cb.monitor} {float(score):.4f})")
     for lg in trainer.loggers:
         lines.append(f"{type(lg).__name__} logs: {lg.log_dir}")
     shown = {k: round(v, 4) for k, v in sorted(metrics.items())}

@@ -338,3 +338,57 @@ def test_compile_scope_blocks_compiles_each_block_in_place():
     assert list(blocks.state_dict()) == list(eager.state_dict())
     with pytest.raises(ConfigError, match="module.compile_scope must be one of model, blocks, got 'layers'"):
         validate_config(compose_cfg(["module.compile_scope=layers"]))
+
+
+def test_resume_target_past_max_steps_or_of_another_shape_stops_before_training(tmp_path, corpus, capsys):
+    first = tmp_path / "first"
+    train(compose_cfg(small_run(first, corpus, "trainer.max_steps=8", "trainer.val_check_interval=8",
+                                "sample.max_new_tokens=0")))
+    last = first / "run" / "checkpoints" / "last.ckpt"
+    second = tmp_path / "second"
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=4")))
+    assert str(err.value).startswith(f"the checkpoint {last} is at step 8, already past trainer.max_steps=4, "
+                                     "so nothing would be trained; raise trainer.max_steps above 8")
+    with pytest.raises(ConfigError, match="already at trainer.max_steps=8"):
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=8")))
+    # small_run has model.d_model=32, model.n_layers=2; Hydra keeps the last override of a key.
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=16",
+                                    "model.d_model=64", "model.n_layers=1", "model.resid_pdrop=0.1")))
+    assert str(err.value).startswith(f"the checkpoint {last} was trained with model.n_layers=2, model.d_model=32; "
+                                     "this command has model.n_layers=1, model.d_model=64; use the checkpoint's")
+    assert not (second / "run" / "checkpoints").exists()
+    # Dropout and the attention kernel may change on resume. No validation runs, so there is no best
+    # score: the first run's best path (all Lightning restores from another directory) is not reported.
+    capsys.readouterr()
+    train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=9",
+                                "trainer.val_check_interval=100", "model.resid_pdrop=0.1", "model.attn_impl=torch",
+                                "sample.max_new_tokens=0")))
+    out = capsys.readouterr().out
+    assert "final metrics: {'train/loss'" in out and "best checkpoint" not in out, out
+
+
+def _csv_steps(run_dir: Path) -> list[tuple[int, bool]]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), bool(r.get("val/loss"))) for r in csv.DictReader(f)]
+
+
+def test_resume_rotates_out_old_recovery_files_and_drops_replayed_csv_rows(tmp_path, corpus):
+    """An attempt that ran to step 8 is continued from its step-4 recovery checkpoint (as after a kill -9
+    whose newest files were damaged): the recovery files of the first attempt, the resumed one included,
+    are rotated out, and metrics.csv holds each step once, as an uninterrupted run logs them."""
+    common = ["trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "logger=csv",
+              "callbacks.recovery_checkpoint.every_n_train_steps=4", "sample.max_new_tokens=0"]
+    straight = tmp_path / "straight"
+    train(compose_cfg(small_run(straight, corpus, "trainer.max_steps=16", *common)))
+    run = tmp_path / "resumed"
+    train(compose_cfg(small_run(run, corpus, "trainer.max_steps=8", *common)))
+    ckpts = run / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000004.ckpt", "recovery-step000008.ckpt"]
+    train(compose_cfg(small_run(run, corpus, "trainer.max_steps=16", f"ckpt_path={ckpts / 'recovery-step000004.ckpt'}",
+                                *common)))
+    assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000012.ckpt", "recovery-step000016.ckpt"]
+    assert _csv_steps(run / "run") == _csv_steps(straight / "run")

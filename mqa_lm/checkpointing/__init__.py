@@ -11,6 +11,7 @@ The callbacks are configured in ``configs/callbacks/`` (``rng_state``, ``preempt
 from mqa_lm.checkpointing.io import (
     AtomicCheckpointIO,
     CheckpointError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     atomic_torch_save,
@@ -24,11 +25,13 @@ from mqa_lm.checkpointing.preemption import (
     PreemptionCallback,
     slurm_environment,
 )
+from mqa_lm.checkpointing.recovery import RecoveryCheckpoint
 from mqa_lm.checkpointing.resume import (
     RESUME_MODES,
     SPECIAL_CKPT_PATHS,
     check_ckpt_path,
     check_resume_mode,
+    checkpoint_header,
     find_resume_checkpoint,
     resume_checkpoint,
 )
@@ -41,15 +44,18 @@ __all__ = [
     "SPECIAL_CKPT_PATHS",
     "AtomicCheckpointIO",
     "CheckpointError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "Preempted",
     "PreemptionCallback",
     "RNGStateCallback",
+    "RecoveryCheckpoint",
     "UnsafeCheckpointError",
     "atomic_torch_save",
     "capture_rng_state",
     "check_ckpt_path",
     "check_resume_mode",
+    "checkpoint_header",
     "find_resume_checkpoint",
     "next_hpc_path",
     "restore_rng_state",

@@ -8,6 +8,7 @@ directory, fsyncs it and renames it into place, so a kill mid-write leaves the p
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -29,6 +30,25 @@ class CheckpointError(ValueError):
 
 class CorruptCheckpointError(CheckpointError):
     """Truncated, unreadable or not a training checkpoint (auto-resume falls back to an older one)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, file-size limit); the files already there
+    are intact (writes are atomic)."""
+
+
+# No space, quota exceeded, file too large: the device refused the bytes, nothing else is wrong.
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _device_full(err: BaseException) -> OSError | None:
+    """The OSError of a full device in ``err``'s chain (torch wraps its writer's errors in RuntimeError)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -59,8 +79,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        full = _device_full(err) if isinstance(err, Exception) else None
+        if full is not None:
+            raise CheckpointWriteError(
+                f"checkpoint {path.name} could not be written to {path.parent}: {os.strerror(full.errno or 0).lower()}; "
+                "the checkpoints already there are intact (nothing was overwritten): free space and run the same "
+                "command in the same run directory to resume from the newest"
+            ) from None
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -88,29 +115,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
 
-def _unsafe_detail(err: BaseException) -> str:
-    for line in str(err).splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip()
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
+def _unsafe_globals(path: Path) -> list[str]:
+    """The pickle GLOBALs of a zip checkpoint that ``weights_only`` refuses ([] if it cannot tell)."""
+    try:
+        return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))))
+    except Exception:  # a damaged data.pkl: no global can be named, so it is not evidence of code
+        return []
 
 
 def load_weights_only(path: Path, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors.
+
+    Unsafe means a whole zip archive (CRCs already checked by :func:`verify_checkpoint`) whose
+    pickle names globals outside torch's allowlist; every other failure, random bytes included (torch
+    reads a non-zip file with the legacy unpickler, which refuses garbage opcodes the same way it
+    refuses code), is :class:`CorruptCheckpointError`, so auto-resume skips it.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        names = _unsafe_globals(path) if "Weights only load failed" in str(err) and zipfile.is_zipfile(path) else []
+        if names:
+            # torch's own message suggests weights_only=False, which would run the code: not repeated.
             raise UnsafeCheckpointError(
-                f"checkpoint {path} carries pickled Python objects ({_unsafe_detail(err)}), and unpickling "
-                "them can run arbitrary code, so it is not loaded (checkpoints load with weights_only=True). "
-                "If you trust the file, re-save it with plain tensors and containers only; otherwise start "
-                "from another checkpoint (ckpt_path=...) or another run directory"
+                f"checkpoint {path} carries pickled Python objects ({', '.join(names)}) and unpickling them can "
+                "run arbitrary code, so it is not loaded; if it came from code you trust, load it there and "
+                "re-save the weights as plain tensors (state_dict, global_step), or start from another "
+                "checkpoint (ckpt_path=...) or run directory"
             ) from None
-        raise CorruptCheckpointError(f"checkpoint {path} cannot be unpickled ({err})") from None
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt (not a readable torch.save archive)") from None
     except CheckpointError:
         raise
     except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged files
-        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from None
+        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def verify_checkpoint(path: str | Path) -> None:

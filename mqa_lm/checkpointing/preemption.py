@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from mqa_lm.checkpointing.io import next_hpc_path
 
 # The one set of defaults (configs/callbacks/preemption.yaml repeats them for the command line):
 # sbatch --signal=SIGUSR1@90 and submitit's SIGUSR2 warn before the time limit, so both requeue.
-DEFAULT_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+# SIGINT (Ctrl-C) is handled like SIGTERM; a second SIGINT stops at once, without a checkpoint.
+DEFAULT_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 DEFAULT_REQUEUE_SIGNALS: tuple[str, ...] = ("SIGUSR1", "SIGUSR2")
 
 
@@ -103,14 +105,29 @@ class PreemptionCallback(L.Callback):
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         first = self._received is None
-        self._received = signum
-        if not first:
-            return
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after the current optimizer step, "
-              "then stopping", file=sys.stderr, flush=True)
         launcher = getattr(getattr(self._trainer, "strategy", None), "launcher", None)
-        if launcher is not None and hasattr(launcher, "kill"):
+        if not first:
+            if signum == signal.SIGINT:
+                self._abort(launcher)
+            return
+        self._received = signum
+        hint = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint after the current optimizer step, "
+              f"then stopping{hint}", file=sys.stderr, flush=True)
+        # A terminal's Ctrl-C reaches every process of its group, the DDP ranks included: passing
+        # SIGINT on would be their second one. The ranks agree on stopping by any-reduce anyway.
+        if launcher is not None and hasattr(launcher, "kill") and signum != signal.SIGINT:
             launcher.kill(signum)  # ranks started by `trainer=ddp` are our children: pass it on
+
+    def _abort(self, launcher: Any) -> None:
+        print("received SIGINT again: stopping now, without a checkpoint (the last saved one is kept)",
+              file=sys.stderr, flush=True)
+        if launcher is not None and hasattr(launcher, "kill"):
+            launcher.kill(signal.SIGKILL)
+        from mqa_lm.run_dir import release_held_locks
+
+        release_held_locks()
+        os._exit(128 + signal.SIGINT)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -131,8 +148,9 @@ class PreemptionCallback(L.Callback):
         if trainer.is_global_zero and signum in self.requeue_signals and SLURMEnvironment.detect():
             requeued = self._requeue()
         if trainer.is_global_zero:
-            print(f"preempted at step {trainer.global_step}: checkpoint {path}{requeued}; the same command "
-                  "in the same run directory resumes from it", file=sys.stderr, flush=True)
+            what = "interrupted" if signum == signal.SIGINT else "preempted"
+            print(f"{what} at step {trainer.global_step}: checkpoint {path}{requeued}; resume with: "
+                  f"{resume_command(trainer.default_root_dir)}", file=sys.stderr, flush=True)
         raise Preempted(signum, path, trainer.global_step)
 
     @staticmethod
@@ -151,6 +169,15 @@ class PreemptionCallback(L.Callback):
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
         self._trainer = None
+
+
+def resume_command(run_dir: str | os.PathLike[str]) -> str:
+    """This process's command line, made to continue in ``run_dir``: ``hydra.run.dir`` pinned (each
+    new run otherwise gets a new directory), ``ckpt_path``/``resume`` dropped (resume=auto finds
+    the newest checkpoint there)."""
+    dropped = ("hydra.run.dir=", "ckpt_path=", "resume=", "+ckpt_path=", "++ckpt_path=", "++resume=")
+    args = [a for a in sys.argv[1:] if not a.startswith(dropped)]
+    return shlex.join(["python", sys.argv[0], *args, f"hydra.run.dir={os.path.abspath(run_dir)}"])
 
 
 def slurm_environment() -> SLURMEnvironment | None:

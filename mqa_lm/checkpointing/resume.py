@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-from mqa_lm.checkpointing.io import HPC_PATTERN, CorruptCheckpointError, verify_checkpoint
+from mqa_lm.checkpointing.io import HPC_PATTERN, CorruptCheckpointError, load_weights_only, verify_checkpoint
 
 RESUME_MODES = ("auto", "never")
 # ckpt_path values Lightning resolves itself (they name no file). Lightning's "registry" is left out:
@@ -102,6 +103,19 @@ def resume_checkpoint(ckpt_path: str | None, resume: str, checkpoint_dirs: Seque
     if found is not None and _is_rank_zero():
         print(f"resuming from {found} (resume=auto; resume=never starts fresh)", flush=True)
     return None if found is None else str(found)
+
+
+def checkpoint_header(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """``(global_step, hyper_parameters)`` of a verified Lightning checkpoint file (tensors memory-mapped,
+    not read); ``(global_step, {})`` for a sharded directory's ``meta.pt`` or when there are none."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "meta.pt"
+        if not path.is_file():
+            return -1, {}
+    ckpt = load_weights_only(path, mmap=zipfile.is_zipfile(path))
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return int(ckpt.get("global_step", -1)), dict(hparams) if isinstance(hparams, dict) else {}
 
 
 def _is_rank_zero() -> bool:
