@@ -26,8 +26,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mqa_lm.data.tokenizer import vocab_size_of
 from mqa_lm.model import MQAConfig, MQATransformer
 
-# How the model runs and regularises, not what it computes: these keep the run's model.* values.
-RUNTIME_FIELDS = ("attn_impl", "attn_pdrop", "resid_pdrop", "emb_pdrop", "verbose", "fc_type")
+# These keep the run's model.* values: how the model runs (MQAConfig.RUNTIME_FIELDS), and the linear
+# implementation, whose weights load into either kind.
+RUNTIME_FIELDS = MQAConfig.RUNTIME_FIELDS | {"fc_type"}
 HF_PREFIX = "hf:"
 log = logging.getLogger("mqa_lm")
 

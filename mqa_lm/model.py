@@ -7,7 +7,7 @@ tied LM head), then generation with the KV cache.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -98,10 +98,10 @@ class MQAConfig(DictRoundTrip):
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"unknown model.loss_impl {self.loss_impl!r}; valid choices are: {', '.join(LOSS_IMPLS)}")
 
-    # Fields a run may change when it continues from a checkpoint: they shape no weight and do not
-    # change what a weight means (dropout, kernel choice, logging, the initialisation it replaces).
-    RESUME_FREE_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"attn_impl", "attn_pdrop", "resid_pdrop", "emb_pdrop", "verbose", "init_std"}
+    # How a model runs, is regularised or initialised, not what its trained weights compute: a run
+    # continued from a checkpoint (or started from pretrained weights) may change these freely.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"attn_impl", "loss_impl", "attn_pdrop", "resid_pdrop", "emb_pdrop", "verbose", "init_std"}
     )
 
     def resume_differences(self, saved: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
@@ -112,7 +112,7 @@ class MQAConfig(DictRoundTrip):
         defaults = type(self)(vocab_size=1)
         diffs = []
         for f in fields(self):
-            if f.name in self.RESUME_FREE_FIELDS or f.name in ignore:
+            if f.name in self.RUNTIME_FIELDS or f.name in ignore:
                 continue
             before = saved.get(f.name, getattr(defaults, f.name))
             if before != getattr(self, f.name):

@@ -42,8 +42,6 @@ RUN_EXPORT_DIR = "model"
 RUN_LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Keys of the Lightning checkpoint dict written by MQALitModule.on_save_checkpoint.
 CHECKPOINT_TOKENIZER_KEY = "tokenizer"
-# Fields that say how to run a model, not what it computes: a re-export may change them freely.
-RUNTIME_FIELDS = ("attn_impl", "verbose")
 TIED_HEAD = "lm_head.weight"
 
 ACCEPTED = (
@@ -146,7 +144,7 @@ def check_export_target(directory: Path, config: MQAConfig, *, overwrite: bool =
         differs = [
             f"{k} {theirs.get(k, '<missing>')!r} -> {ours.get(k, '<missing>')!r}"
             for k in sorted(set(theirs) | set(ours))
-            if k not in RUNTIME_FIELDS and theirs.get(k, "<missing>") != ours.get(k, "<missing>")
+            if k not in MQAConfig.RUNTIME_FIELDS and theirs.get(k, "<missing>") != ours.get(k, "<missing>")
         ]
     if differs:
         raise PretrainedError(

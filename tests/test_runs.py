@@ -93,7 +93,7 @@ def test_a_config_error_leaves_no_run_directory(tmp_path):
                           cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "config error: model.d_model=512 is not divisible by model.heads=7; pick heads that divide d_model"]
+        "config error: model.d_model=512 is not divisible by model.heads=7; pick model.heads that divides model.d_model"]
     assert list((tmp_path / "outputs").glob("*")) == []
 
 
