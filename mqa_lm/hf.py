@@ -223,7 +223,9 @@ def to_hf_state_dict(config: MQAConfig, state: dict[str, torch.Tensor], family: 
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def to_hf_model(model: MQATransformer, family: str | None = None, tokenizer: Tokenizer | None = None) -> PreTrainedModel:
+def to_hf_model(
+    model: MQATransformer, family: str | None = None, tokenizer: Tokenizer | None = None
+) -> PreTrainedModel:
     """A transformers ``*ForCausalLM`` holding ``model``'s weights (refused as :func:`check_exportable`
     says); ``tokenizer`` gives the bos/eos ids."""
     transformers = _require_transformers()
@@ -272,7 +274,8 @@ def export_hf(
         raise FileExistsError(f"{directory} exists and is not empty; choose a new directory or pass --overwrite")
     hf_model = to_hf_model(model, family, tokenizer)
     if dtype is not None:
-        hf_model = hf_model.to(dtype)
+        # transformers decorates PreTrainedModel.to with functools.wraps, whose typeshed type loses ``self``.
+        hf_model = hf_model.to(dtype)  # type: ignore[arg-type]
     staging = directory.parent / f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         hf_model.save_pretrained(staging)
@@ -355,7 +358,9 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> MQAConfig:
             attn_pdrop=hf.get("attention_dropout", 0.0) or 0.0, init_std=hf.get("initializer_range", 0.02),
         )
     if problems:
-        raise HFImportError(f"{where} ({model_type}) has settings mqa-lm cannot compute exactly: " + "; ".join(problems))
+        raise HFImportError(
+            f"{where} ({model_type}) has settings mqa-lm cannot compute exactly: " + "; ".join(problems)
+        )
     try:
         config = MQAConfig(attn_impl="torch", **fields)
         # The default width is kept as null, so an exported-then-imported config compares equal.
@@ -433,7 +438,9 @@ def read_hf(directory: str | Path) -> tuple[MQAConfig, dict[str, torch.Tensor], 
     directory = Path(directory).expanduser()
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json; pass a transformers model directory (save_pretrained)")
+        raise FileNotFoundError(
+            f"{directory} has no config.json; pass a transformers model directory (save_pretrained)"
+        )
     try:
         hf = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

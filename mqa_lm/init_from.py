@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -90,10 +91,10 @@ def resolve_init_from(spec: str, run_dir: str | Path) -> InitSource:
         return InitSource(spec, config, tokenizer_file if tokenizer_file.is_file() else None,
                           lambda: pretrained.read_export(source)[1])
     config, state, tokenizer = pretrained.read_checkpoint(source)
-    tokenizer_file: Path | None = None
+    written: Path | None = None
     if tokenizer is not None:
-        tokenizer_file = pretrained.write_tokenizer(Path(run_dir) / pretrained.TOKENIZER_FILE, tokenizer)
-    return InitSource(spec, config, tokenizer_file, lambda: state)
+        written = pretrained.write_tokenizer(Path(run_dir) / pretrained.TOKENIZER_FILE, tokenizer)
+    return InitSource(spec, config, written, lambda: state)
 
 
 def apply_init_from(cfg: DictConfig) -> tuple[DictConfig, InitSource | None]:
@@ -120,7 +121,8 @@ def apply_init_from(cfg: DictConfig) -> tuple[DictConfig, InitSource | None]:
         elif cfg.data.get("tokenizer") != "file":
             raise ValueError(
                 f"init_from={spec!r} has no tokenizer.json, and a tokenizer trained here would give its ids other "
-                "meanings; pass the model's tokenizer with data.tokenizer=file data.tokenizer_path=/path/to/tokenizer.json"
+                "meanings; pass the model's tokenizer with data.tokenizer=file "
+                "data.tokenizer_path=/path/to/tokenizer.json"
             )
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
     if vocab_size_of(tokenizer) > source.config.vocab_size:

@@ -244,8 +244,8 @@ def resolve_source(path: Path) -> tuple[str, Path]:
     if last.is_file():
         return "checkpoint", last
     raise PretrainedError(
-        f"{path} holds no model: found neither {MODEL_FILE} + {CONFIG_FILE}, nor a run's {RUN_EXPORT_DIR}/{MODEL_FILE}, "
-        f"nor {RUN_LAST_CHECKPOINT}; pass {ACCEPTED}"
+        f"{path} holds no model: found neither {MODEL_FILE} + {CONFIG_FILE}, "
+        f"nor a run's {RUN_EXPORT_DIR}/{MODEL_FILE}, nor {RUN_LAST_CHECKPOINT}; pass {ACCEPTED}"
     )
 
 

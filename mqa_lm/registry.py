@@ -3,7 +3,8 @@ looked up by the string a config carries and a bad string fails with the list of
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

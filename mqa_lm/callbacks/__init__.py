@@ -12,6 +12,7 @@ from mqa_lm.callbacks.tracking import RunMetadata, RunWandbLogger, log_resolved_
 
 __all__ = [
     "AttentionMapLogger", "GradNormMonitor", "PEAK_FLOPS", "PretrainedExport", "RunMetadata", "RunWandbLogger",
-    "SampleLogger", "TokenThroughputMonitor", "TokensPerSecondBar", "ValidationLine", "attention_entropy", "attention_stats", "log_resolved_config",
-    "peak_flops", "progress_bar", "render_heatmap", "scrub_secrets", "to_uint8",
+    "SampleLogger", "TokenThroughputMonitor", "TokensPerSecondBar", "ValidationLine", "attention_entropy",
+    "attention_stats", "log_resolved_config", "peak_flops", "progress_bar", "render_heatmap", "scrub_secrets",
+    "to_uint8",
 ]

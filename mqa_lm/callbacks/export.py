@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
 
+from mqa_lm.callbacks.lit_model import lit_model
 from mqa_lm.pretrained import (
     MODEL_FILE,
     check_export_target,
@@ -51,7 +52,7 @@ class PretrainedExport(L.Callback):
         if not trainer.is_global_zero:
             return
         # Before any training: a run directory that already exports another model stops here.
-        check_export_target(self.dirpath, pl_module.model.config)
+        check_export_target(self.dirpath, lit_model(pl_module).config)
         tokenizer = datamodule_tokenizer(trainer)
         if tokenizer is not None and self.tokenizer_file is not None:
             write_tokenizer(self.tokenizer_file, tokenizer)
@@ -77,7 +78,7 @@ class PretrainedExport(L.Callback):
         state = self._full_state(trainer, pl_module)
         if state is None or not trainer.is_global_zero:
             return None
-        return write_export(self.dirpath, pl_module.model.config, state, datamodule_tokenizer(trainer))
+        return write_export(self.dirpath, lit_model(pl_module).config, state, datamodule_tokenizer(trainer))
 
     def _full_state(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor] | None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -85,13 +86,16 @@ class PretrainedExport(L.Callback):
         from mqa_lm.callbacks.attention import is_sharded
 
         if not is_sharded(trainer):
-            return pl_module.model.state_dict() if trainer.is_global_zero else None
+            return lit_model(pl_module).state_dict() if trainer.is_global_zero else None
         if isinstance(trainer.strategy, FSDPStrategy):
             from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
 
+            # The FSDP-wrapped module, set by the strategy once fitting started.
+            wrapped = cast(torch.nn.Module, trainer.strategy.model)
             # A collective: every rank gathers, rank zero receives the full weights on the CPU.
-            with _get_full_state_dict_context(trainer.strategy.model, world_size=trainer.world_size):
-                full = trainer.strategy.model.state_dict()
+            # Lightning annotates this context manager as a bare Generator, hence the ignore.
+            with _get_full_state_dict_context(wrapped, world_size=trainer.world_size):  # type: ignore[attr-defined]
+                full = wrapped.state_dict()
             if not trainer.is_global_zero:
                 return None
             return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}

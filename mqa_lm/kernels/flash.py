@@ -14,7 +14,8 @@ reference math.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,9 @@ class FlashBackend(AttentionBackend):
         fa4, fa2 = fa4_func(), fa2_func()
         if fa4 is not None and dropout_p == 0 and head_dim in FA4_HEAD_DIMS:
             # FA4 takes [batch, seq, heads, head_dim].
-            out = fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=softmax_scale, causal=causal)
+            out = fa4(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=softmax_scale, causal=causal
+            )
             out = out[0] if isinstance(out, tuple) else out
             return out.transpose(1, 2)
         if fa2 is not None:

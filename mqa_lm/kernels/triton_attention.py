@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import cast
 
 import torch
 import triton
@@ -460,7 +461,7 @@ def _attn_bwd(
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head_dim; the first entry is the default
 # used when autotuning is off. Hopper wgmma wants the M of every product >= 64.
-_FWD_CONFIGS = {
+_FWD_CONFIGS: dict[int, list[tuple[int, ...]]] = {
     64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
     128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
     256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
@@ -471,14 +472,14 @@ _FWD_CONFIGS = {
 # The 64/128 lists keep the configurations that won MQA shapes on an H200 (docs/benchmarks.md);
 # few candidates also keep the autotuner from picking a loser on timing noise. The 256 list was
 # checked for register spills and its default for correctness on an H200, but not timed.
-_BWD_CONFIGS = {
+_BWD_CONFIGS: dict[int, list[tuple[int, ...]]] = {
     64: [(32, 128, 128, 32, 4, 4), (32, 64, 64, 32, 4, 4)],
     128: [(32, 128, 128, 32, 8, 3), (32, 128, 128, 64, 8, 3), (32, 64, 64, 32, 4, 4)],
     256: [(32, 64, 64, 32, 8, 2), (32, 32, 32, 32, 8, 2), (16, 32, 32, 16, 4, 2)],
 }
 # The interpreter runs one small configuration: several blocks in each direction even at tiny shapes.
-_INTERPRET_FWD = (32, 16, 4, 1)
-_INTERPRET_BWD = (16, 32, 32, 16, 4, 1)
+_INTERPRET_FWD: tuple[int, ...] = (32, 16, 4, 1)
+_INTERPRET_BWD: tuple[int, ...] = (16, 32, 32, 16, 4, 1)
 _KEY = ["GROUP", "BLOCK_D", "CAUSAL", "HAS_BIAS", "HAS_MASK", "seq_bucket"]
 
 
@@ -505,10 +506,14 @@ def _kernel(kind: str, block_d: int, tuned: bool) -> triton.runtime.Autotuner:
     """
     family = _config_family(block_d)
     if (kind, family, tuned) not in _KERNELS:
+        names: tuple[str, ...]
+        small: tuple[int, ...]
         if kind == "fwd":
             names, table, small, fn = ("BLOCK_M", "BLOCK_N"), _FWD_CONFIGS, _INTERPRET_FWD, _attn_fwd
         else:
-            names, table, small, fn = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), _BWD_CONFIGS, _INTERPRET_BWD, _attn_bwd
+            names, table, small, fn = (
+                ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), _BWD_CONFIGS, _INTERPRET_BWD, _attn_bwd
+            )
         rows = [small] if _interpreting() else (table[family] if tuned else table[family][:1])
         configs = [
             triton.Config(dict(zip(names, row[: len(names)])), num_warps=row[-2], num_stages=row[-1]) for row in rows
@@ -538,7 +543,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _bias_strides(bias: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+def _bias_strides(bias: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[int, ...]:
     if bias is None:
         return (0, 0, 0, 0)
     return tuple(bias.expand(shape).stride())  # broadcast dims get stride 0
@@ -650,8 +655,9 @@ def attention_backward(
             dk = torch.empty(batch, k_len, kv_heads, head_dim, device=k.device, dtype=k.dtype).transpose(1, 2)
         if dv is None:
             dv = torch.empty(batch, k_len, kv_heads, head_dim, device=v.device, dtype=v.dtype).transpose(1, 2)
+    # Off the atomic path (always when empty) dk and dv are allocated by now; on it, after the launch.
     if empty:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), cast(torch.Tensor, dk).zero_(), cast(torch.Tensor, dv).zero_()
     mask = _mask_arg(key_padding_mask)
     bias_strides = _bias_strides(bias, (batch, heads, q_len, k_len))
     block_d = _block_d(head_dim)
@@ -671,7 +677,7 @@ def attention_backward(
         acc = torch.zeros(kv_shape, device=k.device, dtype=torch.float32).transpose(2, 3)
         dk_acc, dv_acc = acc.unbind(0)
     else:
-        dk_acc, dv_acc = dk, dv
+        dk_acc, dv_acc = cast(torch.Tensor, dk), cast(torch.Tensor, dv)
 
     def grid(meta):
         kv_programs = triton.cdiv(k_len, meta["BLOCK_N1"]) * batch_kv * n_chunks
@@ -698,8 +704,8 @@ def attention_backward(
             dk, dv = acc.to(k.dtype).unbind(0)
         else:
             dk.copy_(dk_acc)
-            dv.copy_(dv_acc)
-    return dq, dk, dv
+            cast(torch.Tensor, dv).copy_(dv_acc)
+    return dq, cast(torch.Tensor, dk), cast(torch.Tensor, dv)
 
 
 # Row chunks are whole multiples of every BLOCK_M1, so phase boundaries stay block-aligned.
