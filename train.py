@@ -7,11 +7,14 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 # Config paths like ${paths.root_dir} resolve against this checkout wherever the command runs from.
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
+from mqa_lm.checkpointing import CheckpointWriteError  # noqa: E402
+from mqa_lm.run_dir import RunDirInUseError, remove_if_unused  # noqa: E402
 from mqa_lm.training import ConfigError, train  # noqa: E402
 
 
@@ -19,9 +22,18 @@ from mqa_lm.training import ConfigError, train  # noqa: E402
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except (ConfigError, RunDirInUseError) as err:
+        prefix = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"{prefix}: {err}", file=sys.stderr)
+        # Nothing ran: leave no run directory that looks like a run (Hydra made it before main).
+        remove_if_unused(HydraConfig.get().runtime.output_dir)
         sys.exit(2)
+    except CheckpointWriteError as err:  # disk full: the message says what is intact and what to do
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training started (once it runs, preemption handles it)
+        print("interrupted before training started: nothing was saved", file=sys.stderr)
+        sys.exit(130)
     return metrics.get("val/loss")
 
 

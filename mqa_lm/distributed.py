@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
@@ -48,7 +48,8 @@ def check_launch(cfg: DictConfig) -> None:
 
     if not HydraConfig.initialized():
         return
-    hydra_cfg = HydraConfig.get()
+    # Typed as the HydraConf dataclass, but at run time the DictConfig built from it.
+    hydra_cfg = cast(DictConfig, HydraConfig.get())
     launcher = str((hydra_cfg.get("launcher") or {}).get("_target_", ""))
     if "submitit" in launcher.lower():
         devices = cfg.trainer.get("devices")
@@ -103,10 +104,11 @@ def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", activation_checkpointin
     if state_dict_type not in ("full", "sharded"):
         raise ValueError(f"trainer.strategy.state_dict_type must be 'full' or 'sharded', got {state_dict_type!r}")
     return FSDPStrategy(
-        sharding_strategy=sharding_strategy,
+        # Lightning annotates the four upper-case names but looks up any case of them.
+        sharding_strategy=sharding_strategy,  # type: ignore[arg-type]
         auto_wrap_policy={Block},
         activation_checkpointing_policy={Block} if activation_checkpointing else None,
-        state_dict_type=state_dict_type,
+        state_dict_type=cast(Literal["full", "sharded"], state_dict_type),  # checked just above
         cpu_offload=cpu_offload,
         **kwargs,
     )

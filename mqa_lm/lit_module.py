@@ -2,49 +2,83 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
 
 
+COMPILE_SCOPES = ("model", "blocks")
+
+
 class MQALitModule(L.LightningModule):
     """Trains an :class:`MQATransformer` on (x, y) token windows.
 
+    Built by ``train()`` from ``configs/module/`` (its ``_target_``) with the validated groups.
+
     Args:
-        model: the :class:`MQAConfig` fields as a plain dict. ``vocab_size: None`` takes the size of
-            the datamodule's tokenizer when the trainer builds the model (``configure_model``); the
+        model: a validated :class:`MQAConfig`, or its fields as a plain dict (how a checkpoint's
+            hyperparameters come back). A dict with ``vocab_size: None`` takes the size of the
+            datamodule's tokenizer when the trainer builds the model (``configure_model``); the
             resolved value is written back into the saved hyperparameters, so a checkpoint rebuilds
             the same model.
-        optim: the :class:`OptimConfig` fields as a plain dict.
-        compile: wrap the model in ``torch.compile``.
+        optim: a validated :class:`OptimConfig`, or its fields as a plain dict.
+        compile: wrap the model in ``torch.compile`` (``train()`` resolves ``module.compile: auto``);
+            the first training step's time, compilation included, is printed.
+        compile_scope: ``model`` compiles the whole forward (loss included) as one graph; ``blocks``
+            compiles each transformer block on its own (``nn.Module.compile``), so under data
+            parallelism each block's gradients are ready, and can be all-reduced, as soon as its
+            backward ends instead of after the whole backward graph.
+        vocab_from_data: with an :class:`MQAConfig`, ignore its ``vocab_size`` and take the
+            tokenizer's (the config was validated with a stand-in because ``model.vocab_size`` is null).
 
     Hyperparameters are saved as plain containers, so checkpoints load with ``weights_only=True``.
     """
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any] | None = None, compile: bool = False) -> None:
+    def __init__(self, model: MQAConfig | Mapping[str, Any], optim: OptimConfig | Mapping[str, Any] | None = None,
+                 compile: bool = False, vocab_from_data: bool = False, compile_scope: str = "model") -> None:
         super().__init__()
-        model = dict(model)
-        optim = OptimConfig.from_dict(dict(optim or {})).to_dict()
-        self.save_hyperparameters({"model": model, "optim": optim, "compile": bool(compile)})
-        self.optim_config = OptimConfig.from_dict(optim)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False here (train() resolves 'auto'), got {compile!r}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"module.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {compile_scope!r}")
+        self.compile_scope = compile_scope
+        self._model_config = model if isinstance(model, MQAConfig) else None
+        fields = model.to_dict() if isinstance(model, MQAConfig) else dict(model)
+        if vocab_from_data:
+            fields["vocab_size"] = None
+        if not isinstance(optim, OptimConfig):
+            optim = OptimConfig.from_dict(dict(optim or {}))
+        self.optim_config = optim
+        self.save_hyperparameters({"model": fields, "optim": optim.to_dict(), "compile": compile})
         self.model: MQATransformer | None = None
-        if model.get("vocab_size") is not None:
-            self._build(model)
+        self._first_step_started: float | None = None
+        self._first_step_timed = False
+        if fields.get("vocab_size") is not None:
+            self._build(self._model_config or MQAConfig.from_dict(fields))
 
     # ---- model construction -----------------------------------------------------------------
 
-    def _build(self, model_fields: dict[str, Any]) -> None:
-        config = MQAConfig.from_dict(model_fields)
+    def _build(self, config: MQAConfig) -> None:
         self.hparams["model"] = config.to_dict()
         self.model = MQATransformer(config)
+        step_fn: Any = self.model
+        if self.hparams["compile"] and self.compile_scope == "model":
+            step_fn = torch.compile(self.model)
+        elif self.hparams["compile"]:
+            for block in self.model.blocks:
+                block.compile()  # in place: parameters and state_dict keys unchanged
         # Kept out of nn.Module registration, so the compiled wrapper adds no second set of
         # state_dict keys; it shares the parameters of self.model.
-        self.__dict__["_step_fn"] = torch.compile(self.model) if self.hparams["compile"] else self.model
+        self.__dict__["_step_fn"] = step_fn
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -56,7 +90,10 @@ class MQALitModule(L.LightningModule):
                 "model.vocab_size is null and no datamodule with a tokenizer is attached; "
                 "set model.vocab_size or train with a datamodule"
             )
-        self._build({**self.hparams["model"], "vocab_size": int(vocab_size)})
+        if self._model_config is not None:  # validated already: only the vocabulary changes
+            self._build(dataclasses.replace(self._model_config, vocab_size=int(vocab_size)))
+        else:
+            self._build(MQAConfig.from_dict({**self.hparams["model"], "vocab_size": int(vocab_size)}))
 
     @property
     def config(self) -> MQAConfig:
@@ -74,11 +111,32 @@ class MQALitModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.hparams["compile"] and not self._first_step_timed and self._first_step_started is None:
+            self._first_step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The first compiled step traces and compiles forward and backward: say what that cost.
+        if self._first_step_started is not None and not self._first_step_timed:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._first_step_timed = True
+            rank_zero_info(f"compile + first step: {time.perf_counter() - self._first_step_started:.1f} s")
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         _, loss = self(x, y)
         self.log("val/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The tokenizer travels with the weights (a plain str, so weights_only=True still loads it):
+        # a checkpoint alone is enough to generate text (mqa_lm.pretrained.load_pretrained).
+        from mqa_lm.pretrained import CHECKPOINT_TOKENIZER_KEY, datamodule_tokenizer
+
+        tokenizer = datamodule_tokenizer(self._trainer)
+        if tokenizer is not None:
+            checkpoint[CHECKPOINT_TOKENIZER_KEY] = tokenizer.to_str()
 
     def on_validation_epoch_end(self) -> None:
         val_loss = self.trainer.callback_metrics.get("val/loss")

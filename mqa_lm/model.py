@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +17,26 @@ from torch import nn
 
 from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_args
+from mqa_lm.nn.loss import linear_cross_entropy
 from mqa_lm.nn.mlp import MLP
 from mqa_lm.nn.norms import build_norm
 from mqa_lm.nn.positions import alibi_bias as build_alibi_bias
 
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
 POSITION_TYPES = ("learned", "rope", "alibi", "none")
 MLP_TYPES = ("gelu", "swiglu")
+LOSS_IMPLS = ("torch", "chunked")
+# How check_attention_args names each attention argument in MQAConfig's errors: the field it comes from.
+ATTENTION_FIELD_NAMES = {
+    arg: f"model.{field}"
+    for arg, field in {
+        "dim": "d_model", "heads": "heads", "kv_heads": "kv_heads", "attn_impl": "attn_impl",
+        "clip_qkv": "clip_qkv", "softmax_scale": "softmax_scale", "attn_pdrop": "attn_pdrop",
+        "norm_type": "norm_type", "fc_type": "fc_type", "verbose": "verbose", "rope_theta": "rope_theta",
+    }.items()
+}
 
 
 @dataclass
@@ -53,37 +68,19 @@ class MQAConfig(DictRoundTrip):
     tie_embeddings: bool = True
     init_std: float = 0.02
     verbose: int = 0
+    loss_impl: str = "torch"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "heads", "kv_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.heads:
-            raise ValueError(
-                f"model.d_model={self.d_model} is not divisible by model.heads={self.heads}; "
-                "pick heads that divide d_model"
-            )
-        if self.heads % self.kv_heads:
-            raise ValueError(
-                f"model.heads={self.heads} is not divisible by model.kv_heads={self.kv_heads}; "
-                "kv_heads must divide heads (1 = MQA, heads = MHA)"
-            )
-        try:
-            check_attention_args(
-                dim=self.d_model, heads=self.heads, kv_heads=self.kv_heads, attn_impl=self.attn_impl,
-                clip_qkv=self.clip_qkv, softmax_scale=self.softmax_scale, attn_pdrop=self.attn_pdrop,
-                norm_type=self.norm_type, fc_type=self.fc_type, verbose=self.verbose,
-            )
-        except (ValueError, TypeError) as err:
-            # Name the config field (model.<name>) the attention check complained about.
-            message = str(err)
-            head = message.split(" ")[0].split("=")[0]
-            if message.startswith("unknown "):
-                message = "unknown model." + message[len("unknown "):]
-            elif head in {f.name for f in fields(self)}:
-                message = "model." + message
-            raise type(err)(message) from None
+        check_attention_args(
+            dim=self.d_model, heads=self.heads, kv_heads=self.kv_heads, attn_impl=self.attn_impl,
+            clip_qkv=self.clip_qkv, softmax_scale=self.softmax_scale, attn_pdrop=self.attn_pdrop,
+            norm_type=self.norm_type, fc_type=self.fc_type, verbose=self.verbose, rope_theta=self.rope_theta,
+            names=ATTENTION_FIELD_NAMES,
+        )
         for name in ("resid_pdrop", "emb_pdrop"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -92,14 +89,35 @@ class MQAConfig(DictRoundTrip):
             raise ValueError(f"unknown model.pos_emb {self.pos_emb!r}; valid choices are: {', '.join(POSITION_TYPES)}")
         if self.pos_emb == "rope" and (self.d_model // self.heads) % 2:
             raise ValueError(f"pos_emb='rope' needs an even head_dim, got d_model/heads = {self.d_model // self.heads}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
         if self.mlp_type not in MLP_TYPES:
             raise ValueError(f"unknown model.mlp_type {self.mlp_type!r}; valid choices are: {', '.join(MLP_TYPES)}")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"model.mlp_hidden must be positive (or null for the default), got {self.mlp_hidden}")
         if not self.init_std > 0:
             raise ValueError(f"model.init_std must be > 0, got {self.init_std}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"unknown model.loss_impl {self.loss_impl!r}; valid choices are: {', '.join(LOSS_IMPLS)}")
+
+    # How a model runs, is regularised or initialised, not what its trained weights compute: a run
+    # continued from a checkpoint (or started from pretrained weights) may change these freely.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"attn_impl", "loss_impl", "attn_pdrop", "resid_pdrop", "emb_pdrop", "verbose", "init_std"}
+    )
+
+    def resume_differences(self, saved: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+        """``(field, saved value, this value)`` for every architecture field where ``saved`` (a
+        checkpoint's ``hyper_parameters["model"]``) differs from this config; fields absent from
+        ``saved`` take their defaults. ``ignore`` skips more fields (``vocab_size`` when it comes
+        from the data)."""
+        defaults = type(self)(vocab_size=1)
+        diffs = []
+        for f in fields(self):
+            if f.name in self.RUNTIME_FIELDS or f.name in ignore:
+                continue
+            before = saved.get(f.name, getattr(defaults, f.name))
+            if before != getattr(self, f.name):
+                diffs.append((f.name, before, getattr(self, f.name)))
+        return diffs
 
     @property
     def head_dim(self) -> int:
@@ -121,11 +139,12 @@ class Block(nn.Module):
     def __init__(self, config: MQAConfig) -> None:
         super().__init__()
         self.norm_1 = build_norm(config.norm_type, config.d_model)
-        self.attn = MultiQueryAttention(
+        # MQAConfig checked these arguments once for every layer.
+        self.attn = MultiQueryAttention.prechecked(
             dim=config.d_model, heads=config.heads, kv_heads=config.kv_heads, attn_impl=config.attn_impl,
             clip_qkv=config.clip_qkv, qk_ln=config.qk_ln, softmax_scale=config.softmax_scale,
             attn_pdrop=config.attn_pdrop, norm_type=config.norm_type, fc_type=config.fc_type,
-            verbose=config.verbose, bias=config.bias,
+            verbose=config.verbose, bias=config.bias, device=None,
             rope_theta=config.rope_theta if config.pos_emb == "rope" else None,
         )
         self.norm_2 = build_norm(config.norm_type, config.d_model)
@@ -143,9 +162,20 @@ class Block(nn.Module):
         attn_out, weights, present = self.attn(
             self.norm_1(x), past_key_value=past_key_value, bias=bias, mask=mask, needs_weights=needs_weights
         )
+        return self._residual_and_mlp(x, attn_out), weights, present
+
+    def probe(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on the reference attention path, returning ``(x, attn_weights, max_logit)``
+        (see :meth:`MultiQueryAttention.probe`). Runs the block's own modules directly, so it needs
+        the block's parameters whole: not for a block sharded by FSDP."""
+        attn_out, weights, max_logit, _ = self.attn.probe(self.norm_1(x), bias=bias)
+        return self._residual_and_mlp(x, attn_out), weights, max_logit
+
+    def _residual_and_mlp(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         x = x + self.resid_dropout(attn_out)
-        x = x + self.resid_dropout(self.mlp(self.norm_2(x)))
-        return x, weights, present
+        return x + self.resid_dropout(self.mlp(self.norm_2(x)))
 
 
 class MQATransformer(nn.Module):
@@ -191,54 +221,59 @@ class MQATransformer(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` [batch, seq] token ids -> ``(logits [batch, seq, vocab], loss or None)``.
 
         ``targets`` [batch, seq] gives the mean cross-entropy; positions set to -100 are ignored.
+        With ``loss_impl='chunked'`` the loss comes from :func:`mqa_lm.nn.loss.linear_cross_entropy`,
+        which never forms the whole logits, so a call with targets returns ``(None, loss)``.
         """
-        logits, _, _ = self._run(idx)
-        loss = None
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets shape {list(targets.shape)} must equal idx shape {list(idx.shape)}")
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets shape {list(targets.shape)} must equal idx shape {list(idx.shape)}")
+        hidden, _ = self._hidden(idx)
+        if targets is None:
+            return self.lm_head(hidden), None
+        if self.config.loss_impl == "chunked":
+            loss = linear_cross_entropy(
+                hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                chunk_size=self.loss_chunk_rows(), ignore_index=-100,
+            )
+            return None, loss
+        logits = self.lm_head(hidden)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def loss_chunk_rows(self) -> int:
+        """Rows per chunk of the chunked loss: about 2**26 logits (256 MiB in fp32) per chunk, large
+        enough to keep the head's matmuls efficient, small next to the logits of a whole batch."""
+        return max(1, 2**26 // self.config.vocab_size)
 
     def decode(
         self, idx: torch.Tensor, past_key_values: list[KVCache] | None = None
     ) -> tuple[torch.Tensor, list[KVCache]]:
         """Run ``idx`` after the cached tokens; returns (logits [batch, seq, vocab], updated cache)."""
-        logits, _, present = self._run(idx, past_key_values)
-        return logits, present
-
-    def attention_weights(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        """Post-softmax attention of every layer, each [batch, heads, seq, seq] (reference math)."""
-        _, weights, _ = self._run(idx, needs_weights=True)
-        return weights
+        hidden, present = self._hidden(idx, past_key_values)
+        return self.lm_head(hidden), present
 
     @torch.no_grad()
     def attention_probe(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Diagnostics of one forward on the reference path: per layer, the post-softmax weights
         [batch, heads, seq, seq] and the largest pre-softmax logit ``scale * q.k`` [batch, heads]
         over the keys each query may see (see :func:`mqa_lm.nn.attention.max_attention_logit`)."""
-        layers = [block.attn for block in self.blocks]
-        for attn in layers:
-            attn.record_max_logit = True
-        try:
-            _, weights, _ = self._run(idx, needs_weights=True)
-            return weights, [attn.max_logit for attn in layers]
-        finally:
-            for attn in layers:
-                attn.record_max_logit, attn.max_logit = False, None
+        x = self.embed(idx)
+        bias = self.alibi_bias(idx.device)
+        weights, max_logits = [], []
+        for block in self.blocks:
+            x, w, m = cast(Block, block).probe(x, bias=bias)
+            weights.append(w)
+            max_logits.append(m)
+        return weights, max_logits
 
-    def _run(
-        self, idx: torch.Tensor, past_key_values: list[KVCache] | None = None, needs_weights: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[KVCache]]:
+    def embed(self, idx: torch.Tensor, past_len: int = 0) -> torch.Tensor:
+        """The first block's input for ``idx`` [batch, seq] placed after ``past_len`` cached tokens:
+        token (+ learned position) embeddings after embedding dropout."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"idx must be integer token ids [batch, seq], got {idx.dtype} {list(idx.shape)}")
-        past_len = 0 if not past_key_values else past_key_values[0][0].shape[2]
-        if past_key_values is not None and past_key_values and len(past_key_values) != len(self.blocks):
-            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.blocks)}")
         seq = idx.shape[1]
         total = past_len + seq
         if total > self.config.max_seq_len:
@@ -249,15 +284,21 @@ class MQATransformer(nn.Module):
         x = self.wte(idx.long())
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(past_len, total, device=idx.device))
-        x = self.emb_dropout(x)
+        return self.emb_dropout(x)
+
+    def _hidden(
+        self, idx: torch.Tensor, past_key_values: list[KVCache] | None = None
+    ) -> tuple[torch.Tensor, list[KVCache]]:
+        """The final-norm hidden states [batch, seq, d_model] and each layer's updated cache."""
+        if past_key_values is not None and past_key_values and len(past_key_values) != len(self.blocks):
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.blocks)}")
+        x = self.embed(idx, 0 if not past_key_values else past_key_values[0][0].shape[2])
         bias = self.alibi_bias(idx.device)
-        weights, present = [], []
+        present = []
         for i, block in enumerate(self.blocks):
-            x, w, kv = block(x, past_key_value=past_key_values[i] if past_key_values else None, bias=bias,
-                             needs_weights=needs_weights)
-            weights.append(w)
+            x, _, kv = block(x, past_key_value=past_key_values[i] if past_key_values else None, bias=bias)
             present.append(kv)
-        return self.lm_head(self.norm_f(x)), weights, present
+        return self.norm_f(x), present
 
     def alibi_bias(self, device: torch.device) -> torch.Tensor | None:
         """The fp32 ALiBi bias [1, heads, 1, max_seq_len] (None unless ``pos_emb='alibi'``).
@@ -370,6 +411,36 @@ class MQATransformer(nn.Module):
         t = self.config.max_seq_len if seq_len is None else seq_len
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.heads * c.head_dim * t
+
+    # ---- saving and loading -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> MQATransformer:
+        """The model saved at ``path`` (an export directory, a run directory or a ``.ckpt``), in eval
+        mode; see :func:`mqa_lm.pretrained.load_pretrained`, which also returns the tokenizer."""
+        from mqa_lm.pretrained import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype, **kwargs)[0]
+
+    @classmethod
+    def from_hf(
+        cls, directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> MQATransformer:
+        """A transformers GPTBigCode or Llama directory as our model (eval mode); see
+        :func:`mqa_lm.hf.from_hf`, which also returns the tokenizer."""
+        from mqa_lm.hf import from_hf
+
+        return from_hf(directory, device=device, dtype=dtype)[0]
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Tokenizer | None = None, **kwargs: Any) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) to ``directory``;
+        see :func:`mqa_lm.pretrained.save_pretrained`."""
+        from mqa_lm.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, tokenizer, **kwargs)
 
 
 def sample_next_token(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -61,7 +61,9 @@ def lr_at(step: int, cfg: OptimConfig, decay_steps: int) -> float:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices and embeddings (dim >= 2); never biases or norm gains (dim < 2)."""
-    decay, no_decay, seen = [], [], set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -78,11 +80,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, grad_scaling: bool = Fal
     GradScaler is in play (fp16), where gradients must be unscaled before clipping."""
     on_cuda = next(model.parameters()).is_cuda
     fused = (on_cuda and not grad_scaling) if cfg.fused is None else cfg.fused
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused
-    )
+    # __post_init__ checked that betas holds exactly two numbers.
+    betas = cast("tuple[float, float]", tuple(cfg.betas))
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, decay_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, decay_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR whose factor gives :func:`lr_at`; step it once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, decay_steps) / cfg.lr)

@@ -3,7 +3,8 @@ looked up by the string a config carries and a bad string fails with the list of
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -24,12 +25,14 @@ class Registry(Generic[T]):
 
         return add
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, field: str | None = None) -> T:
+        """The object registered as ``name``. ``field`` is how the error names the setting
+        (``model.attn_impl`` in a config); it defaults to the registry's kind (``attn_impl``)."""
         try:
             return self._entries[name]
         except (KeyError, TypeError):
             raise ValueError(
-                f"unknown {self.kind} {name!r}; valid choices are: {', '.join(sorted(self._entries))}"
+                f"unknown {field or self.kind} {name!r}; valid choices are: {', '.join(sorted(self._entries))}"
             ) from None
 
     def __contains__(self, name: object) -> bool:

@@ -1,32 +1,89 @@
 """What ``python train.py`` does, as a function of the composed Hydra config (tests call it too).
 
-validate -> datamodule -> module -> callbacks, loggers -> Trainer.fit -> report and sample.
+validate (one object per group) -> callbacks -> resume checkpoint -> datamodule -> Trainer -> module
+-> Trainer.fit -> report and sample.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from mqa_lm.callbacks.tracking import log_resolved_config
+from mqa_lm.checkpointing import (
+    SPECIAL_CKPT_PATHS,
+    AtomicCheckpointIO,
+    PreemptionCallback,
+    check_ckpt_path,
+    check_resume_mode,
+    checkpoint_header,
+    resume_checkpoint,
+    slurm_environment,
+)
+from mqa_lm.checkpointing.resume import _is_rank_zero
+from mqa_lm.config_fields import DictRoundTrip
+from mqa_lm.data import DataConfig
 from mqa_lm.distributed import check_launch, global_batch_line
-from mqa_lm.fault_tolerance import fault_tolerance_callbacks, fault_tolerance_plugins, merge_plugins, resume_checkpoint
-from mqa_lm.lit_module import MQALitModule
+from mqa_lm.init_from import InitSource, apply_init_from, load_init_weights
+from mqa_lm.lit_module import COMPILE_SCOPES, MQALitModule
+from mqa_lm.loggers import ResumableCSVLogger
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
+from mqa_lm.run_dir import RunDirLock, register_resolvers
+
+register_resolvers()  # ${run_id:} in configs/hydra/default.yaml
 
 log = logging.getLogger("mqa_lm")
 
-
 class ConfigError(ValueError):
     """A composed config that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class SampleConfig(DictRoundTrip):
+    """The ``sample`` group: the text generated at the end of a run (``max_new_tokens: 0`` = none)."""
+
+    config_group: ClassVar[str] = "sample"
+
+    prompt: str = "\n"
+    max_new_tokens: int = 300
+    temperature: float = 0.8
+    top_k: int | None = 50
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"sample.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"sample.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"sample.top_k must be an integer >= 1 or null, got {self.top_k!r}")
+        self.prompt = str(self.prompt or "\n")
+
+
+@dataclass
+class RunConfig:
+    """The validated config of one run: one object per group, built once by :func:`validate_config`."""
+
+    model: MQAConfig
+    # model.vocab_size was null: `model` holds a stand-in and the tokenizer's size is used.
+    vocab_from_data: bool
+    optim: OptimConfig
+    data: DataConfig
+    datamodule_class: type
+    sample: SampleConfig
+    compile: str | bool  # module.compile: "auto", True or False (see resolve_compile)
+    ckpt_path: str | None
+    resume: str
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str | int:
@@ -41,50 +98,126 @@ def resolve_precision(trainer_cfg: DictConfig) -> str | int:
     return "16-mixed" if wants_gpu and torch.cuda.is_available() else "32-true"
 
 
-def validate_config(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Check the whole config before any work; return plain (model, optim) dicts.
+def resolve_compile(setting: str | bool, trainer: L.Trainer) -> bool:
+    """``module.compile``: ``auto`` is on when ``trainer`` runs on CUDA, off elsewhere; booleans force it."""
+    if setting == "auto":
+        return isinstance(trainer.accelerator, CUDAAccelerator)
+    return bool(setting)
+
+
+def _group(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """A config group as a plain, resolved dict ({} when absent)."""
+    node = cfg.get(key)
+    values = {} if node is None else OmegaConf.to_container(node, resolve=True)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key} must be a mapping of settings, got {values!r}")
+    return {str(k): v for k, v in values.items()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_trainer(trainer: DictConfig, optim: OptimConfig) -> None:
+    """The trainer values the run's own logic depends on (Lightning checks the rest when it is built)."""
+    max_steps = trainer.get("max_steps", -1)
+    if max_steps is not None and not _is_int(max_steps):
+        raise ConfigError(f"trainer.max_steps must be an integer, got {max_steps!r}")
+    # With no max_steps the cosine schedule needs optim.decay_steps to know where it ends.
+    if not trainer.get("fast_dev_run", False) and (max_steps is None or max_steps < 1) and optim.decay_steps is None:
+        raise ConfigError(f"trainer.max_steps must be a positive integer, got {max_steps!r}")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not _is_int(accumulate) or accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+
+
+def validate_config(cfg: DictConfig) -> RunConfig:
+    """Check the whole config before any work; return the validated groups as one :class:`RunConfig`.
 
     Raises :class:`ConfigError` with one message naming the offending key.
     """
-    model_fields = OmegaConf.to_container(cfg.model, resolve=True)
-    optim_fields = OmegaConf.to_container(cfg.optim, resolve=True)
     try:
-        # vocab_size null is filled from the tokenizer later; validate the rest with a stand-in.
-        MQAConfig.from_dict({**model_fields, "vocab_size": model_fields.get("vocab_size") or 1})
-        OptimConfig.from_dict(optim_fields)
+        model_fields = _group(cfg, "model")
+        vocab_from_data = model_fields.get("vocab_size") is None
+        # vocab_size null is the tokenizer's size, known once the data is prepared: validate the rest
+        # now with a stand-in (the module swaps in the real size and checks again).
+        model = MQAConfig.from_dict({**model_fields, "vocab_size": 1} if vocab_from_data else model_fields)
+        optim = OptimConfig.from_dict(_group(cfg, "optim"))
+        data_fields = _group(cfg, "data")
+        target = data_fields.pop("_target_", "mqa_lm.data.TextDataModule")
+        data = DataConfig.from_dict(data_fields)
+        sample = SampleConfig.from_dict(_group(cfg, "sample"))
+        check_ckpt_path(cfg.get("ckpt_path"))
+        resume = check_resume_mode(cfg.get("resume", "auto"))
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
+    try:
+        datamodule_class = get_class(target)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"data._target_={target!r} is not an importable class ({err})") from None
 
-    block_size = cfg.data.get("block_size")
-    if block_size is None or int(block_size) < 1:
-        raise ConfigError(f"data.block_size must be a positive integer, got {block_size!r}")
-    if int(block_size) > int(model_fields["max_seq_len"]):
+    if data.block_size > model.max_seq_len:
         raise ConfigError(
-            f"data.block_size={block_size} is longer than model.max_seq_len={model_fields['max_seq_len']}; "
+            f"data.block_size={data.block_size} is longer than model.max_seq_len={model.max_seq_len}; "
             "lower data.block_size or raise model.max_seq_len"
         )
-    max_steps = cfg.trainer.get("max_steps", -1)
-    fast_dev_run = cfg.trainer.get("fast_dev_run", False)
-    if not fast_dev_run and (max_steps is None or int(max_steps) < 1) and optim_fields.get("decay_steps") is None:
-        raise ConfigError(f"trainer.max_steps must be a positive integer, got {max_steps!r}")
-    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
-    if int(accumulate) < 1:
-        raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+    _check_trainer(cfg.trainer, optim)
+    compile_setting = (cfg.get("module") or {}).get("compile", False)
+    if not (isinstance(compile_setting, bool) or compile_setting == "auto"):
+        raise ConfigError(f"module.compile must be auto, true or false, got {compile_setting!r}")
+    scope = (cfg.get("module") or {}).get("compile_scope", "model")
+    if scope not in COMPILE_SCOPES:
+        raise ConfigError(f"module.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     ckpt_path = cfg.get("ckpt_path")
-    # A file, or a directory for FSDP's sharded checkpoints.
-    if ckpt_path and ckpt_path not in ("last", "best", "hpc") and not Path(ckpt_path).exists():
+    return RunConfig(model=model, vocab_from_data=vocab_from_data, optim=optim, data=data,
+                     datamodule_class=datamodule_class, sample=sample, compile=compile_setting,
+                     ckpt_path=str(ckpt_path) if ckpt_path else None, resume=resume)
+
+
+def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConfig) -> int | None:
+    """Before any work: the checkpoint a run continues from must have steps left to train and the
+    command's model architecture (:meth:`MQAConfig.resume_differences`); :class:`ConfigError` otherwise.
+    Returns the checkpoint's step (None for a fresh run or a name Lightning resolves)."""
+    if not ckpt_path or ckpt_path in SPECIAL_CKPT_PATHS:
+        return None
+    step, hparams = checkpoint_header(ckpt_path)
+    max_steps = trainer.get("max_steps", -1)
+    if not trainer.get("fast_dev_run", False) and _is_int(max_steps) and max_steps > 0 and step >= max_steps:
+        where = "already at" if step == max_steps else "already past"
         raise ConfigError(
-            f"ckpt_path={ckpt_path!r} does not exist; point it at a checkpoint (e.g. <run>/checkpoints/last.ckpt)"
+            f"the checkpoint {ckpt_path} is at step {step}, {where} trainer.max_steps={max_steps}, so nothing "
+            f"would be trained; raise trainer.max_steps above {step} to continue it, or start fresh "
+            "(resume=never, or another hydra.run.dir)"
         )
-    sample = cfg.get("sample") or {}
-    if int(sample.get("max_new_tokens", 0)) < 0:
-        raise ConfigError(f"sample.max_new_tokens must be >= 0, got {sample.get('max_new_tokens')}")
-    return model_fields, optim_fields
+    saved = hparams.get("model")
+    if not isinstance(saved, dict):
+        return step
+    diffs = run.model.resume_differences(saved, ignore=("vocab_size",) if run.vocab_from_data else ())
+    if diffs:
+        then = ", ".join(f"model.{name}={before}" for name, before, _ in diffs)
+        now = ", ".join(f"model.{name}={after}" for name, _, after in diffs)
+        raise ConfigError(
+            f"the checkpoint {ckpt_path} was trained with {then}; this command has {now}; use the "
+            "checkpoint's values to continue it, or start a new run (resume=never, or another hydra.run.dir)"
+        )
+    return step
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The ``callbacks`` group, instantiated; a bad value is a :class:`ConfigError` naming the callback."""
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        try:
+            built.append(instantiate(node))
+        except InstantiationException as err:
+            cause = err.__cause__
+            if isinstance(cause, (ValueError, TypeError)):
+                message = str(cause)
+                raise ConfigError(message if "callbacks." in message else f"callbacks.{name}: {message}") from None
+            raise
     # A factory may return None to opt out (the progress bar when trainer.enable_progress_bar is false).
-    built = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     return [cb for cb in built if cb is not None]
 
 
@@ -92,12 +225,51 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None and "_target_" in lg]
 
 
+def checkpoint_dirs(cfg: DictConfig, callbacks: list[L.Callback]) -> list[Path]:
+    """Where resume=auto looks for ``*.ckpt``: ``paths.checkpoint_dir`` and every ModelCheckpoint's dirpath."""
+    dirs = [cfg.paths.get("checkpoint_dir")] + [cb.dirpath for cb in callbacks if isinstance(cb, ModelCheckpoint)]
+    unique: dict[Path, None] = {}
+    for d in dirs:
+        if d:
+            unique[Path(str(d)).expanduser().resolve()] = None
+    return list(unique)
+
+
+def merge_plugins(own: list[Any], extra: list[Any]) -> list[Any]:
+    """The trainer's own (instantiated) ``plugins`` plus ``extra``; the user's CheckpointIO or cluster
+    environment wins over ours of the same kind."""
+    from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+
+    kinds = (CheckpointIO, ClusterEnvironment)
+    taken = {k for k in kinds for p in own if isinstance(p, k)}
+    return list(own) + [p for p in extra if not any(isinstance(p, k) for k in taken)]
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the final callback metrics as floats."""
-    model_fields, optim_fields = validate_config(cfg)
+    """Train as ``cfg`` says; returns the final callback metrics as floats.
+
+    The launching process holds the run directory's lock (:class:`~mqa_lm.run_dir.RunDirLock`) while it
+    runs; ranks it starts, or that torchrun/srun start beside it, share the directory without it.
+    """
+    try:
+        cfg, init_source = apply_init_from(cfg)  # init_from=...: a pretrained model's architecture and tokenizer
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    run = validate_config(cfg)
+    if not _is_rank_zero():
+        return _train(cfg, run, init_source)
+    with RunDirLock(cfg.paths.output_dir):
+        return _train(cfg, run, init_source)
+
+
+def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> dict[str, float]:
+    callbacks = build_callbacks(cfg)
+    root_dir = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
     try:
         check_launch(cfg)
-        ckpt_path = resume_checkpoint(cfg)  # resume=auto: the run directory's newest valid checkpoint
+        # resume=auto: the newest valid checkpoint of the run's checkpoint dirs (hpc ones in root_dir).
+        ckpt_path = resume_checkpoint(run.ckpt_path, run.resume, checkpoint_dirs(cfg, callbacks), [Path(str(root_dir))])
+        resumed_step = check_resume_target(run, ckpt_path, cfg.trainer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     L.seed_everything(cfg.seed, workers=True)
@@ -105,20 +277,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     try:
-        datamodule = instantiate(cfg.data)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, (ValueError, TypeError, FileNotFoundError)):
-            raise ConfigError(str(cause)) from None
-        raise
-    module = MQALitModule(model=model_fields, optim=optim_fields, compile=cfg.get("compile", False))
+        datamodule = run.datamodule_class(run.data)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
-    plugins = merge_plugins([instantiate(p) for p in trainer_cfg.pop("plugins", None) or []], fault_tolerance_plugins(cfg))
+    # Preemption requeues at a step boundary itself, so Lightning's SLURM requeue is switched off.
+    ours: list[Any] = [AtomicCheckpointIO()]
+    if any(isinstance(cb, PreemptionCallback) for cb in callbacks) and (env := slurm_environment()) is not None:
+        ours.append(env)
+    plugins = merge_plugins([instantiate(p) for p in trainer_cfg.pop("plugins", None) or []], ours)
+    loggers = build_loggers(cfg)
+    if resumed_step is not None:
+        for lg in loggers:
+            if isinstance(lg, ResumableCSVLogger):
+                lg.resume_from_step(resumed_step)
     trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=build_callbacks(cfg) + fault_tolerance_callbacks(cfg), logger=build_loggers(cfg) or False,
-        plugins=plugins, _convert_="partial"
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins, _convert_="partial"
     )
+    module_cfg = _group(cfg, "module") or {"_target_": "mqa_lm.lit_module.MQALitModule"}
+    module_cfg.pop("compile", None)
+    module = instantiate(module_cfg, _partial_=True)(
+        model=run.model, optim=run.optim, compile=resolve_compile(run.compile, trainer),
+        vocab_from_data=run.vocab_from_data,
+    )
+    if init_source is not None and ckpt_path is None:  # a resumed run has its own weights
+        load_init_weights(module.model, init_source)
     if trainer.is_global_zero:
         print(global_batch_line(trainer, datamodule), flush=True)
     log_resolved_config(trainer.loggers, cfg)
@@ -126,32 +310,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
-        report(cfg, trainer, module, datamodule, metrics)
+        report(cfg, run.sample, trainer, module, datamodule, metrics)
     return metrics
 
 
-def report(cfg: DictConfig, trainer: L.Trainer, module: MQALitModule, datamodule: Any, metrics: dict[str, float]) -> None:
+def report(cfg: DictConfig, sample: SampleConfig, trainer: L.Trainer, module: MQALitModule, datamodule: Any,
+           metrics: dict[str, float]) -> None:
     """Print where the run's files are, its last metrics and a generated sample."""
     lines = [f"run directory: {cfg.paths.output_dir}"]
     for cb in trainer.checkpoint_callbacks:
         if getattr(cb, "last_model_path", ""):
             lines.append(f"last checkpoint: {cb.last_model_path}")
-        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None) != "step":  # not the recovery ones
-            lines.append(f"best checkpoint: {cb.best_model_path} (val/loss {float(cb.best_model_score or 0):.4f})")
+        # Not the recovery ones (monitor=step); and a best with no computed score is not reported.
+        score = getattr(cb, "best_model_score", None)
+        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None) != "step" and score is not None:
+            lines.append(f"best checkpoint: {cb.best_model_path} ({cb.monitor} {float(score):.4f})")
     for lg in trainer.loggers:
         lines.append(f"{type(lg).__name__} logs: {lg.log_dir}")
     shown = {k: round(v, 4) for k, v in sorted(metrics.items())}
     lines.append(f"final metrics: {shown}")
-    sample_cfg = cfg.get("sample") or {}
-    max_new = int(sample_cfg.get("max_new_tokens", 0))
+    max_new = sample.max_new_tokens
     if max_new > 0 and module.model is not None and hasattr(datamodule, "encode"):
-        prompt_ids = datamodule.encode(sample_cfg.get("prompt") or "\n") or [0]
+        prompt_ids = datamodule.encode(sample.prompt) or [0]
         # fit() hands the module back on the CPU; sample where and how it trained (device, autocast),
         # which also keeps CUDA-only kernels such as attn_impl=flash usable here.
         module.to(trainer.strategy.root_device)
         with trainer.precision_plugin.forward_context():
-            ids = module.sample(prompt_ids, max_new, temperature=float(sample_cfg.get("temperature", 0.8)),
-                                top_k=sample_cfg.get("top_k"), seed=int(cfg.seed))
+            ids = module.sample(prompt_ids, max_new, temperature=float(sample.temperature), top_k=sample.top_k,
+                                seed=int(cfg.seed))
         text = datamodule.decode(ids)
         sample_file = Path(cfg.paths.output_dir) / "sample.txt"
         sample_file.parent.mkdir(parents=True, exist_ok=True)

@@ -218,7 +218,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    from mqa_lm.kernels.triton_attention import benchmark_environment
+    from bench_env import benchmark_environment
 
     print_table(rows, list(impls))
     result = {

@@ -19,7 +19,8 @@ for stage in "$@"; do
     python3 -m pytest -q -rs tests/test_gpu_core.py tests/test_triton_attention_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -25
     ;;
   curves)
-    common=(model=gpt2_small trainer=gpu data=stdlib data.max_chars=null data.vocab_size=8192
+    # docs/benchmarks.md measured eager runs: module.compile (auto = on for CUDA) stays off unless COMPILE=auto|true.
+    common=(module.compile=${COMPILE:-false} model=gpt2_small trainer=gpu data=stdlib data.max_chars=null data.vocab_size=8192
             data.block_size=1024 data.batch_size=16 trainer.max_steps=300 trainer.val_check_interval=100
             trainer.log_every_n_steps=10 optim.warmup_steps=30 sample.max_new_tokens=50 trainer.enable_progress_bar=false
             callbacks.model_checkpoint.save_top_k=0 callbacks.model_checkpoint.save_last=false
@@ -38,7 +39,7 @@ for stage in "$@"; do
   shakespeare)
     start=$(date +%s)
     timeout 420 python3 train.py experiment=shakespeare_char data.paths="[${SHAKESPEARE:-.gpudata/input.txt}]" \
-      trainer.enable_progress_bar=false hydra.run.dir="$runs/shakespeare" > "$runs/shakespeare.log" 2>&1
+      module.compile=${COMPILE:-false} trainer.enable_progress_bar=false hydra.run.dir="$runs/shakespeare" > "$runs/shakespeare.log" 2>&1
     echo "shakespeare_char: exit $? in $(( $(date +%s) - start )) s"
     tail -30 "$runs/shakespeare.log"
     cp "$runs/shakespeare/csv/metrics.csv" "$out/shakespeare_metrics.csv" 2>/dev/null

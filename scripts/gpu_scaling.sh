@@ -5,7 +5,8 @@
 #   then an FSDP run stopped at STEPS/2 and the same command again to STEPS (resume=auto).
 # Same micro-batch per GPU everywhere, so the global batch grows with the GPU count. Tokens/s come
 # from each run's CSV log (throughput/tokens_per_sec, median of the last 5 logged windows).
-# Usage: COUNTS="2 4" bash scripts/gpu_scaling.sh     (env: STEPS, ATTN, RUNS, OUT)
+# Usage: COUNTS="2 4" bash scripts/gpu_scaling.sh     (env: STEPS, ATTN, RUNS, OUT, COMPILE,
+#   STAGES: any of small big resume, default all; DDP_EXTRA: overrides for an extra small DDP run)
 set -uo pipefail
 out=${OUT:-gpu_out}
 runs=${RUNS:-/tmp/mqa_scaling_runs}
@@ -14,7 +15,8 @@ steps=${STEPS:-120}
 mkdir -p "$out" "$runs"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/cards.txt"
-common=(data=stdlib data.vocab_size=8192 data.block_size=1024 model.attn_impl=${ATTN:-torch}
+# Eager, as docs/benchmarks.md measured (module.compile: auto would compile on CUDA); COMPILE=auto to compare.
+common=(module.compile=${COMPILE:-false} data=stdlib data.vocab_size=8192 data.block_size=1024 model.attn_impl=${ATTN:-torch}
         trainer.val_check_interval=100000 trainer.limit_val_batches=0 trainer.log_every_n_steps=5
         trainer.enable_progress_bar=false optim.warmup_steps=10 sample.max_new_tokens=0
         callbacks.attention_maps.every_n_steps=100000 callbacks.model_checkpoint.save_top_k=0
@@ -43,11 +45,20 @@ run() {  # name, then overrides
   [ $code -eq 0 ] || tail -5 "$runs/$name.log"
 }
 
+stages=${STAGES:-small big resume}
 no_recovery=(callbacks.recovery_checkpoint.save_top_k=0 trainer.max_steps=$steps)
-run small_1gpu "${small[@]}" trainer=gpu "${no_recovery[@]}"
-for n in $counts; do run small_ddp$n "${small[@]}" trainer=ddp trainer.devices=$n "${no_recovery[@]}"; done
-run big_1gpu "${big[@]}" trainer=gpu "${no_recovery[@]}"
-for n in $counts; do run big_fsdp$n "${big[@]}" trainer=fsdp trainer.devices=$n "${no_recovery[@]}"; done
+if [[ " $stages " == *" small "* ]]; then
+  run small_1gpu "${small[@]}" trainer=gpu "${no_recovery[@]}"
+  for n in $counts; do run small_ddp$n "${small[@]}" trainer=ddp trainer.devices=$n "${no_recovery[@]}"; done
+  if [ -n "${DDP_EXTRA:-}" ]; then
+    for n in $counts; do run small_ddp${n}_extra "${small[@]}" trainer=ddp trainer.devices=$n "${no_recovery[@]}" $DDP_EXTRA; done
+  fi
+fi
+if [[ " $stages " == *" big "* ]]; then
+  run big_1gpu "${big[@]}" trainer=gpu "${no_recovery[@]}"
+  for n in $counts; do run big_fsdp$n "${big[@]}" trainer=fsdp trainer.devices=$n "${no_recovery[@]}"; done
+fi
+[[ " $stages " == *" resume "* ]] || exit 0
 
 n=$(echo $counts | awk '{print $NF}')
 half=$((steps / 2))

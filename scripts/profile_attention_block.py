@@ -257,7 +257,7 @@ def main() -> None:
             del step
             torch.cuda.empty_cache()
 
-    from mqa_lm.kernels.triton_attention import benchmark_environment
+    from bench_env import benchmark_environment
 
     result = {
         **benchmark_environment(),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mqa_lm import MultiQueryAttention
+from mqa_lm.kernels import ATTENTION_BACKENDS, AttentionBackend
 from mqa_lm.nn import NORMS, build_norm
 from mqa_reference import ref_block, ref_layernorm, ref_rmsnorm, press_alibi_slopes
 
@@ -482,3 +483,108 @@ def test_rmsnorm_keeps_fp32_statistics_for_bf16_input():
     assert got.dtype == torch.bfloat16
     want = ref_rmsnorm(x.bfloat16().double(), norm.weight)
     torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
+
+
+# ---- one checker, named by the caller; the backend resolved once ----------------------------------
+
+
+def test_checker_names_arguments_as_the_caller_says():
+    from mqa_lm.nn.attention import check_attention_args
+
+    args = dict(dim=30, heads=4, kv_heads=1, attn_impl="torch", clip_qkv=None, softmax_scale=None,
+                attn_pdrop=0.0, norm_type="layernorm", fc_type="torch", verbose=0)
+    with pytest.raises(ValueError, match=r"^dim=30 is not divisible by heads=4; pick heads that divides dim$"):
+        check_attention_args(**args)
+    with pytest.raises(ValueError, match=r"^width=30 is not divisible by heads=4; pick heads that divides width$"):
+        check_attention_args(**args, names={"dim": "width"})
+    with pytest.raises(ValueError, match=r"^unknown cfg.impl 'x'; valid choices are: auto, flash, torch, triton"):
+        check_attention_args(**{**args, "dim": 32, "attn_impl": "x"}, names={"attn_impl": "cfg.impl"})
+
+
+def test_prechecked_builds_the_same_block_as_the_constructor():
+    kwargs = dict(dim=32, heads=4, attn_impl="torch", clip_qkv=0.5, qk_ln=True, softmax_scale=None, attn_pdrop=0.0,
+                  norm_type="rmsnorm", fc_type="torch", verbose=0, device=None, kv_heads=2, rope_theta=100.0, bias=True)
+    torch.manual_seed(0)
+    checked = MultiQueryAttention(**kwargs)
+    torch.manual_seed(0)
+    prechecked = MultiQueryAttention.prechecked(**kwargs)
+    assert repr(checked) == repr(prechecked)
+    state = prechecked.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in checked.state_dict().items())
+    x = torch.randn(B, S, 32)
+    torch.testing.assert_close(checked(x)[0], prechecked(x)[0], rtol=0, atol=0)
+
+
+class CountingBackend(AttentionBackend):
+    """The torch backend, counting how often the block asks it each question."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.torch = ATTENTION_BACKENDS.get("torch")
+        self.device_checks, self.dtype_checks, self.call_checks, self.calls = 0, 0, 0, 0
+
+    def check_device(self, device):
+        self.device_checks += 1
+
+    def unsupported_on(self, device, dtype):
+        self.dtype_checks += 1
+        return "no fp64 here" if dtype == torch.float64 else None
+
+    def unsupported(self, q, k, *, causal, bias, key_padding_mask, dropout_p):
+        self.call_checks += 1
+        return "no masks here" if key_padding_mask is not None else None
+
+    def __call__(self, q, k, v, **kwargs):
+        self.calls += 1
+        return self.torch(q, k, v, **kwargs)
+
+
+@pytest.fixture
+def counting_backend():
+    backend = CountingBackend()
+    ATTENTION_BACKENDS.register("counting")(backend)
+    try:
+        yield backend
+    finally:
+        del ATTENTION_BACKENDS._entries["counting"]  # keep the registry as other tests expect it
+
+
+def test_backend_is_resolved_once_per_device_type_and_dtype(counting_backend):
+    torch.manual_seed(0)
+    block = make_block("counting", dtype=torch.float32)
+    want_block = make_block("torch", dtype=torch.float32)
+    x = torch.randn(B, S, 32)
+    for _ in range(4):
+        out, _, _ = block(x)
+    torch.testing.assert_close(out, want_block(x)[0], rtol=0, atol=0)
+    assert (counting_backend.device_checks, counting_backend.dtype_checks) == (1, 1)
+    assert (counting_backend.call_checks, counting_backend.calls) == (4, 4)
+
+    block(x, mask=_mask(S))  # a per-call reason: that call runs torch
+    assert (counting_backend.call_checks, counting_backend.calls) == (5, 4)
+
+    block.double()
+    with pytest.warns(UserWarning, match="falls back to 'torch': no fp64 here"):
+        block.verbose = 1
+        block(x.double())
+        block(x.double())
+    # A new dtype is asked about once; a pair the backend refuses never reaches the per-call check.
+    assert (counting_backend.device_checks, counting_backend.dtype_checks) == (1, 2)
+    assert (counting_backend.call_checks, counting_backend.calls) == (5, 4)
+
+    block.attn_impl = "torch"  # a new attn_impl is resolved afresh
+    block.float()(x)
+    assert counting_backend.calls == 4 and counting_backend.dtype_checks == 2
+
+
+def test_every_layer_of_a_model_resolves_once(counting_backend):
+    from mqa_lm import MQAConfig, MQATransformer
+
+    model = MQATransformer(MQAConfig(vocab_size=16, max_seq_len=8, n_layers=3, d_model=32, heads=4,
+                                     attn_impl="counting")).eval()
+    idx = torch.randint(0, 16, (2, 8))
+    for _ in range(3):
+        model(idx)
+    assert (counting_backend.device_checks, counting_backend.dtype_checks) == (3, 3)
+    assert counting_backend.calls == 9

@@ -7,6 +7,7 @@ against the raw token file, and resume is compared with an uninterrupted Lightni
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,13 +26,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 
-from mqa_lm.data import EOT, UNK, TextDataModule, TrainBatches, ValWindows, resolve_sources, stdlib_files
+from mqa_lm.data import EOT, UNK, DataConfig, TextDataModule, TrainBatches, ValWindows, resolve_sources, stdlib_files
 from mqa_lm.data import prepare as prepare_mod
 from mqa_lm.data import sources as sources_mod
+from mqa_lm.data.store import read_json, split_paths
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -63,6 +64,21 @@ def make_dm(paths, tmp_path: Path, **kwargs) -> TextDataModule:
     return TextDataModule(paths, **defaults)
 
 
+def data_info(dm: TextDataModule) -> dict:
+    """Where a prepared datamodule's data is, its size and batch shape, read from its files."""
+    splits = dm._require_setup()
+    meta = read_json(split_paths(dm._dir, "train")[1]) or {}
+    return {
+        "dir": str(dm._dir),
+        "files": len(meta.get("sources", [])),
+        "skipped_files": len(meta.get("skipped", [])),
+        "tokenizer_file": str(dm._dir / "tokenizer.json"),
+        "dtype": splits["train"].dtype.name,
+        "train_tokens": len(splits["train"]),
+        "train_chars": meta.get("chars"),
+    }
+
+
 def ready(dm: TextDataModule) -> TextDataModule:
     dm.prepare_data()
     dm.setup("fit")
@@ -71,7 +87,7 @@ def ready(dm: TextDataModule) -> TextDataModule:
 
 def read_split(dm: TextDataModule, split: str) -> np.ndarray:
     """A split's tokens read straight from disk with the dtype its sidecar states."""
-    directory = Path(dm.info()["dir"])
+    directory = Path(data_info(dm)["dir"])
     meta = json.loads((directory / f"{split}.json").read_text())
     return np.fromfile(directory / f"{split}.bin", dtype=meta["dtype"])
 
@@ -100,7 +116,7 @@ def test_file_source_splits_by_character_and_round_trips(tmp_path):
     train, val = decoded_splits(dm)
     assert train == text[:cut]
     assert val == text[cut:]
-    assert dm.info()["train_tokens"] < cut / 1.5  # BPE really merged something
+    assert data_info(dm)["train_tokens"] < cut / 1.5  # BPE really merged something
 
 
 def test_piece_boundaries_do_not_change_the_tokens(tmp_path, monkeypatch):
@@ -126,13 +142,13 @@ def test_directory_is_walked_recursively_in_sorted_order(tmp_path):
     train, val = decoded_splits(dm)
     order = ["a/deep/m.py", "a/z.md", "b.txt"]
     assert train + val == EOT.join(docs[name] for name in order)
-    assert dm.info()["files"] == 3
+    assert data_info(dm)["files"] == 3
     # The cache dir sits inside the walked directory: its files must not become sources, so a
     # second datamodule finds the same inputs and reuses the prepared data untouched.
-    before = mtimes(Path(dm.info()["dir"]))
+    before = mtimes(Path(data_info(dm)["dir"]))
     dm2 = ready(make_dm(str(root), tmp_path, cache_dir=str(root / "cache")))
-    assert dm2.info()["dir"] == dm.info()["dir"]
-    assert mtimes(Path(dm2.info()["dir"])) == before
+    assert data_info(dm2)["dir"] == data_info(dm)["dir"]
+    assert mtimes(Path(data_info(dm2)["dir"])) == before
 
 
 def test_glob_selects_matching_files_only(tmp_path):
@@ -252,7 +268,7 @@ def test_stdlib_corpus_with_max_chars(tmp_path):
             break
     train, val = decoded_splits(dm)
     assert train + val == EOT.join(docs)
-    assert dm.info()["train_chars"] == int(max_chars * 0.9)
+    assert data_info(dm)["train_chars"] == int(max_chars * 0.9)
 
 
 # -- tokenizers -------------------------------------------------------------------------------------
@@ -298,10 +314,10 @@ def test_file_tokenizer_reuses_an_existing_tokenizer_json(tmp_path):
     bpe = ready(make_dm(str(corpus), tmp_path))
     mine = tmp_path / "mine" / "tokenizer.json"
     mine.parent.mkdir()
-    shutil.copyfile(bpe.info()["tokenizer_file"], mine)
+    shutil.copyfile(data_info(bpe)["tokenizer_file"], mine)
     before = (mine.read_bytes(), mine.stat().st_mtime_ns)
     dm = ready(make_dm(str(corpus), tmp_path, tokenizer="file", tokenizer_path=str(mine)))
-    assert dm.info()["dir"] != bpe.info()["dir"]
+    assert data_info(dm)["dir"] != data_info(bpe)["dir"]
     for split in ("train", "val"):
         np.testing.assert_array_equal(read_split(dm, split), read_split(bpe, split))
     assert (mine.read_bytes(), mine.stat().st_mtime_ns) == before
@@ -318,15 +334,15 @@ def big_vocab_tokenizer(path: Path, size: int = 70_000) -> Path:
 
 def test_token_dtype_follows_vocab_size(tmp_path):
     small = ready(make_dm(str(write(tmp_path / "c.txt", sample_text())), tmp_path))
-    assert small.info()["dtype"] == "uint16"
-    assert (Path(small.info()["dir"]) / "train.bin").stat().st_size == 2 * small.info()["train_tokens"]
+    assert data_info(small)["dtype"] == "uint16"
+    assert (Path(data_info(small)["dir"]) / "train.bin").stat().st_size == 2 * data_info(small)["train_tokens"]
 
     rng = random.Random(0)
     text = " ".join(f"w{rng.choice([3, 65535, 65536, 69998, rng.randrange(70_000)])}" for _ in range(3000))
     tok_path = big_vocab_tokenizer(tmp_path / "big.json")
     big = write(tmp_path / "big.txt", text)
     dm = ready(make_dm(str(big), tmp_path, tokenizer="file", tokenizer_path=str(tok_path)))
-    assert dm.vocab_size == 70_000 and dm.info()["dtype"] == "uint32"
+    assert dm.vocab_size == 70_000 and data_info(dm)["dtype"] == "uint32"
     cut = int(len(text) * 0.9)
     expected = Tokenizer.from_file(str(tok_path)).encode(text[:cut]).ids
     train = read_split(dm, "train")
@@ -339,25 +355,25 @@ def test_token_dtype_follows_vocab_size(tmp_path):
 def test_second_prepare_does_no_work(tmp_path):
     corpus = write(tmp_path / "c.txt", sample_text())
     dm = ready(make_dm(str(corpus), tmp_path))
-    directory = Path(dm.info()["dir"])
+    directory = Path(data_info(dm)["dir"])
     before = mtimes(directory)
     assert {"tokenizer.json", "train.bin", "train.json", "val.bin", "val.json"} <= set(before)
     ready(make_dm(str(corpus), tmp_path))
     assert mtimes(directory) == before  # nothing rewritten, no temp files left behind
     # Settings that only shape batches share the prepared data.
-    assert ready(make_dm(str(corpus), tmp_path, block_size=8, batch_size=2, seed=5)).info()["dir"] == str(directory)
+    assert data_info(ready(make_dm(str(corpus), tmp_path, block_size=8, batch_size=2, seed=5)))["dir"] == str(directory)
 
 
 def test_changed_source_is_rebuilt(tmp_path):
     corpus = write(tmp_path / "c.txt", sample_text())
     dm = ready(make_dm(str(corpus), tmp_path))
-    old_dir = dm.info()["dir"]
+    old_dir = data_info(dm)["dir"]
     new_text = sample_text() + "an appended paragraph about attention\n" * 20
     write(corpus, new_text)
     ready(dm)  # the same datamodule, prepared and set up again, moves to the new data
-    assert dm.info()["dir"] != old_dir
+    assert data_info(dm)["dir"] != old_dir
     assert "".join(decoded_splits(dm)) == new_text
-    assert dm.info()["train_tokens"] == len(dm.train_dataset.tokens) == len(read_split(dm, "train"))
+    assert data_info(dm)["train_tokens"] == len(dm.train_dataset.tokens) == len(read_split(dm, "train"))
 
 
 @pytest.mark.parametrize(
@@ -372,7 +388,7 @@ def test_changed_source_is_rebuilt(tmp_path):
 def test_damaged_split_is_detected_and_rebuilt(tmp_path, damage, reason):
     corpus = write(tmp_path / "c.txt", sample_text())
     dm = ready(make_dm(str(corpus), tmp_path))
-    directory = Path(dm.info()["dir"])
+    directory = Path(data_info(dm)["dir"])
     good = read_split(dm, "train")
     before = mtimes(directory)
     damage(directory)
@@ -388,7 +404,7 @@ def test_damaged_split_is_detected_and_rebuilt(tmp_path, damage, reason):
 def test_unloadable_tokenizer_is_rebuilt_with_everything_after_it(tmp_path):
     corpus = write(tmp_path / "c.txt", sample_text())
     dm = ready(make_dm(str(corpus), tmp_path))
-    directory = Path(dm.info()["dir"])
+    directory = Path(data_info(dm)["dir"])
     good = {split: read_split(dm, split) for split in ("train", "val")}
     tokenizer = directory / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text()[:100])
@@ -481,7 +497,7 @@ def test_unusable_discovered_files_are_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="skipped 2 unusable source file"):
         dm = ready(make_dm(str(root), tmp_path))
     assert "".join(decoded_splits(dm)) == sample_text()
-    assert dm.info()["skipped_files"] == 2
+    assert data_info(dm)["skipped_files"] == 2
     only_bad = tmp_path / "bad"
     write(only_bad / "image.png", b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no usable text in 1 file"):
@@ -565,7 +581,7 @@ def test_validation_windows_are_fixed_even_and_sharded(tmp_path, corpus_file):
 
 def test_epoch_length_without_max_steps(tmp_path, corpus_file):
     dm = ready(make_dm(corpus_file, tmp_path))
-    assert dm.epoch_length() == math.ceil(dm.info()["train_tokens"] / (4 * 16))
+    assert dm.epoch_length() == math.ceil(data_info(dm)["train_tokens"] / (4 * 16))
     assert dm.resume_index() == 0
 
 
@@ -643,12 +659,24 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, corpus_file):
 # -- configs and the reference corpus ------------------------------------------------------------------
 
 
+def compose_data(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
 def test_data_configs_instantiate(tmp_path):
     corpus = write(tmp_path / "c.txt", sample_text())
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
     for name in ("stdlib", "text", "shakespeare_char"):
-        cfg = OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml")
+        cfg = compose_data([f"data={name}"]).data
         assert cfg._target_ == "mqa_lm.data.TextDataModule"
+        assert set(cfg) - {"_target_"} == fields  # every DataConfig field, from text.yaml at least
         assert cfg._get_node("cache_dir")._value() == "${paths.data_dir}"  # the root config's paths group
+        assert cfg._get_node("seed")._value() == "${seed}"
         cfg.cache_dir = str(tmp_path / "cache")
         if cfg.paths is None:
             with pytest.raises(Exception, match="data.paths is required"):
@@ -656,7 +684,10 @@ def test_data_configs_instantiate(tmp_path):
             cfg.paths = [str(corpus)]
         dm = instantiate(cfg)
         assert isinstance(dm, TextDataModule)
-    assert OmegaConf.load(REPO / "configs" / "data" / "shakespeare_char.yaml").tokenizer == "char"
+    shakespeare = compose_data(["data=shakespeare_char", "seed=42"]).data
+    assert (shakespeare.tokenizer, shakespeare.batch_size, shakespeare.block_size, shakespeare.seed) == ("char", 64, 256, 42)
+    stdlib = compose_data(["data=stdlib"]).data
+    assert (stdlib.paths, stdlib.vocab_size, stdlib.block_size, stdlib.batch_size) == ("stdlib", 2048, 128, 16)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     (override,) = OverridesParser.create().parse_overrides(["data.paths=[corpus/*.txt,/abs/dir]"])

@@ -41,7 +41,7 @@ def run_args(base: Path, run_dir: Path) -> list[str]:
         f"data.batch_size={MICRO}", "data.val_batches=2", f"data.cache_dir={base / 'cache'}",
         *(f"model.{k}={v}" for k, v in MODEL.items()),
         f"trainer.max_steps={STEPS}", "trainer.val_check_interval=6", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "optim.warmup_steps=3", "callbacks=model_checkpoint",
+        "trainer.enable_model_summary=false", "optim.warmup_steps=3", "callbacks=[model_checkpoint,rng_state,preemption]",
         f"hydra.run.dir={run_dir}", "sample.max_new_tokens=0",
     ]
 

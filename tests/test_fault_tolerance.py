@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mqa_lm.fault_tolerance import (
+from mqa_lm.checkpointing import (
     AtomicCheckpointIO,
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -51,7 +51,7 @@ def command(base: Path, run_dir: Path) -> list[str]:
         "model.resid_pdrop=0.1", "model.emb_pdrop=0.1", "model.attn_pdrop=0.1",
         "trainer=cpu", f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=50",
         "trainer.deterministic=true", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "optim.warmup_steps=10", "callbacks=model_checkpoint",
+        "optim.warmup_steps=10", "callbacks=[model_checkpoint,rng_state,preemption]",
         f"callbacks.recovery_checkpoint.every_n_train_steps={EVERY}", "logger=csv",
         f"hydra.run.dir={run_dir}", "sample.max_new_tokens=0",
     ]
@@ -136,9 +136,11 @@ def test_sigkill_then_same_command_ends_bitwise_equal(shared, straight):
     out = restart(shared, run_dir)
     assert f"resuming from {run_dir}" in out
     assert_bitwise_equal(weights(run_dir), straight_weights(straight))
-    # The continued run appends to the CSV log: nothing the first attempt logged is lost.
+    # The continued run appends to the CSV log, after dropping the first attempt's rows of the steps
+    # it replays: each step once, as the uninterrupted run logged them.
     logged_after = logged_steps(run_dir)
-    assert logged_after[: len(logged_before)] == logged_before
+    assert logged_after[: len(logged_before)] != logged_before or len(logged_after) > len(logged_before)
+    assert logged_after == logged_steps(straight.run_dir)
     assert max(logged_after) == MAX_STEPS - 1
 
 
@@ -190,7 +192,7 @@ def test_ddp_ranks_agree_on_a_checked_step_then_resume(shared, tmp_path):
     """Two gloo ranks: SIGTERM is acted on at the next multiple of check_every_n_steps (the only steps
     with a collective), the checkpoint is saved once, and the same command resumes from it."""
     run_dir = tmp_path / "ddp-terminated"
-    extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "preemption.check_every_n_steps=7"]
+    extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "callbacks.preemption.check_every_n_steps=7"]
 
     def ddp_command(base: Path, rd: Path) -> list[str]:
         cmd = [a for a in command(base, rd) if not a.startswith("trainer=")]
@@ -279,6 +281,43 @@ def test_checkpoint_carrying_pickled_code_is_refused_not_skipped(tmp_path):
     os.utime(evil, ns=(10**18 + 9 * 10**9,) * 2)
     with pytest.raises(UnsafeCheckpointError, match=r"last.ckpt carries pickled Python objects .*Payload"):
         find_resume_checkpoint([ckpts])
+
+
+class SystemCall:
+    """Pickles as a call of os.system, as a hostile checkpoint would."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_random_bytes_as_newest_checkpoint_are_skipped_as_corrupt(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    (older,) = write_ckpts(ckpts, [10])
+    junk = ckpts / "last.ckpt"
+    junk.write_bytes(random.Random(0).randbytes(4096))
+    os.utime(junk, ns=(10**18 + 9 * 10**9,) * 2)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint: checkpoint .*last.ckpt is corrupt"):
+        assert find_resume_checkpoint([ckpts]) == older.resolve()
+    # A whole zip (valid CRCs) whose pickle is garbage is corrupt too: no global names code.
+    import zipfile
+
+    garbled = ckpts / "garbled.ckpt"
+    with zipfile.ZipFile(garbled, "w") as zf:
+        zf.writestr("archive/data.pkl", random.Random(1).randbytes(512))
+        zf.writestr("archive/version", "3\n")
+    with pytest.raises(CorruptCheckpointError):
+        verify_checkpoint(garbled)
+
+
+def test_unsafe_checkpoint_names_the_global_and_never_suggests_weights_only_false(tmp_path):
+    evil = tmp_path / "last.ckpt"
+    torch.save({**fake_checkpoint(20), "extra": SystemCall()}, evil)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        verify_checkpoint(evil)
+    message = str(err.value)
+    assert f"{os.system.__module__}.system" in message  # posix.system on Linux
+    assert "weights_only=False" not in message and "add_safe_globals" not in message
+    assert "re-save the weights" in message and "\n" not in message
 
 
 def test_interrupted_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path):

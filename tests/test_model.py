@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mqa_lm import MQAConfig, MQATransformer
+from model_helpers import attention_weights
 from mqa_reference import press_alibi_slopes, ref_alibi, ref_attention, ref_model_logits, ref_norm, ref_qkv
 
 POS_EMBS = ["learned", "rope", "alibi", "none"]
@@ -91,7 +93,7 @@ def test_alibi_bias_stays_fp32_when_the_model_is_cast():
 def test_attention_weights_match_reference():
     model = tiny_model(torch.float64, pos_emb="alibi")
     idx = tokens(2, 9)
-    weights = model.attention_weights(idx)
+    weights = attention_weights(model, idx)
     assert len(weights) == 2 and weights[0].shape == (2, 4, 9, 9)
     x = ref_norm(model.blocks[0].norm_1, model.wte.weight.double()[idx])
     q, k, v = ref_qkv(model.blocks[0].attn, x)
@@ -132,6 +134,27 @@ def test_loss_equals_independent_cross_entropy():
     want = -(picked * keep).sum() / keep.sum()
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
     assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_chunked_loss_equals_the_torch_loss_and_its_gradients(chunk_rows):
+    idx, targets = tokens(3, 12), tokens(3, 12, seed=2)
+    targets[0, :4] = -100
+    plain = tiny_model(torch.float64)
+    chunked = tiny_model(torch.float64, loss_impl="chunked")
+    if chunk_rows is not None:
+        chunked.loss_chunk_rows = lambda: chunk_rows  # several chunks, the last one short
+    logits, _ = plain(idx)
+    # The float64 reference (the torch path rounds its loss to fp32).
+    want = F.cross_entropy(logits.view(-1, 64), targets.view(-1), ignore_index=-100)
+    none, loss = chunked(idx, targets)
+    assert none is None
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    want_grads = torch.autograd.grad(want, list(plain.parameters()))
+    grads = torch.autograd.grad(loss, list(chunked.parameters()))
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked(idx)[0], logits, rtol=0, atol=0)  # no targets: the logits
 
 
 def test_weights_are_tied_by_default_and_untied_on_request():
@@ -335,6 +358,8 @@ def test_generate_rejects_bad_arguments(kwargs, pattern):
         (dict(init_std=0.0), ValueError, r"model.init_std must be > 0, got 0.0"),
         (dict(verbose=5), ValueError, r"model.verbose must be 0, 1 or 2, got 5"),
         (dict(softmax_scale=-1.0), ValueError, r"model.softmax_scale must be > 0.*got -1.0"),
+        (dict(d_model=30), ValueError, r"; pick model.heads that divides model.d_model$"),
+        (dict(loss_impl="fused"), ValueError, r"unknown model.loss_impl 'fused'; valid choices are: torch, chunked"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(overrides, error, pattern):

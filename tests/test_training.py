@@ -14,6 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mqa_lm.checkpointing import SPECIAL_CKPT_PATHS
 from mqa_lm.training import ConfigError, build_callbacks, build_loggers, train, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def group_options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in ("model", "trainer", "logger", "callbacks", "optim", "debug", "experiment", "data") for o in group_options(g)],
+    [(g, o) for g in ("model", "trainer", "logger", "callbacks", "optim", "module", "debug", "experiment", "data") for o in group_options(g)],
 )
 def test_every_config_option_composes_and_instantiates(tmp_path, corpus, group, option):
     overrides = [f"{group}={option}", f"paths.output_dir={tmp_path}"]
@@ -118,8 +119,19 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr="),
         (["model.max_seq_len=64", "data.block_size=128"], "data.block_size=128 is longer than model.max_seq_len=64"),
         (["trainer.max_steps=0"], "trainer.max_steps must be a positive integer"),
+        (["trainer.max_steps=many"], "trainer.max_steps must be an integer, got 'many'"),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
         (["+model.n_head=4"], "unknown model config keys ['n_head']"),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path='/nonexistent/last.ckpt' does not exist"),
+        # Lightning's model-registry download is not supported: the same message as any missing file.
+        (["ckpt_path=registry"], "ckpt_path='registry' does not exist"),
+        (["resume=sometimes"], "resume='sometimes' is not one of auto, never"),
+        (["data.block_size=0"], "data.block_size must be >= 1, got 0"),
+        (["data.tokenizer=words"], "unknown data.tokenizer 'words'"),
+        (["+data.block=4"], "unknown data keys ['block']"),
+        (["sample.max_new_tokens=-1"], "sample.max_new_tokens must be an integer >= 0, got -1"),
+        (["sample.top_k=0"], "sample.top_k must be an integer >= 1 or null, got 0"),
+        (["module.compile=sometimes"], "module.compile must be auto, true or false, got 'sometimes'"),
     ],
 )
 def test_bad_config_values_stop_with_one_clear_message(tmp_path, overrides, message):
@@ -127,6 +139,63 @@ def test_bad_config_values_stop_with_one_clear_message(tmp_path, overrides, mess
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert message in str(err.value)
+
+
+def test_validated_groups_are_the_objects_the_run_uses(tmp_path):
+    from mqa_lm.data import DataConfig
+    from mqa_lm.model import MQAConfig
+    from mqa_lm.optim import OptimConfig
+
+    run = validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "seed=42", "optim.lr=3e-4"]))
+    assert isinstance(run.model, MQAConfig) and run.vocab_from_data  # the model configs leave vocab_size null
+    assert isinstance(run.optim, OptimConfig) and run.optim.lr == 3e-4
+    assert isinstance(run.data, DataConfig) and run.data.seed == 42 and run.data.paths == ["stdlib"]
+    assert run.compile == "auto" and run.sample.max_new_tokens == 300
+    assert not validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.vocab_size=300"])).vocab_from_data
+    # Lightning resolves these names itself: they pass validation without a file.
+    for name in SPECIAL_CKPT_PATHS:
+        assert validate_config(compose_cfg([f"paths.output_dir={tmp_path}", f"ckpt_path={name}"])).ckpt_path == name
+
+
+def test_bad_callback_values_stop_with_one_clear_message(tmp_path):
+    cfg = compose_cfg([f"paths.output_dir={tmp_path}", "callbacks.preemption.check_every_n_steps=0"])
+    with pytest.raises(ConfigError, match="callbacks.preemption.check_every_n_steps must be an integer >= 1, got 0"):
+        build_callbacks(cfg)
+    cfg = compose_cfg([f"paths.output_dir={tmp_path}", "callbacks.preemption.requeue_signals=[SIGHUP]"])
+    with pytest.raises(ConfigError, match=r"callbacks.preemption.requeue_signals \['SIGHUP'\] are not in"):
+        build_callbacks(cfg)
+
+
+def test_preemption_defaults_are_one_set():
+    """The callback's defaults and configs/callbacks/preemption.yaml name the same signals."""
+    from mqa_lm.checkpointing import DEFAULT_REQUEUE_SIGNALS, DEFAULT_SIGNALS, PreemptionCallback
+
+    yaml = OmegaConf.load(CONFIGS / "callbacks" / "preemption.yaml").preemption
+    assert list(yaml.signals) == list(DEFAULT_SIGNALS) and list(yaml.requeue_signals) == list(DEFAULT_REQUEUE_SIGNALS)
+    assert "SIGUSR2" in DEFAULT_SIGNALS  # submitit's warning signal (configs/hydra/launcher/slurm.yaml)
+    cb = PreemptionCallback()
+    assert [s.name for s in cb.signals] == list(DEFAULT_SIGNALS)
+    assert sorted(s.name for s in cb.requeue_signals) == sorted(DEFAULT_REQUEUE_SIGNALS)
+
+
+def test_compile_auto_follows_the_accelerator():
+    import lightning as L
+
+    from mqa_lm.training import resolve_compile
+
+    cpu = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    assert resolve_compile("auto", cpu) is False
+    assert resolve_compile(True, cpu) is True and resolve_compile(False, cpu) is False
+    if torch.cuda.is_available():
+        gpu = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False)
+        assert resolve_compile("auto", gpu) is True
+
+
+def test_callbacks_none_trains_without_checkpoints_or_fault_tolerance(tmp_path, corpus):
+    metrics = train(compose_cfg(small_run(tmp_path, corpus, "callbacks=none", "trainer.max_steps=4",
+                                          "trainer.val_check_interval=4")))
+    assert metrics["val/loss"] > 0
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_missing_data_path_stops_before_work(tmp_path):
@@ -223,3 +292,103 @@ def test_fused_adamw_under_bf16_mixed_clips_gradients():
     trainer.fit(module, loader)
     assert trainer.optimizers[0].param_groups[0]["fused"]
     assert len(seen) == 2 and all(n <= 1e-3 * 1.01 for n in seen), seen
+
+
+def test_compiled_module_reports_its_first_step_time(caplog):
+    """The first compiled step (tracing and compiling included) is timed once; eager runs say nothing."""
+    import logging
+
+    from mqa_lm.lit_module import MQALitModule
+
+    model = dict(vocab_size=32, max_seq_len=16, n_layers=1, d_model=32, heads=4, attn_impl="torch")
+    with caplog.at_level(logging.INFO):
+        for compiled in (False, True):
+            module = MQALitModule(model=model, compile=compiled)  # torch.compile is lazy: nothing compiles here
+            for batch_idx in range(2):
+                module.on_train_batch_start(None, batch_idx)
+                module.on_train_batch_end(None, None, batch_idx)
+    timed = [r.getMessage() for r in caplog.records if "compile + first step" in r.getMessage()]
+    assert len(timed) == 1 and timed[0].endswith(" s"), timed
+
+
+def test_module_takes_the_validated_configs_and_waits_for_the_vocabulary(tmp_path):
+    """With model.vocab_size null the module builds nothing until the trainer's datamodule gives the
+    size (test_checkpoint_hyperparameters_are_plain_and_rebuild_the_model covers that end to end)."""
+    from mqa_lm.lit_module import MQALitModule
+
+    run = validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.n_layers=1", "model.d_model=32"]))
+    module = MQALitModule(model=run.model, optim=run.optim, vocab_from_data=run.vocab_from_data)
+    assert module.model is None and module.hparams["model"]["vocab_size"] is None
+    assert module.optim_config is run.optim
+    built = MQALitModule(model=run.model.to_dict() | {"vocab_size": 77}, optim=run.optim.to_dict())
+    assert built.config.vocab_size == 77 and built.config.n_layers == 1
+
+
+def test_compile_scope_blocks_compiles_each_block_in_place():
+    """compile_scope=blocks: every block compiled on its own, state_dict keys as in eager; a bad
+    scope is one config error naming the key."""
+    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.model import MQAConfig
+
+    config = MQAConfig(vocab_size=50, max_seq_len=16, n_layers=2, d_model=32, heads=4)
+    eager = MQALitModule(model=config, compile=False)
+    blocks = MQALitModule(model=config, compile=True, compile_scope="blocks")
+    assert all(block._compiled_call_impl is not None for block in blocks.model.blocks)
+    assert blocks.model._compiled_call_impl is None
+    assert list(blocks.state_dict()) == list(eager.state_dict())
+    with pytest.raises(ConfigError, match="module.compile_scope must be one of model, blocks, got 'layers'"):
+        validate_config(compose_cfg(["module.compile_scope=layers"]))
+
+
+def test_resume_target_past_max_steps_or_of_another_shape_stops_before_training(tmp_path, corpus, capsys):
+    first = tmp_path / "first"
+    train(compose_cfg(small_run(first, corpus, "trainer.max_steps=8", "trainer.val_check_interval=8",
+                                "sample.max_new_tokens=0")))
+    last = first / "run" / "checkpoints" / "last.ckpt"
+    second = tmp_path / "second"
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=4")))
+    assert str(err.value).startswith(f"the checkpoint {last} is at step 8, already past trainer.max_steps=4, "
+                                     "so nothing would be trained; raise trainer.max_steps above 8")
+    with pytest.raises(ConfigError, match="already at trainer.max_steps=8"):
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=8")))
+    # small_run has model.d_model=32, model.n_layers=2; Hydra keeps the last override of a key.
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=16",
+                                    "model.d_model=64", "model.n_layers=1", "model.resid_pdrop=0.1")))
+    assert str(err.value).startswith(f"the checkpoint {last} was trained with model.n_layers=2, model.d_model=32; "
+                                     "this command has model.n_layers=1, model.d_model=64; use the checkpoint's")
+    assert not (second / "run" / "checkpoints").exists()
+    # Dropout and the attention kernel may change on resume. No validation runs, so there is no best
+    # score: the first run's best path (all Lightning restores from another directory) is not reported.
+    capsys.readouterr()
+    train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=9",
+                                "trainer.val_check_interval=100", "model.resid_pdrop=0.1", "model.attn_impl=torch",
+                                "sample.max_new_tokens=0")))
+    out = capsys.readouterr().out
+    assert "final metrics: {'train/loss'" in out and "best checkpoint" not in out, out
+
+
+def _csv_steps(run_dir: Path) -> list[tuple[int, bool]]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [(int(r["step"]), bool(r.get("val/loss"))) for r in csv.DictReader(f)]
+
+
+def test_resume_rotates_out_old_recovery_files_and_drops_replayed_csv_rows(tmp_path, corpus):
+    """An attempt that ran to step 8 is continued from its step-4 recovery checkpoint (as after a kill -9
+    whose newest files were damaged): the recovery files of the first attempt, the resumed one included,
+    are rotated out, and metrics.csv holds each step once, as an uninterrupted run logs them."""
+    common = ["trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "logger=csv",
+              "callbacks.recovery_checkpoint.every_n_train_steps=4", "sample.max_new_tokens=0"]
+    straight = tmp_path / "straight"
+    train(compose_cfg(small_run(straight, corpus, "trainer.max_steps=16", *common)))
+    run = tmp_path / "resumed"
+    train(compose_cfg(small_run(run, corpus, "trainer.max_steps=8", *common)))
+    ckpts = run / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000004.ckpt", "recovery-step000008.ckpt"]
+    train(compose_cfg(small_run(run, corpus, "trainer.max_steps=16", f"ckpt_path={ckpts / 'recovery-step000004.ckpt'}",
+                                *common)))
+    assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000012.ckpt", "recovery-step000016.ckpt"]
+    assert _csv_steps(run / "run") == _csv_steps(straight / "run")

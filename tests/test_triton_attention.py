@@ -38,7 +38,9 @@ def _qk(dtype=torch.float32, device="cpu", head_dim=16):
 def _reason(q, k, **overrides):
     kwargs = dict(causal=True, bias=None, key_padding_mask=None, dropout_p=0.0)
     kwargs.update(overrides)
-    return ATTENTION_BACKENDS.get("triton").unsupported(q, k, **kwargs)
+    backend = ATTENTION_BACKENDS.get("triton")
+    # What the block asks: once per (device type, dtype), then per call.
+    return backend.unsupported_on(q.device, q.dtype) or backend.unsupported(q, k, **kwargs)
 
 
 @needs_triton

@@ -224,3 +224,25 @@ def test_torch_compile_traces_through_the_op():
     loss(*eager).backward()
     for got, want in zip(leaves, eager):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "alibi"])
+def test_model_compiles_as_one_graph_with_triton(pos_emb):
+    # The whole training forward/backward, block routing and backend choice included, must trace
+    # without a graph break (fullgraph=True raises on one), and compute what eager computes.
+    from mqa_lm.model import MQAConfig, MQATransformer
+
+    torch.manual_seed(0)
+    config = MQAConfig(vocab_size=61, max_seq_len=24, n_layers=2, d_model=32, heads=4, kv_heads=1,
+                       attn_impl="triton", pos_emb=pos_emb)
+    model = MQATransformer(config)
+    x = torch.randint(0, 61, (2, 19))
+    y = torch.randint(0, 61, (2, 19))
+    twin = copy.deepcopy(model)
+    _, loss = torch.compile(model, backend="aot_eager", fullgraph=True)(x, y)
+    loss.backward()
+    _, want = twin(x, y)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from mqa_lm.callbacks.heatmap import HeatmapRenderer
+from mqa_lm.callbacks.lit_model import lit_model
 
 
 def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,9 @@ class AttentionMapLogger(L.Callback):
         if not 0 < gamma <= 1:
             raise ValueError(f"callbacks.attention_maps.gamma must be in (0, 1] (lower = more contrast), got {gamma!r}")
         if heads is not None and (not all(isinstance(h, int) and h >= 0 for h in heads) or not heads):
-            raise ValueError(f"callbacks.attention_maps.heads must be a non-empty list of head indices or null, got {heads!r}")
+            raise ValueError(
+                f"callbacks.attention_maps.heads must be a non-empty list of head indices or null, got {heads!r}"
+            )
         self.every_n_steps = every_n_steps
         self.window = window
         self.heads = list(heads) if heads is not None else None
@@ -149,7 +152,7 @@ class AttentionMapLogger(L.Callback):
             # Let the step's queued kernels finish first, so log_seconds is this callback's own cost.
             torch.cuda.synchronize(pl_module.device)
         start = time.perf_counter()
-        model = pl_module.model
+        model = lit_model(pl_module)
         idx = self._window_ids(trainer, pl_module)
         was_training = model.training
         model.eval()
@@ -169,7 +172,7 @@ class AttentionMapLogger(L.Callback):
             logger.log_metrics(timing, step=step)
 
     def _window_ids(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
         dataset = getattr(datamodule, "val_dataset", None)
         if dataset is not None:
             x = dataset[0][0]
@@ -177,9 +180,11 @@ class AttentionMapLogger(L.Callback):
             loaders = trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
             if loader is None:
-                raise RuntimeError("attention maps need validation data (a datamodule with val_dataset or a val loader)")
+                raise RuntimeError(
+                    "attention maps need validation data (a datamodule with val_dataset or a val loader)"
+                )
             x = next(iter(loader))[0][0]
-        length = min(self.window, x.shape[-1], pl_module.model.config.max_seq_len)
+        length = min(self.window, x.shape[-1], lit_model(pl_module).config.max_seq_len)
         return x[:length].reshape(1, length).to(device=pl_module.device, dtype=torch.long)
 
     def _shown_heads(self, heads: int) -> list[int]:
@@ -190,7 +195,9 @@ class AttentionMapLogger(L.Callback):
             return self.heads
         if heads <= self.max_heads:
             return list(range(heads))
-        return sorted({round(i * (heads - 1) / (self.max_heads - 1)) for i in range(self.max_heads)}) if self.max_heads > 1 else [0]
+        if self.max_heads <= 1:
+            return [0]
+        return sorted({round(i * (heads - 1) / (self.max_heads - 1)) for i in range(self.max_heads)})
 
     def _scalars(self, weights: list[torch.Tensor], max_logits: list[torch.Tensor]) -> dict[str, float]:
         per_layer = [attention_stats(w, m) for w, m in zip(weights, max_logits)]
@@ -209,7 +216,7 @@ class AttentionMapLogger(L.Callback):
         """{``attention/layer_LL``: [(caption, PNG path, image), ...]}; each PNG is encoded once."""
         n = len(ids)
         tokens = None
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
         if n <= self.label_tokens and hasattr(datamodule, "decode"):
             tokens = [datamodule.decode([i]) for i in ids]
         renderer = HeatmapRenderer(n, tokens, self.gamma)

@@ -59,7 +59,7 @@ def cell_size(n: int, target: int = 320) -> int:
     return int(min(24, max(2, target // max(n, 1))))
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from mqa_lm.callbacks.attention import is_sharded
+
+if TYPE_CHECKING:
+    from mqa_lm.lit_module import MQALitModule
 
 
 class SampleLogger(L.Callback):
@@ -44,7 +49,7 @@ class SampleLogger(L.Callback):
         self.filename = filename
 
     def _prompt_ids(self, trainer: L.Trainer) -> list[list[int]]:
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
         if self.prompts:
             return [datamodule.encode(p) or [0] for p in self.prompts]
         dataset = datamodule.val_dataset
@@ -52,15 +57,16 @@ class SampleLogger(L.Callback):
         return [dataset[i][0][: self.prompt_tokens].tolist() for i in range(count)]
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning, not declared on Trainer
         if trainer.sanity_checking or not trainer.is_global_zero or is_sharded(trainer):
             return
         if not (hasattr(datamodule, "encode") and hasattr(datamodule, "decode")):
             return
         step = trainer.global_step
+        module = cast("MQALitModule", pl_module)  # the only module this callback is attached to
         rows = []
         for i, prompt in enumerate(self._prompt_ids(trainer)):
-            ids = pl_module.sample(prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+            ids = module.sample(prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
                                    seed=self.seed + i)
             rows.append([step, datamodule.decode(prompt), datamodule.decode(ids[len(prompt):])])
         text = "\n".join(f"--- sample {i} (step {step}) ---\n{p}|>>|{c}" for i, (_, p, c) in enumerate(rows))

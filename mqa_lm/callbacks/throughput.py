@@ -9,12 +9,17 @@ host-device synchronisation.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from mqa_lm.callbacks.lit_model import lit_model
+
+if TYPE_CHECKING:
+    from lightning.pytorch.trainer.states import RunningStage
 
 # Dense (no sparsity) peak FLOP/s per GPU from NVIDIA's datasheets, by compute dtype. TF32 is what
 # fp32 matmuls run at when torch.set_float32_matmul_precision is "high" or "medium".
@@ -100,7 +105,9 @@ class TokenThroughputMonitor(ThroughputMonitor):
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 2:
             raise ValueError(f"callbacks.throughput.window_size must be an integer >= 2, got {window_size!r}")
         if peak_flops is not None and not peak_flops > 0:
-            raise ValueError(f"callbacks.throughput.peak_flops must be > 0 FLOP/s (or null to look it up), got {peak_flops!r}")
+            raise ValueError(
+                f"callbacks.throughput.peak_flops must be > 0 FLOP/s (or null to look it up), got {peak_flops!r}"
+            )
         super().__init__(batch_size_fn=batch_samples, length_fn=batch_tokens, window_size=window_size)
         self.peak_override = peak_flops
         self.last_metrics: dict[str, float] = {}
@@ -110,26 +117,29 @@ class TokenThroughputMonitor(ThroughputMonitor):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         peak = self.peak_override or peak_flops(trainer.strategy.root_device, trainer.precision)
-        self.available_flops = peak
+        # Lightning annotates available_flops as int; it only divides by it, and peaks are floats.
+        self.available_flops = peak  # type: ignore[assignment]
         for throughput in self._throughputs.values():
             throughput.available_flops = peak
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        stage = trainer.state.stage
+        stage = cast("RunningStage", trainer.state.stage)  # TRAINING inside this hook
         self._batches[stage] += 1
         self._samples[stage] += batch_samples(batch)
         self._lengths[stage] += batch_tokens(batch)
         seq_len = int(batch[0].shape[-1])
-        self._pending_flops += pl_module.model.flops_per_token(seq_len) * batch_tokens(batch)
+        self._pending_flops += lit_model(pl_module).flops_per_token(seq_len) * batch_tokens(batch)
         if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
             return
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
         throughput = self._throughputs[stage]
+        # Lightning annotates flops as int; it only sums and divides them, and ours are a float sum.
         throughput.update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
-                          samples=self._samples[stage], lengths=self._lengths[stage], flops=self._pending_flops)
+                          samples=self._samples[stage], lengths=self._lengths[stage],
+                          flops=self._pending_flops)  # type: ignore[arg-type]
         self._pending_flops = 0.0
         self._log(trainer, throughput.compute(), throughput.world_size)
 
@@ -145,7 +155,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
             metrics["throughput/mfu"] = raw["device/mfu"]
         self.last_metrics = metrics
         # step=None: the step Lightning gives its own metrics of this batch (train/loss...).
-        trainer._logger_connector.log_metrics(metrics, step=None)
+        # Lightning annotates the values as tensors; its loggers take plain floats as well.
+        trainer._logger_connector.log_metrics(metrics, step=None)  # type: ignore[arg-type]
 
     # Validation is not training: its time is taken out of the training clock, and it is not timed.
 

@@ -16,7 +16,7 @@ import socket
 import string
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import lightning as L
@@ -25,6 +25,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from mqa_lm.callbacks.lit_model import lit_model
 
 RUN_ID_FILE = "wandb_run_id.txt"
 REDACTED = "<redacted>"
@@ -118,7 +120,8 @@ def stable_run_id(run_dir: str | os.PathLike) -> str | None:
     path = Path(run_dir) / RUN_ID_FILE
     if path.is_file():
         return path.read_text().strip() or None
-    if rank_zero_only.rank != 0:
+    # Lightning sets rank_zero_only.rank at import; its annotations do not declare the attribute.
+    if rank_zero_only.rank != 0:  # type: ignore[attr-defined]
         return None  # only rank 0 talks to W&B
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,17 +139,18 @@ class RunWandbLogger(WandbLogger):
         project, entity, group, tags, name, job_type, notes: passed to ``wandb.init``.
         mode: ``online``, ``offline``, ``disabled`` or ``None`` (auto, see :func:`resolve_mode`).
         id: force a run id (default: the one stored in ``<save_dir>/wandb_run_id.txt``).
-        log_model: upload checkpoints as artifacts (needs online mode).
+        log_model: upload checkpoints as artifacts (needs online mode): ``True`` at the end of
+            training, ``"all"`` as they are written.
     """
 
     def __init__(self, save_dir: str, project: str = "mqa-lm", entity: str | None = None, group: str | None = None,
                  tags: list[str] | None = None, name: str | None = None, job_type: str | None = "train",
                  notes: str | None = None, mode: str | None = None, id: str | None = None,
-                 log_model: bool | str = False, **kwargs: Any) -> None:
+                 log_model: bool | Literal["all"] = False, **kwargs: Any) -> None:
         resolved, self.mode_reason = resolve_mode(mode)
         if resolved == "offline" and log_model:
             log_model = False  # nothing can be uploaded offline; the checkpoints stay on disk
-        extra = {"mode": resolved} if resolved else {}
+        extra: dict[str, Any] = {"mode": resolved} if resolved else {}
         super().__init__(name=name, save_dir=save_dir, id=id or stable_run_id(save_dir), project=project,
                          log_model=log_model, entity=entity, group=group, tags=list(tags or []),
                          job_type=job_type, notes=notes, **extra, **kwargs)
@@ -155,7 +159,7 @@ class RunWandbLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        run = WandbLogger.experiment.fget(self)
+        run = super().experiment
         if not self._announced:
             self._announced = True
             print(f"W&B run {getattr(run, 'id', '?')} ({self.mode_reason}): {self.sync_hint() or 'online'}", flush=True)
@@ -164,8 +168,8 @@ class RunWandbLogger(WandbLogger):
     @property
     def log_dir(self) -> str | None:
         """The W&B run's own directory once it started, else the save directory."""
-        run = self._experiment
-        return str(Path(run.dir).parent) if getattr(run, "dir", None) else self.save_dir
+        run_dir = getattr(self._experiment, "dir", None)
+        return str(Path(run_dir).parent) if run_dir else self.save_dir
 
     def sync_hint(self) -> str | None:
         """``wandb sync <dir>`` for an offline run (None when online or not started)."""
@@ -213,7 +217,7 @@ class RunMetadata(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        model = pl_module.model
+        model = lit_model(pl_module)
         meta = {
             "num_params": model.num_params(),
             "num_params_non_embedding": model.num_params(non_embedding=True),

@@ -2,7 +2,7 @@
 
 Lifecycle, as Lightning drives it::
 
-    dm = TextDataModule(paths="stdlib")   # checks every argument and that the sources exist
+    dm = TextDataModule("stdlib")         # checks every setting (a DataConfig) and that the sources exist
     dm.prepare_data()                     # local rank 0: download, tokenizer, token files (cached)
     dm.setup("fit")                       # every rank: open the prepared files
     dm.train_dataloader(), dm.val_dataloader()
@@ -16,9 +16,8 @@ checkpoint sees exactly the batches the uninterrupted run would have. Set the Tr
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,108 +28,43 @@ from torch.utils.data import DataLoader
 
 from mqa_lm.data.datasets import ResumeSampler, TrainBatches, TrainLoader, ValWindows
 from mqa_lm.data.prepare import DataSettings, data_key, prepare, prepared_dir
-from mqa_lm.data.sources import SourceFile, normalize_paths, resolve_sources
+from mqa_lm.data.config import DataConfig
+from mqa_lm.data.sources import SourceFile, resolve_sources
 from mqa_lm.data.store import SPLITS, TokenFile, file_sha256, read_json, split_paths, stale_reason
-from mqa_lm.data.tokenizer import MIN_BPE_VOCAB, TOKENIZER_KINDS, load_tokenizer
 
 STATE_VERSION = 1
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"data.{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"data.{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 class TextDataModule(pl.LightningDataModule):
     """A LightningDataModule over tokenized text; see the module docstring for the lifecycle.
 
     Args:
-        paths: files, directories, globs, ``.jsonl`` files, ``http(s)://`` URLs, or ``"stdlib"``
-            (this Python's standard library sources); a string or a list (see ``mqa_lm.data.sources``).
-        tokenizer: ``"bpe"`` (byte-level BPE trained on the training split), ``"char"`` or ``"file"``.
-        tokenizer_path: the ``tokenizer.json`` to use with ``tokenizer="file"``.
-        vocab_size: target BPE vocabulary (the trained one can be smaller on a tiny corpus; read
-            :attr:`vocab_size` for the real one). Ignored by ``char`` and ``file``.
-        jsonl_field: the field of each ``.jsonl`` record that holds its text.
-        sha256: expected sha256 of a URL download: a hex string when there is one URL, else a
-            ``{url: hex}`` mapping.
-        block_size: tokens per training window (the model sees ``block_size``, targets are shifted).
-        batch_size: windows per micro-batch, per rank.
-        val_fraction: the last ``val_fraction`` of the corpus' characters form the validation split.
-        val_batches: validation uses ``val_batches * batch_size`` fixed windows, sharded over ranks.
-        seed: seeds the training windows (together with micro-batch index and rank).
-        num_workers: DataLoader worker processes.
-        cache_dir: prepared data goes to ``<cache_dir>/<name>-<key>/``, downloads to
-            ``<cache_dir>/downloads/``.
-        max_chars: use only the first ``max_chars`` characters of the corpus (e.g. a fast CPU run).
+        config: a :class:`DataConfig`; or ``data.paths`` (or nothing) with the other
+            :class:`DataConfig` fields as keywords, e.g. ``TextDataModule("stdlib", block_size=128)``.
+            Every value is checked here, and the sources are resolved (missing paths, empty globs
+            and bad hashes fail now, before any work).
     """
 
-    def __init__(
-        self,
-        paths: str | Sequence[str],
-        tokenizer: str = "bpe",
-        tokenizer_path: str | None = None,
-        vocab_size: int = 4096,
-        jsonl_field: str = "text",
-        sha256: str | Mapping[str, str] | None = None,
-        block_size: int = 256,
-        batch_size: int = 32,
-        val_fraction: float = 0.05,
-        val_batches: int = 8,
-        seed: int = 1337,
-        num_workers: int = 0,
-        cache_dir: str = "data",
-        max_chars: int | None = None,
-    ) -> None:
+    def __init__(self, config: DataConfig | str | Sequence[str] | None = None, /, **fields: Any) -> None:
         super().__init__()
-        if tokenizer not in TOKENIZER_KINDS:
-            raise ValueError(f"unknown data.tokenizer {tokenizer!r}; valid choices are: {', '.join(TOKENIZER_KINDS)}")
-        if tokenizer == "file":
-            if not tokenizer_path:
-                raise ValueError("data.tokenizer=file needs data.tokenizer_path=/path/to/tokenizer.json")
-            load_tokenizer(tokenizer_path)  # fail now, with the file named, if it is missing or malformed
-        elif tokenizer_path is not None:
-            raise ValueError(
-                f"data.tokenizer_path is only used with data.tokenizer=file, but data.tokenizer={tokenizer}; "
-                "set data.tokenizer=file or drop data.tokenizer_path"
-            )
-        vocab_size = _check_int("vocab_size", vocab_size, 1)
-        if tokenizer == "bpe" and not MIN_BPE_VOCAB <= vocab_size <= 1 << 31:
-            raise ValueError(
-                f"data.vocab_size={vocab_size} does not fit byte-level BPE: it needs at least {MIN_BPE_VOCAB} "
-                "(256 bytes + <|endoftext|>), and a few thousand is typical; e.g. data.vocab_size=4096"
-            )
-        if not isinstance(jsonl_field, str) or not jsonl_field:
-            raise ValueError(f"data.jsonl_field must be a non-empty string, got {jsonl_field!r}")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be a number in (0, 1), got {val_fraction!r}; e.g. 0.05")
-        if max_chars is not None:
-            max_chars = _check_int("max_chars", max_chars, 1)
-        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-            raise TypeError(f"data.seed must be an integer, got {seed!r}")
-        if not isinstance(cache_dir, (str, Path)) or not str(cache_dir):
-            raise ValueError(f"data.cache_dir must be a directory path, got {cache_dir!r}")
-
-        self.paths = normalize_paths(paths)
-        self.block_size = _check_int("block_size", block_size, 1)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.val_batches = _check_int("val_batches", val_batches, 1)
-        self.num_workers = _check_int("num_workers", num_workers, 0)
-        self.seed = int(seed)
-        self.sha256 = sha256
-        self.cache_root = Path(cache_dir).expanduser().resolve()
+        self.config = DataConfig.coerce(config, fields)
+        self.paths: list[str] = list(self.config.paths)
+        self.block_size = self.config.block_size
+        self.batch_size = self.config.batch_size
+        self.val_batches = self.config.val_batches
+        self.num_workers = self.config.num_workers
+        self.seed = self.config.seed
+        self.sha256 = self.config.sha256
+        self.cache_root = Path(self.config.cache_dir).expanduser().resolve()
         self.settings = DataSettings(
-            tokenizer=tokenizer,
-            tokenizer_path=str(Path(tokenizer_path).expanduser().resolve()) if tokenizer_path else None,
-            vocab_size=vocab_size,
-            jsonl_field=jsonl_field,
-            val_fraction=float(val_fraction),
-            max_chars=max_chars,
+            tokenizer=self.config.tokenizer,
+            tokenizer_path=self.config.tokenizer_path,
+            vocab_size=self.config.vocab_size,
+            jsonl_field=self.config.jsonl_field,
+            val_fraction=self.config.val_fraction,
+            max_chars=self.config.max_chars,
         )
-        self._resolve()  # missing paths, empty globs and bad hashes fail here, before any work
+        self._resolve()
 
         self._dir: Path | None = None
         self._key: str | None = None
@@ -343,24 +277,3 @@ class TextDataModule(pl.LightningDataModule):
                 + "): training continues, but batches differ from the uninterrupted run",
                 stacklevel=2,
             )
-
-    def info(self) -> dict[str, Any]:
-        """A summary for the start of a run: where the data is, its size and the batch shape."""
-        splits = self._require_setup()
-        meta = read_json(split_paths(self._dir, "train")[1]) or {}
-        return {
-            "dir": str(self._dir),
-            "sources": list(self.paths),
-            "files": len(meta.get("sources", [])),
-            "skipped_files": len(meta.get("skipped", [])),
-            "tokenizer": self.settings.tokenizer,
-            "tokenizer_file": str(self._dir / "tokenizer.json"),
-            "vocab_size": self.vocab_size,
-            "dtype": splits["train"].dtype.name,
-            "train_tokens": len(splits["train"]),
-            "val_tokens": len(splits["val"]),
-            "train_chars": meta.get("chars"),
-            "block_size": self.block_size,
-            "batch_size": self.batch_size,
-            "val_windows": self.val_batches * self.batch_size,
-        }

@@ -48,8 +48,15 @@ class AttentionBackend:
     """An attention implementation keyed by ``attn_impl``.
 
     Subclasses implement ``__call__`` (returns the context [batch, heads, q_len, head_dim]) and may
-    override ``unsupported`` to name what a call needs that this kernel cannot do; the block then
-    runs that call on the ``torch`` backend and says why when ``verbose >= 1``.
+    say what they cannot do, at two levels, so the block asks each question as rarely as it can:
+
+    - ``check_device`` / ``unsupported_on``: fixed for a device type and dtype; the block asks once
+      per (device type, dtype) and caches the answer (a model can move devices or change dtype).
+    - ``unsupported``: what varies from call to call (mask, bias, dropout, shapes); asked per call,
+      and only if a backend overrides it.
+
+    When either names a reason, the block runs the call on the ``torch`` backend instead and says
+    why once when ``verbose >= 1``.
     """
 
     name: str = "?"
@@ -57,6 +64,10 @@ class AttentionBackend:
     def check_device(self, device: torch.device) -> None:
         """Raise ValueError if this backend can never run on ``device`` (checked before any work,
         whether or not the call needs weights)."""
+
+    def unsupported_on(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this backend cannot run any call on ``device`` tensors of ``dtype``, or None."""
+        return None
 
     def unsupported(
         self,

@@ -14,7 +14,8 @@ reference math.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +63,12 @@ class FlashBackend(AttentionBackend):
                 "use attn_impl='torch' (or 'auto') on this device"
             )
 
+    def unsupported_on(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"FlashAttention takes fp16/bf16, not {dtype} (enable autocast or cast the model)"
+        return None
+
     def unsupported(self, q, k, *, causal, bias, key_padding_mask, dropout_p):  # type: ignore[override]
-        self.check_device(q.device)
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return f"FlashAttention takes fp16/bf16, not {q.dtype} (enable autocast or cast the model)"
         if bias is not None:
             return "FlashAttention cannot add an arbitrary bias"
         if key_padding_mask is not None:
@@ -92,7 +95,9 @@ class FlashBackend(AttentionBackend):
         fa4, fa2 = fa4_func(), fa2_func()
         if fa4 is not None and dropout_p == 0 and head_dim in FA4_HEAD_DIMS:
             # FA4 takes [batch, seq, heads, head_dim].
-            out = fa4(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=softmax_scale, causal=causal)
+            out = fa4(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=softmax_scale, causal=causal
+            )
             out = out[0] if isinstance(out, tuple) else out
             return out.transpose(1, 2)
         if fa2 is not None:

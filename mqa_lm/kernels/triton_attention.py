@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import cast
 
 import torch
 import triton
@@ -97,6 +98,29 @@ def _load_keys_t(base, keys, stride_n, seq_k, BOUNDED: tl.constexpr, HEAD_DIM: t
     if BOUNDED:
         return tl.load(ptrs, mask=(keys < seq_k)[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
     return tl.load(ptrs, mask=(offs_d[:, None] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _packed_rows(rows, kvh, n_rows, GROUP: tl.constexpr):
+    """Query position, query head and in-range flag of packed rows ``rows`` of K/V head ``kvh``."""
+    return rows // GROUP, kvh * GROUP + rows % GROUP, rows < n_rows
+
+
+@triton.jit
+def _row_block(pid, n_rows, batch_kv, kv_heads, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The (batch, K/V head) and the block of packed rows that program ``pid`` owns.
+
+    Consecutive programs take the same row block of every (batch, kv head); the last row blocks,
+    the longest under causal masking, start first so the short ones fill the tail.
+    """
+    n_m = tl.cdiv(n_rows, BLOCK_M)
+    bh = pid % batch_kv
+    m_block = n_m - 1 - pid // batch_kv
+    b = (bh // kv_heads).to(tl.int64)
+    kvh = bh % kv_heads
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos, head, row_ok = _packed_rows(rows, kvh, n_rows, GROUP)
+    return bh, b, kvh, m_block, rows, pos, head, row_ok
 
 
 @triton.jit
@@ -179,19 +203,9 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     n_rows = seq_q * GROUP
-    n_m = tl.cdiv(n_rows, BLOCK_M)
-    pid = tl.program_id(0)
-    # Consecutive programs take the same row block of every (batch, kv head); the last row
-    # blocks, the longest under causal masking, start first so the short ones fill the tail.
-    bh = pid % batch_kv
-    m_block = n_m - 1 - pid // batch_kv
-    b = (bh // kv_heads).to(tl.int64)
-    kvh = bh % kv_heads
-
-    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = rows // GROUP
-    head = kvh * GROUP + rows % GROUP
-    row_ok = rows < n_rows
+    bh, b, kvh, m_block, rows, pos, head, row_ok = _row_block(
+        tl.program_id(0), n_rows, batch_kv, kv_heads, GROUP, BLOCK_M
+    )
     q = _load_rows(Q + b * stride_qb, head, pos, row_ok, stride_qh, stride_qm, HEAD_DIM, BLOCK_D)
 
     k_base = K + b * stride_kb + kvh * stride_kh
@@ -242,9 +256,7 @@ def _attn_bwd_delta(
     b = (bh // kv_heads).to(tl.int64)
     kvh = bh % kv_heads
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos = rows // GROUP
-    head = kvh * GROUP + rows % GROUP
-    row_ok = rows < n_rows
+    pos, head, row_ok = _packed_rows(rows, kvh, n_rows, GROUP)
     o = _load_rows(Out + b * stride_ob, head, pos, row_ok, stride_oh, stride_om, HEAD_DIM, BLOCK_D)
     do = _load_rows(dO + b * stride_dob, head, pos, row_ok, stride_doh, stride_dom, HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -264,9 +276,7 @@ def _bwd_dkdv_inner(
     offs_m = tl.arange(0, BLOCK_M)
     for start in range(lo, hi, BLOCK_M):
         rows = start + offs_m
-        pos = rows // GROUP
-        head = kvh * GROUP + rows % GROUP
-        row_ok = rows < n_rows
+        pos, head, row_ok = _packed_rows(rows, kvh, n_rows, GROUP)
         q_t = _load_rows_t(q_base, head, pos, row_ok, stride_qh, stride_qm, HEAD_DIM, BLOCK_D)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
         # Scores minus the log-sum-exp, in base 2; lse = +inf (padding rows) gives p = 0.
@@ -417,16 +427,9 @@ def _attn_bwd(
             tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=out_ok)
     else:
         # dQ of one block of packed rows; the last blocks (most keys under causal) first.
-        pid = pid - n_kv_programs
-        n_m = tl.cdiv(n_rows, BLOCK_M2)
-        bh = pid % batch_kv
-        m_block = n_m - 1 - pid // batch_kv
-        b = (bh // kv_heads).to(tl.int64)
-        kvh = bh % kv_heads
-        rows = m_block * BLOCK_M2 + tl.arange(0, BLOCK_M2)
-        pos = rows // GROUP
-        head = kvh * GROUP + rows % GROUP
-        row_ok = rows < n_rows
+        bh, b, kvh, m_block, rows, pos, head, row_ok = _row_block(
+            pid - n_kv_programs, n_rows, batch_kv, kv_heads, GROUP, BLOCK_M2
+        )
         q = _load_rows(Q + b * stride_qb, head, pos, row_ok, stride_qh, stride_qm, HEAD_DIM, BLOCK_D)
         do = _load_rows(dO + b * stride_dob, head, pos, row_ok, stride_doh, stride_dom, HEAD_DIM, BLOCK_D)
         lse = tl.load(Lse + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=float("inf"))
@@ -458,7 +461,7 @@ def _attn_bwd(
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head_dim; the first entry is the default
 # used when autotuning is off. Hopper wgmma wants the M of every product >= 64.
-_FWD_CONFIGS = {
+_FWD_CONFIGS: dict[int, list[tuple[int, ...]]] = {
     64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4)],
     128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
     256: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
@@ -469,14 +472,14 @@ _FWD_CONFIGS = {
 # The 64/128 lists keep the configurations that won MQA shapes on an H200 (docs/benchmarks.md);
 # few candidates also keep the autotuner from picking a loser on timing noise. The 256 list was
 # checked for register spills and its default for correctness on an H200, but not timed.
-_BWD_CONFIGS = {
+_BWD_CONFIGS: dict[int, list[tuple[int, ...]]] = {
     64: [(32, 128, 128, 32, 4, 4), (32, 64, 64, 32, 4, 4)],
     128: [(32, 128, 128, 32, 8, 3), (32, 128, 128, 64, 8, 3), (32, 64, 64, 32, 4, 4)],
     256: [(32, 64, 64, 32, 8, 2), (32, 32, 32, 32, 8, 2), (16, 32, 32, 16, 4, 2)],
 }
 # The interpreter runs one small configuration: several blocks in each direction even at tiny shapes.
-_INTERPRET_FWD = (32, 16, 4, 1)
-_INTERPRET_BWD = (16, 32, 32, 16, 4, 1)
+_INTERPRET_FWD: tuple[int, ...] = (32, 16, 4, 1)
+_INTERPRET_BWD: tuple[int, ...] = (16, 32, 32, 16, 4, 1)
 _KEY = ["GROUP", "BLOCK_D", "CAUSAL", "HAS_BIAS", "HAS_MASK", "seq_bucket"]
 
 
@@ -503,10 +506,14 @@ def _kernel(kind: str, block_d: int, tuned: bool) -> triton.runtime.Autotuner:
     """
     family = _config_family(block_d)
     if (kind, family, tuned) not in _KERNELS:
+        names: tuple[str, ...]
+        small: tuple[int, ...]
         if kind == "fwd":
             names, table, small, fn = ("BLOCK_M", "BLOCK_N"), _FWD_CONFIGS, _INTERPRET_FWD, _attn_fwd
         else:
-            names, table, small, fn = ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), _BWD_CONFIGS, _INTERPRET_BWD, _attn_bwd
+            names, table, small, fn = (
+                ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"), _BWD_CONFIGS, _INTERPRET_BWD, _attn_bwd
+            )
         rows = [small] if _interpreting() else (table[family] if tuned else table[family][:1])
         configs = [
             triton.Config(dict(zip(names, row[: len(names)])), num_warps=row[-2], num_stages=row[-1]) for row in rows
@@ -516,91 +523,6 @@ def _kernel(kind: str, block_d: int, tuned: bool) -> triton.runtime.Autotuner:
         reset = ["dK", "dV"] if kind == "bwd" else None
         _KERNELS[(kind, family, tuned)] = triton.autotune(configs=configs, key=_KEY, reset_to_zero=reset)(fn)
     return _KERNELS[(kind, family, tuned)]
-
-
-# A launch through the autotuner and ``JITFunction.run`` re-derives, every call, what a repeated
-# call cannot change (tuning key, argument binding and specialisation). In a gpt2_small training
-# step that host time, not the kernels, set the pace: the step ran host-bound
-# (scripts/profile_attention_block.py, docs/benchmarks.md). After one ordinary launch, the
-# compiled kernel is launched directly, keyed on everything Triton specialises on, taken exactly:
-# every integer argument, every dtype, each pointer's 16-byte alignment, the constexprs.
-_LAUNCHES: dict[tuple, tuple] = {}
-_MAX_LAUNCHES = 512  # decoding makes a key per length; bounded so a long generation cannot grow it
-DIRECT_LAUNCH_ENV = "MQA_LM_TRITON_DIRECT_LAUNCH"
-_direct_launch_works = [True]  # turned off for good if this Triton's compiled kernels refuse it
-
-
-def _spec_key(args: tuple) -> tuple:
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() % 16 == 0))
-        elif isinstance(a, float):
-            key.append(float)  # floats are never specialised on
-        else:
-            key.append(a)
-    return tuple(key)
-
-
-def _launch(fn, grid, args: tuple, constexprs: dict) -> None:
-    """``fn[grid](*args, **constexprs)``, directly into the cached compiled kernel on a repeat."""
-    # Opt-in until it has run on a GPU: it bypasses Triton's launcher, and no GPU has executed
-    # it yet (the device budget ran out first). MQA_LM_TRITON_DIRECT_LAUNCH=1 turns it on.
-    if _interpreting() or not _direct_launch_works[0] or os.environ.get(DIRECT_LAUNCH_ENV, "0") != "1":
-        fn[grid](*args, **constexprs)
-        return
-    key = (id(fn), args[0].device.index, tuple(constexprs.values()), _spec_key(args))
-    hit = _LAUNCHES.get(key)
-    if hit is not None:
-        compiled, launch_grid, tail = hit
-        try:
-            compiled[launch_grid](*args, *tail)
-            return
-        except (TypeError, ValueError, AttributeError):
-            # An argument convention this Triton does not share: it raises before launching.
-            _direct_launch_works[0] = False
-            _LAUNCHES.clear()
-            fn[grid](*args, **constexprs)
-            return
-    compiled = fn[grid](*args, **constexprs)
-    config = getattr(fn, "best_config", None)
-    meta = {**constexprs, **(config.all_kwargs() if config is not None else {})}
-    jit_fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn
-    try:
-        tail = tuple(meta[name] for name in jit_fn.arg_names[len(args):])
-    except KeyError:
-        return
-    if compiled is None or not hasattr(compiled, "__getitem__"):
-        return
-    if len(_LAUNCHES) >= _MAX_LAUNCHES:
-        _LAUNCHES.clear()
-    _LAUNCHES[key] = (compiled, tuple(grid(meta)) if callable(grid) else tuple(grid), tail)
-
-
-def benchmark_environment() -> dict[str, object]:
-    """What a benchmark's JSON records about its run: card, UTC time, command, versions, and the
-    configurations the autotuner chose (call it after the timings)."""
-    import datetime
-    import sys
-    from pathlib import Path
-
-    return {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "configs": chosen_configs(),
-    }
-
-
-def chosen_configs() -> dict[str, str]:
-    """What the autotuner picked for every key it has tuned so far (for benchmark notes)."""
-    found = {}
-    for (kind, family, tuned), tuner in _KERNELS.items():
-        for key, config in tuner.cache.items():
-            found[f"{kind} d<={family} {'/'.join(map(str, key))}"] = str(config)
-    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,7 +543,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _bias_strides(bias: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+def _bias_strides(bias: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[int, ...]:
     if bias is None:
         return (0, 0, 0, 0)
     return tuple(bias.expand(shape).stride())  # broadcast dims get stride 0
@@ -665,7 +587,7 @@ def attention_forward(
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]) * batch_kv,)
 
-    _launch(kernel, grid, (
+    kernel[grid](
         q, k, v, out, lse, bias, mask,
         softmax_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -675,10 +597,9 @@ def attention_forward(
         *bias_strides,
         mask.stride(0) if mask is not None else 0,
         batch_kv, kv_heads, q_len, k_len, _seq_bucket(q_len, k_len),
-    ), dict(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-    ))
+    )
     return out, lse
 
 
@@ -724,7 +645,7 @@ def attention_backward(
     if dq is None:
         dq = torch.empty(batch, q_len, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     # dK and dV we allocate ourselves share one [2, b, k_len, kv_heads, d] buffer, so the atomic
-    # path zeroes one fp32 buffer and converts it once: every torch op is host time (see _launch).
+    # path zeroes one fp32 buffer and converts it once: every torch op costs host time.
     kv_shape = (2, batch, k_len, kv_heads, head_dim)
     if dk is None and dv is None:
         if not atomic:
@@ -734,33 +655,35 @@ def attention_backward(
             dk = torch.empty(batch, k_len, kv_heads, head_dim, device=k.device, dtype=k.dtype).transpose(1, 2)
         if dv is None:
             dv = torch.empty(batch, k_len, kv_heads, head_dim, device=v.device, dtype=v.dtype).transpose(1, 2)
+    # Off the atomic path (always when empty) dk and dv are allocated by now; on it, after the launch.
     if empty:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), cast(torch.Tensor, dk).zero_(), cast(torch.Tensor, dv).zero_()
     mask = _mask_arg(key_padding_mask)
     bias_strides = _bias_strides(bias, (batch, heads, q_len, k_len))
     block_d = _block_d(head_dim)
 
     delta = torch.empty_like(lse)
     delta_rows = 64
-    _launch(_attn_bwd_delta, (triton.cdiv(n_rows, delta_rows), batch_kv), (
+    _attn_bwd_delta[(triton.cdiv(n_rows, delta_rows), batch_kv)](
         out, grad_out, delta,
         out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         kv_heads, q_len,
-    ), dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows))
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_rows,
+    )
 
     kernel = _kernel("bwd", block_d, _autotuning())
     if atomic:
         acc = torch.zeros(kv_shape, device=k.device, dtype=torch.float32).transpose(2, 3)
         dk_acc, dv_acc = acc.unbind(0)
     else:
-        dk_acc, dv_acc = dk, dv
+        dk_acc, dv_acc = cast(torch.Tensor, dk), cast(torch.Tensor, dv)
 
     def grid(meta):
         kv_programs = triton.cdiv(k_len, meta["BLOCK_N1"]) * batch_kv * n_chunks
         return (kv_programs + triton.cdiv(n_rows, meta["BLOCK_M2"]) * batch_kv,)
 
-    _launch(kernel, grid, (
+    kernel[grid](
         q, k, v, grad_out, lse, delta, dq, dk_acc, dv_acc, bias, mask,
         softmax_scale * LOG2E, softmax_scale,
         q.stride(0), q.stride(1), q.stride(2),
@@ -773,17 +696,16 @@ def attention_backward(
         *bias_strides,
         mask.stride(0) if mask is not None else 0,
         batch_kv, kv_heads, q_len, k_len, _seq_bucket(q_len, k_len), kv_chunk,
-    ), dict(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         CAUSAL=bool(causal), HAS_BIAS=bias is not None, HAS_MASK=mask is not None, KV_ATOMIC=atomic,
-    ))
+    )
     if atomic:
         if dk is None:
             dk, dv = acc.to(k.dtype).unbind(0)
         else:
             dk.copy_(dk_acc)
-            dv.copy_(dv_acc)
-    return dq, dk, dv
+            cast(torch.Tensor, dv).copy_(dv_acc)
+    return dq, cast(torch.Tensor, dk), cast(torch.Tensor, dv)
 
 
 # Row chunks are whole multiples of every BLOCK_M1, so phase boundaries stay block-aligned.

@@ -40,19 +40,22 @@ def triton_runs_on(device: torch.device) -> bool:
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def unsupported(self, q, k, *, causal, bias, key_padding_mask, dropout_p):  # type: ignore[override]
-        if not triton_runs_on(q.device):
+    def unsupported_on(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if not triton_runs_on(device):
             if not triton_importable():
                 return "Triton is not installed"
-            return f"the Triton kernels need CUDA, or TRITON_INTERPRET=1 for {q.device.type} tensors"
+            return f"the Triton kernels need CUDA, or TRITON_INTERPRET=1 for {device.type} tensors"
+        if device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+            return f"the Triton kernels take fp16/bf16 on CUDA, not {dtype} (enable autocast or cast the model)"
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"the Triton kernels take fp16/bf16/fp32, not {dtype}"
+        return None
+
+    def unsupported(self, q, k, *, causal, bias, key_padding_mask, dropout_p):  # type: ignore[override]
         if dropout_p > 0:
             return "the Triton kernels have no attention dropout (attn_pdrop > 0 in training)"
         if bias is not None and bias.requires_grad and torch.is_grad_enabled():
             return "the Triton kernels compute no gradient for bias, and this bias requires one"
-        if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
-            return f"the Triton kernels take fp16/bf16 on CUDA, not {q.dtype} (enable autocast or cast the model)"
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"the Triton kernels take fp16/bf16/fp32, not {q.dtype}"
         if q.shape[-1] > 256:
             return f"the Triton kernels support head_dim <= 256, got {q.shape[-1]}"
         return None

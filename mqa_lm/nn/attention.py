@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from mqa_lm.kernels import ATTENTION_BACKENDS, reference_attention, resolve_impl
-from mqa_lm.kernels.common import allowed_keys
+from mqa_lm.kernels.common import AttentionBackend, allowed_keys
 from mqa_lm.nn.linears import LINEARS, build_linear
 from mqa_lm.nn.norms import NORMS, build_norm
 from mqa_lm.nn.positions import RotaryEmbedding
@@ -22,6 +24,20 @@ from mqa_lm.nn.positions import RotaryEmbedding
 log = logging.getLogger("mqa_lm.attention")
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class _Kernel(NamedTuple):
+    """What calls without weights run on one (device type, dtype): the backend's name and callable,
+    its per-call check (None when it has none) and, when the whole pair falls back to ``torch``,
+    the note saying why."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    call_check: Callable[..., str | None] | None
+    note: str | None
+
+
+_TORCH = ATTENTION_BACKENDS.get("torch")
 
 
 class MultiQueryAttention(nn.Module):
@@ -32,8 +48,8 @@ class MultiQueryAttention(nn.Module):
         heads: number of query heads.
         attn_impl: attention backend: ``torch`` (PyTorch SDPA), ``flash`` (FlashAttention-4, else
             flash-attn FA2/FA3, else PyTorch's flash kernel; CUDA only), ``triton`` (our kernels; on
-            CPU without ``TRITON_INTERPRET=1`` it runs ``torch``) or ``auto`` (triton on CUDA, else
-            torch).
+            CPU without ``TRITON_INTERPRET=1`` it runs ``torch``) or ``auto`` (``torch`` today; the
+            choice and its reason live in :func:`mqa_lm.kernels.resolve_impl`).
         clip_qkv: if set, q, k and v are clamped to ``[-clip_qkv, clip_qkv]``.
         qk_ln: normalise queries (over ``dim``) and keys (over ``kv_heads * head_dim``) with the
             ``norm_type`` norm, as llm-foundry does.
@@ -69,12 +85,47 @@ class MultiQueryAttention(nn.Module):
         rope_theta: float | None = None,
         bias: bool = True,
     ) -> None:
-        super().__init__()
         check_attention_args(
             dim=dim, heads=heads, kv_heads=kv_heads, attn_impl=attn_impl, clip_qkv=clip_qkv,
             softmax_scale=softmax_scale, attn_pdrop=attn_pdrop, norm_type=norm_type, fc_type=fc_type,
             verbose=verbose, rope_theta=rope_theta,
         )
+        self._build(
+            dim=dim, heads=heads, attn_impl=attn_impl, clip_qkv=clip_qkv, qk_ln=qk_ln,
+            softmax_scale=softmax_scale, attn_pdrop=attn_pdrop, norm_type=norm_type, fc_type=fc_type,
+            verbose=verbose, device=device, kv_heads=kv_heads, rope_theta=rope_theta, bias=bias,
+        )
+
+    @classmethod
+    def prechecked(cls, **kwargs: Any) -> MultiQueryAttention:
+        """Build from arguments the caller already passed through :func:`check_attention_args`,
+        without checking them again. Takes every argument of ``__init__`` by keyword.
+
+        ``MQAConfig`` checks the attention arguments once, with errors naming its fields; the model's
+        blocks then build every layer through here instead of re-checking per layer."""
+        block = cls.__new__(cls)
+        block._build(**kwargs)
+        return block
+
+    def _build(
+        self,
+        *,
+        dim: int,
+        heads: int,
+        attn_impl: str,
+        clip_qkv: float | None,
+        qk_ln: bool,
+        softmax_scale: float | None,
+        attn_pdrop: float,
+        norm_type: str,
+        fc_type: str,
+        verbose: int,
+        device: torch.device | str | None,
+        kv_heads: int,
+        rope_theta: float | None,
+        bias: bool,
+    ) -> None:
+        nn.Module.__init__(self)
         self.dim = dim
         self.heads = heads
         self.kv_heads = kv_heads
@@ -94,11 +145,43 @@ class MultiQueryAttention(nn.Module):
             self.q_ln = build_norm(norm_type, dim, device=device)
             self.k_ln = build_norm(norm_type, kv_dim, device=device)
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta else None
-        # Diagnostics (MQATransformer.attention_probe): when set, a needs_weights call also keeps
-        # the largest softmax input per [batch, head] in max_logit, the logit growth that qk_ln and
-        # clip_qkv exist to prevent. Off by default so the weights path costs nothing extra.
-        self.record_max_logit = False
-        self.max_logit: torch.Tensor | None = None
+
+    # ---- which kernel: decided once per device type and dtype, not per call ---------------------
+
+    @property
+    def attn_impl(self) -> str:
+        """The backend name given at construction; setting it re-resolves the backend."""
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, value: str) -> None:
+        ATTENTION_BACKENDS.get(value)
+        self._attn_impl = value
+        # device type -> the backend attn_impl names there (its device check passed).
+        self._device_backends: dict[str, AttentionBackend] = {}
+        # (device type, q dtype) -> the kernel calls without weights use there; see _resolve_kernel.
+        self._kernels: dict[tuple[str, torch.dtype], _Kernel] = {}
+
+    def _resolve_device(self, device: torch.device) -> AttentionBackend:
+        backend = ATTENTION_BACKENDS.get(resolve_impl(self._attn_impl, device))
+        backend.check_device(device)  # raises before any work; nothing is cached then
+        self._device_backends[device.type] = backend
+        return backend
+
+    def _resolve_kernel(self, device: torch.device, dtype: torch.dtype) -> _Kernel:
+        impl = resolve_impl(self._attn_impl, device)
+        backend = ATTENTION_BACKENDS.get(impl)
+        reason = backend.unsupported_on(device, dtype)
+        if reason is not None:
+            kernel = _Kernel("torch", _TORCH, None, f"attn_impl={self._attn_impl!r} falls back to 'torch': {reason}")
+        else:
+            # Only backends with per-call limits are asked per call.
+            overridden = type(backend).unsupported is not AttentionBackend.unsupported
+            kernel = _Kernel(impl, backend, backend.unsupported if overridden else None, None)
+        self._kernels[(device.type, dtype)] = kernel
+        return kernel
+
+    # ---- forward ------------------------------------------------------------------------------
 
     def forward(
         self,
@@ -127,8 +210,41 @@ class MultiQueryAttention(nn.Module):
         Returns:
             ``(context [batch, seq, dim], attn_weights or None, (key, value) after this call)``.
         """
+        context, weights, _, present = self._attend(x, past_key_value, bias, mask, causal, needs_weights, False)
+        return context, weights, present
+
+    def probe(
+        self,
+        x: torch.Tensor,
+        past_key_value: KVCache | None = None,
+        bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        causal: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, KVCache]:
+        """Diagnostics: :meth:`forward` with ``needs_weights=True`` that also returns the largest
+        pre-softmax logit per [batch, head] (:func:`max_attention_logit`), the logit growth that
+        ``qk_ln`` and ``clip_qkv`` exist to prevent.
+
+        Returns:
+            ``(context, attn_weights, max_logit [batch, heads] fp32, (key, value))``.
+        """
+        context, weights, max_logit, present = self._attend(x, past_key_value, bias, mask, causal, True, True)
+        assert weights is not None and max_logit is not None
+        return context, weights, max_logit, present
+
+    def _attend(
+        self,
+        x: torch.Tensor,
+        past_key_value: KVCache | None,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        causal: bool,
+        needs_weights: bool,
+        needs_max_logit: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]:
         batch, q_len = self._check_input(x)
-        ATTENTION_BACKENDS.get(resolve_impl(self.attn_impl, x.device)).check_device(x.device)
+        if x.device.type not in self._device_backends:
+            self._resolve_device(x.device)
         past_len = self._check_cache(past_key_value, batch, x)
         k_len = past_len + q_len
         key_padding_mask = self._check_mask(mask, batch, k_len, x.device)
@@ -153,43 +269,47 @@ class MultiQueryAttention(nn.Module):
             v = torch.cat([past_key_value[1].to(v.dtype), v], dim=2)
 
         dropout_p = self.attn_pdrop if self.training else 0.0
-        kwargs = dict(softmax_scale=self.softmax_scale, causal=causal, bias=bias,
-                      key_padding_mask=key_padding_mask, dropout_p=dropout_p)
-        weights = None
+        weights = max_logit = None
         if needs_weights:
-            self._note(f"attn_impl={self.attn_impl!r}: needs_weights=True runs on the reference math path")
-            context, weights = reference_attention(q, k, v, **kwargs)
-            if self.record_max_logit:
-                self.max_logit = max_attention_logit(
+            self._note(f"attn_impl={self._attn_impl!r}: needs_weights=True runs on the reference math path")
+            context, weights = reference_attention(
+                q, k, v, softmax_scale=self.softmax_scale, causal=causal, bias=bias,
+                key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+            )
+            if needs_max_logit:
+                max_logit = max_attention_logit(
                     q, k, softmax_scale=self.softmax_scale, causal=causal, key_padding_mask=key_padding_mask
                 )
             used = "reference"
         else:
-            used = self._pick_backend(q, k, kwargs)
-            context = ATTENTION_BACKENDS.get(used)(q, k, v, **kwargs)
+            kernel = self._kernels.get((q.device.type, q.dtype))
+            if kernel is None:
+                kernel = self._resolve_kernel(q.device, q.dtype)
+            used, fn, call_check, note = kernel
+            if note is not None:
+                if self.verbose:
+                    self._note(note)
+            elif call_check is not None:
+                reason = call_check(
+                    q, k, causal=causal, bias=bias, key_padding_mask=key_padding_mask, dropout_p=dropout_p
+                )
+                if reason is not None:
+                    self._note(f"attn_impl={self._attn_impl!r} falls back to 'torch': {reason}")
+                    used, fn = "torch", _TORCH
+            context = fn(
+                q, k, v, softmax_scale=self.softmax_scale, causal=causal, bias=bias,
+                key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+            )
         if self.verbose >= 2:
             log.info("MultiQueryAttention: %s kernel, q_len=%d k_len=%d dtype=%s", used, q_len, k_len, q.dtype)
 
         context = context.transpose(1, 2).reshape(batch, q_len, self.dim)
-        return self.out_proj(context), weights, (k, v)
-
-    def _pick_backend(self, q: torch.Tensor, k: torch.Tensor, kwargs: dict) -> str:
-        impl = resolve_impl(self.attn_impl, q.device)
-        if impl == "torch":
-            return impl
-        reason = ATTENTION_BACKENDS.get(impl).unsupported(
-            q, k, causal=kwargs["causal"], bias=kwargs["bias"],
-            key_padding_mask=kwargs["key_padding_mask"], dropout_p=kwargs["dropout_p"],
-        )
-        if reason is None:
-            return impl
-        self._note(f"attn_impl={self.attn_impl!r} falls back to 'torch': {reason}")
-        return "torch"
+        return self.out_proj(context), weights, max_logit, (k, v)
 
     def _note(self, message: str) -> None:
         if self.verbose >= 1 and message not in self._warned:
             self._warned.add(message)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=4)
 
     # ---- input checks: one clear error before any work ---------------------------------------
 
@@ -296,30 +416,44 @@ def check_attention_args(
     fc_type: str,
     verbose: int,
     rope_theta: float | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> None:
-    """Raise ValueError/TypeError naming the first invalid attention argument."""
-    for name, value in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)):
+    """Raise ValueError/TypeError naming the first invalid attention argument.
+
+    The one home of these checks: the block runs them at construction and ``MQAConfig`` runs them
+    for the whole model. ``names`` maps an argument to how the message names it (``MQAConfig``
+    passes ``{"dim": "model.d_model", "heads": "model.heads", ...}``); arguments it leaves out are
+    named as themselves.
+    """
+
+    def name(arg: str) -> str:
+        return names.get(arg, arg) if names else arg
+
+    for arg, value in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
+            raise TypeError(f"{name(arg)} must be an int, got {value!r}")
         if value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ValueError(f"{name(arg)} must be positive, got {value}")
     if dim % heads:
-        raise ValueError(f"dim={dim} is not divisible by heads={heads}; pick heads that divide dim")
+        raise ValueError(
+            f"{name('dim')}={dim} is not divisible by {name('heads')}={heads}; "
+            f"pick {name('heads')} that divides {name('dim')}"
+        )
     if heads % kv_heads:
         raise ValueError(
-            f"heads={heads} is not divisible by kv_heads={kv_heads}; kv_heads must divide heads "
-            "(1 = MQA, heads = MHA)"
+            f"{name('heads')}={heads} is not divisible by {name('kv_heads')}={kv_heads}; "
+            f"{name('kv_heads')} must divide {name('heads')} (1 = MQA, heads = MHA)"
         )
-    ATTENTION_BACKENDS.get(attn_impl)
-    NORMS.get(norm_type)
-    LINEARS.get(fc_type)
+    ATTENTION_BACKENDS.get(attn_impl, name("attn_impl"))
+    NORMS.get(norm_type, name("norm_type"))
+    LINEARS.get(fc_type, name("fc_type"))
     if clip_qkv is not None and not clip_qkv > 0:
-        raise ValueError(f"clip_qkv must be > 0 (or None to disable), got {clip_qkv}")
+        raise ValueError(f"{name('clip_qkv')} must be > 0 (or None to disable), got {clip_qkv}")
     if softmax_scale is not None and not softmax_scale > 0:
-        raise ValueError(f"softmax_scale must be > 0 (or None for 1/sqrt(head_dim)), got {softmax_scale}")
+        raise ValueError(f"{name('softmax_scale')} must be > 0 (or None for 1/sqrt(head_dim)), got {softmax_scale}")
     if not (isinstance(attn_pdrop, (int, float)) and 0.0 <= attn_pdrop < 1.0):
-        raise ValueError(f"attn_pdrop must be in [0, 1), got {attn_pdrop}")
+        raise ValueError(f"{name('attn_pdrop')} must be in [0, 1), got {attn_pdrop}")
     if verbose not in (0, 1, 2):
-        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+        raise ValueError(f"{name('verbose')} must be 0, 1 or 2, got {verbose!r}")
     if rope_theta is not None and not rope_theta > 0:
-        raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
+        raise ValueError(f"{name('rope_theta')} must be > 0, got {rope_theta}")

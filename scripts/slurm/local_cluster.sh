@@ -62,7 +62,7 @@ JOB=$(RUN_DIR="$RUN_DIR" sbatch --parsable --gpus-per-node=0 --cpus-per-task="$(
   --output="$WORK/job-%j.out" scripts/slurm/train.sbatch \
   trainer=cpu trainer.max_steps=600 trainer.val_check_interval=100 data=text "data.paths=[$WORK/corpus.txt]" \
   data.tokenizer=char data.block_size=32 data.batch_size=8 "data.cache_dir=$WORK/cache" model.n_layers=2 \
-  model.d_model=64 model.max_seq_len=32 callbacks=model_checkpoint callbacks.recovery_checkpoint.every_n_train_steps=50 \
+  model.d_model=64 model.max_seq_len=32 "callbacks=[model_checkpoint,rng_state,preemption]" callbacks.recovery_checkpoint.every_n_train_steps=50 \
   trainer.enable_progress_bar=false sample.max_new_tokens=20)
 echo "submitted job $JOB"
 for _ in $(seq 300); do ls "$RUN_DIR"/checkpoints/recovery-step*.ckpt >/dev/null 2>&1 && break; sleep 1; done

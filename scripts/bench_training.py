@@ -1,0 +1,168 @@
+"""Training throughput on one GPU: ours (train.py, per attn_impl, eager and compiled), our model in a
+bare PyTorch loop (the ceiling without Lightning), and nanoGPT's ``bench.py`` -- in one call.
+
+    python scripts/bench_training.py --nanogpt .peers/nanogpt            # the full comparison
+    python scripts/bench_training.py --runs torch:compiled torch:compiled:chunked bare:compiled  # a subset
+
+A run is ``<attn_impl or bare or nanogpt>:<eager|compiled>[:<loss_impl>]``.
+
+The nanoGPT checkout is fetched by the user into a git-ignored folder (never vendored). Every
+train.py run uses gpt2_small with ``model.vocab_size=50304``, block 1024, ``--batch`` sequences,
+bf16-mixed, no validation, checkpoints, attention maps or samples; tokens/s is the median of the
+last 4 logged throughput windows. Prints a table with ours / nanoGPT-compiled measured in this call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUIET = [
+    "trainer.val_check_interval=100000", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false", "sample.max_new_tokens=0",
+    "callbacks.model_checkpoint=null", "callbacks.recovery_checkpoint=null", "callbacks.attention_maps=null",
+    "callbacks.samples=null",
+]
+
+
+def train_py(impl: str, compiled: bool, loss: str, args: argparse.Namespace, run_dir: Path) -> dict:
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), f"model={args.model}", "model.vocab_size=50304", f"model.loss_impl={loss}",
+        f"model.attn_impl={impl}", "trainer=gpu", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10",
+        "data=stdlib", "data.vocab_size=8192", "data.block_size=1024", f"data.batch_size={args.batch}",
+        f"module.compile={'true' if compiled else 'false'}", f"hydra.run.dir={run_dir}", *QUIET, *args.override,
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - start
+    metrics = sorted(run_dir.rglob("metrics.csv"))
+    rates, mfus = [], []
+    if metrics:
+        with open(metrics[0]) as f:
+            for row in csv.DictReader(f):
+                if row.get("throughput/tokens_per_sec"):
+                    rates.append(float(row["throughput/tokens_per_sec"]))
+                    mfus.append(float(row.get("throughput/mfu") or "nan"))
+    if proc.returncode != 0 or not rates:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        return {"error": f"rc {proc.returncode}", "tail": tail, "wall_s": wall}
+    compile_line = re.search(r"compile \+ first step: ([\d.]+) s", proc.stdout + proc.stderr)
+    return {
+        "tokens_per_s": statistics.median(rates[-4:]), "mfu": statistics.median(mfus[-4:]), "wall_s": wall,
+        "compile_s": float(compile_line.group(1)) if compile_line else None,
+    }
+
+
+def bare_loop(compiled: bool, loss: str, args: argparse.Namespace) -> dict:
+    """Our model, fused AdamW, bf16 autocast, random tokens: the model math without Lightning."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mqa_lm.model import MQAConfig, MQATransformer
+
+    fields = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{args.model}.yaml"))
+    fields = {k: v for k, v in fields.items() if k in MQAConfig.__dataclass_fields__}
+    fields.update(vocab_size=50304, attn_impl="torch", loss_impl=loss)
+    torch.manual_seed(0)
+    model = MQATransformer(MQAConfig(**fields)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    step_model = torch.compile(model) if compiled else model
+    x = torch.randint(50304, (args.batch, 1024), device="cuda")
+    y = torch.randint(50304, (args.batch, 1024), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    n = 30
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - start) / n
+    tokens = args.batch * 1024 / dt
+    peak = 989e12
+    return {"tokens_per_s": tokens, "mfu": model.flops_per_token(1024) * tokens / peak, "wall_s": None}
+
+
+def nanogpt(nanogpt_dir: Path, compiled: bool, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "bench.py", "--real_data=False", f"--batch_size={args.batch}",
+           f"--compile={compiled}", "--profile=False"]
+    proc = subprocess.run(cmd, cwd=nanogpt_dir, capture_output=True, text=True, timeout=args.timeout)
+    found = re.findall(r"time per iteration: ([\d.]+)ms", proc.stdout)
+    if proc.returncode != 0 or not found:
+        return {"error": f"rc {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-3000:]}
+    ms = float(found[-1])
+    return {"tokens_per_s": args.batch * 1024 / (ms / 1e3), "ms_per_iter": ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=[
+        "torch:eager", "torch:compiled", "triton:eager", "triton:compiled", "bare:compiled",
+        "nanogpt:compiled", "nanogpt:eager"])
+    parser.add_argument("--nanogpt", type=Path, default=ROOT / ".peers" / "nanogpt")
+    parser.add_argument("--model", default="gpt2_small")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--timeout", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "bench_training.json")
+    parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/bench_training_runs"))
+    parser.add_argument("override", nargs="*", help="extra train.py overrides for our runs")
+    args = parser.parse_args()
+
+    results: dict[str, dict] = {}
+    for run in args.runs:
+        impl, mode, *rest = run.split(":")
+        compiled = mode == "compiled"
+        loss = rest[0] if rest else "torch"
+        if impl == "nanogpt":
+            res = nanogpt(args.nanogpt, compiled, args)
+        elif impl == "bare":
+            res = bare_loop(compiled, loss, args)
+        else:
+            res = train_py(impl, compiled, loss, args, args.runs_dir / run.replace(":", "_"))
+        results[run] = res
+        print(json.dumps({"run": run, **{k: v for k, v in res.items() if k != "tail"}}), flush=True)
+        if "tail" in res:
+            print(res["tail"], flush=True)
+
+    base = results.get("nanogpt:compiled", {}).get("tokens_per_s")
+    print(f"\n{args.model}, batch {args.batch} x 1024, bf16; ratio = tokens/s over nanoGPT compiled (same call)")
+    print(f"{'run':<20} {'tokens/s':>10} {'MFU':>7} {'ratio':>7} {'compile s':>10}")
+    for run, res in results.items():
+        rate = res.get("tokens_per_s")
+        if rate is None:
+            print(f"{run:<20} {'failed':>10}")
+            continue
+        mfu = res.get("mfu")
+        ratio = f"{rate / base:.2f}" if base else "-"
+        mfu_s = f"{100 * mfu:.1f}%" if isinstance(mfu, float) and mfu == mfu else "-"
+        comp = f"{res['compile_s']:.1f}" if res.get("compile_s") else "-"
+        print(f"{run:<20} {rate:>10,.0f} {mfu_s:>7} {ratio:>7} {comp:>10}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from bench_env import benchmark_environment
+
+    args.out.write_text(json.dumps({**benchmark_environment(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
