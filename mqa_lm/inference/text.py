@@ -46,9 +46,9 @@ class TextStreamer:
     """Prints one row's continuation as its tokens arrive. Byte-level BPE can split a character
     across tokens, so text ending in an incomplete character is held back until it completes."""
 
-    def __init__(self, tokenizer: Tokenizer, out: TextIO = sys.stdout) -> None:
+    def __init__(self, tokenizer: Tokenizer, out: TextIO | None = None) -> None:
         self.tokenizer = tokenizer
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # looked up now: stdout may be redirected
         self.ids: list[int] = []
         self.printed = 0
 

@@ -1,0 +1,135 @@
+"""generate.py: sampling (one streamed prompt, a prompt file batched with left padding, several
+samples) and mode=perplexity, against the library run directly; config errors before any work."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mqa_lm import MQAConfig, MQATransformer
+from mqa_lm.data.tokenizer import build_char
+from mqa_lm.inference.text import perplexity
+from mqa_lm.pretrained import save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import generate  # noqa: E402
+
+TEXT = "It was the best of times, it was the worst of times; it was the age of wisdom.\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_triton_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture
+def export(tmp_path):
+    tokenizer = build_char([TEXT])
+    torch.manual_seed(0)
+    config = MQAConfig(vocab_size=tokenizer.get_vocab_size(), max_seq_len=64, n_layers=2, d_model=32, heads=4,
+                       kv_heads=1, attn_impl="torch", pos_emb="rope", init_std=0.3)
+    model = MQATransformer(config).eval()
+    return save_pretrained(model, tmp_path / "export", tokenizer), model, tokenizer
+
+
+def run_cli(capsys, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=list(overrides))
+    generate.run(cfg)
+    return capsys.readouterr()
+
+
+def greedy_text(model, tokenizer, prompt, n):
+    idx = torch.tensor([tokenizer.encode(prompt).ids])
+    out = model.generate_with_growing_cache(idx, n, temperature=0.0)
+    return tokenizer.decode(out[0, idx.shape[1]:].tolist(), skip_special_tokens=False)
+
+
+def test_one_prompt_streams_its_greedy_continuation(export, capsys):
+    path, model, tokenizer = export
+    out = run_cli(capsys, f"ckpt_path={path}", "prompt=it was the", "max_new_tokens=30", "temperature=0",
+                  "stop_at_eos=false", "device=cpu")
+    assert out.out == "it was the" + greedy_text(model, tokenizer, "it was the", 30) + "\n"
+    assert "30 tokens" in out.err
+
+
+def test_prompt_file_batches_prompts_and_samples(export, capsys, tmp_path):
+    path, model, tokenizer = export
+    prompts = ["it was the best", "wis", "the age of"]
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
+    out = run_cli(capsys, f"ckpt_path={path}", f"prompt_file={prompt_file}", "max_new_tokens=12", "temperature=0",
+                  "num_samples=2", "stop_at_eos=false", "device=cpu").out
+    blocks = re.split(r"--- prompt (\d) sample (\d) ---\n", out)[1:]
+    assert len(blocks) == 3 * 6  # 3 prompts x 2 samples, (prompt, sample, text) each
+    for p, s, text in zip(blocks[0::3], blocks[1::3], blocks[2::3]):
+        prompt = prompts[int(p)]
+        assert text == prompt + greedy_text(model, tokenizer, prompt, 12) + "\n", (p, s)
+
+
+def test_sampling_is_seeded(export, capsys):
+    path, _, _ = export
+    args = (f"ckpt_path={path}", "prompt=it", "max_new_tokens=20", "temperature=1.0", "top_k=10", "top_p=0.9",
+            "num_samples=3", "device=cpu")
+    first = run_cli(capsys, *args, "seed=3").out
+    assert run_cli(capsys, *args, "seed=3").out == first
+    assert run_cli(capsys, *args, "seed=4").out != first
+
+
+def test_perplexity_mode(export, capsys, tmp_path):
+    path, model, tokenizer = export
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text(TEXT * 3)
+    out = run_cli(capsys, "mode=perplexity", f"ckpt_path={path}", f"data.paths=[{text_file}]", "data.window=32",
+                  "data.stride=8", "device=cpu").out
+    want = perplexity(model, tokenizer, [TEXT * 3], window=32, stride=8)
+    values = dict(re.findall(r"(\w+)=([\d.]+)", out))
+    assert int(values["tokens"]) == want.tokens == len(TEXT * 3)
+    assert float(values["loss"]) == pytest.approx(want.loss, abs=1e-4)
+    assert float(values["bits_per_byte"]) == pytest.approx(want.bits_per_byte, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ckpt_path=/nonexistent/run"], "ckpt_path='/nonexistent/run' does not exist"),
+        (["mode=score"], "mode='score' is not one of: sample, perplexity"),
+        (["temperature=-1"], "temperature must be >= 0"),
+        (["top_p=1.5"], r"top_p must be in \(0, 1\]"),
+        (["num_samples=0"], "num_samples must be an integer >= 1"),
+        (["prompt_file=/nonexistent.txt"], "prompt_file='/nonexistent.txt' is not a file"),
+        (["mode=perplexity"], r"mode=perplexity needs data.paths=\[file.txt,...\]"),
+        (["attention=flash"], "attention='flash' is not one of"),
+    ],
+)
+def test_bad_options_fail_before_loading(export, capsys, overrides, message):
+    path, _, _ = export
+    args = [f"ckpt_path={path}", *overrides] if not overrides[0].startswith("ckpt_path") else overrides
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=args)
+    with pytest.raises(generate.UsageError, match=message):
+        generate.run(cfg)
+
+
+def test_command_line_entry_point(export):
+    path, model, tokenizer = export
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run(
+        [sys.executable, "generate.py", f"ckpt_path={path}", "prompt=the", "max_new_tokens=10", "temperature=0",
+         "stop_at_eos=false", "device=cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "the" + greedy_text(model, tokenizer, "the", 10) + "\n"
+    bad = subprocess.run([sys.executable, "generate.py", "ckpt_path=/nonexistent"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "config error: ckpt_path='/nonexistent' does not exist" in bad.stderr
