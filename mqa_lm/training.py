@@ -343,4 +343,6 @@ def report(cfg: DictConfig, sample: SampleConfig, trainer: L.Trainer, module: MQ
         sample_file.parent.mkdir(parents=True, exist_ok=True)
         sample_file.write_text(text, encoding="utf-8")
         lines.append(f"sample ({sample_file}):\n{'-' * 60}\n{text}\n{'-' * 60}")
+    if module.model is not None:
+        lines.append(f"sample more: python generate.py ckpt_path={cfg.paths.output_dir} prompt='...' max_new_tokens=200")
     print("\n".join(lines), flush=True)

@@ -30,6 +30,13 @@ def test_each_validation_prints_one_line_with_the_logged_loss(tmp_path, corpus, 
     assert times == sorted(times)
 
 
+def test_the_report_names_the_command_that_samples_from_the_run(tmp_path, corpus, capsys):  # noqa: F811
+    cfg = compose_cfg(small_run(tmp_path, corpus, "trainer.max_steps=2", "sample.max_new_tokens=0"))
+    train(cfg)
+    out = capsys.readouterr().out
+    assert f"sample more: python generate.py ckpt_path={tmp_path / 'run'} prompt=" in out
+
+
 def test_early_stopping_ends_the_run_before_max_steps(tmp_path, corpus, capsys):  # noqa: F811
     # min_delta larger than any possible improvement: the first validation sets the best, the
     # next `patience` ones cannot beat it, and training stops there.
