@@ -7,16 +7,23 @@ validate (one object per group) -> callbacks -> resume checkpoint -> datamodule 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.fabric.plugins.precision.precision import (
+    _PRECISION_INPUT_INT,
+    _PRECISION_INPUT_STR,
+    _PRECISION_INPUT_STR_ALIAS,
+)
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from mqa_lm.callbacks.tracking import log_resolved_config
@@ -36,6 +43,10 @@ from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
 
 log = logging.getLogger("mqa_lm")
+
+# What Lightning's Trainer(precision=...) accepts (lightning.fabric.connector checks the same set).
+PRECISION_VALUES = (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS),
+                    *get_args(_PRECISION_INPUT_INT))
 
 class ConfigError(ValueError):
     """A composed config that cannot run; the message names the key and the fix."""
@@ -121,6 +132,28 @@ def _check_trainer(trainer: DictConfig, optim: OptimConfig) -> None:
     accumulate = trainer.get("accumulate_grad_batches", 1)
     if not _is_int(accumulate) or accumulate < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    # Lightning takes 0 (ZeroDivisionError at the first step) and only checks a float's range late.
+    interval = trainer.get("val_check_interval", None)
+    if interval is not None and not isinstance(interval, (str, Mapping)) and not (
+        (_is_int(interval) and interval >= 1) or (isinstance(interval, float) and 0 < interval <= 1)
+    ):
+        raise ConfigError(
+            f"trainer.val_check_interval must be an integer >= 1 (steps between validations), a fraction in (0, 1] "
+            f"or null, got {interval!r}; e.g. trainer.val_check_interval=100"
+        )
+    if isinstance(interval, float) and trainer.get("check_val_every_n_epoch", 1) is None:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} is a fraction of an epoch, but trainer.check_val_every_n_epoch "
+            "is null (validation counted in steps); give a number of steps, e.g. trainer.val_check_interval=100"
+        )
+    # Lightning's own message names the value but not the key.
+    precision = trainer.get("precision", "auto")
+    valid = ("auto", *PRECISION_VALUES)
+    if precision not in valid:
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not one of {', '.join(map(str, valid))}; "
+            "e.g. trainer.precision=bf16-mixed"
+        )
 
 
 def validate_config(cfg: DictConfig) -> RunConfig:
@@ -128,6 +161,9 @@ def validate_config(cfg: DictConfig) -> RunConfig:
 
     Raises :class:`ConfigError` with one message naming the offending key.
     """
+    seed = cfg.get("seed")
+    if not _is_int(seed):
+        raise ConfigError(f"seed must be an integer, got {seed!r}; e.g. seed=1337")
     try:
         model_fields = _group(cfg, "model")
         vocab_from_data = model_fields.get("vocab_size") is None
@@ -231,9 +267,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if any(isinstance(cb, PreemptionCallback) for cb in callbacks) and (env := slurm_environment()) is not None:
         ours.append(env)
     plugins = merge_plugins([instantiate(p) for p in trainer_cfg.pop("plugins", None) or []], ours)
-    trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg) or False, plugins=plugins, _convert_="partial"
-    )
+    try:
+        trainer: L.Trainer = instantiate(
+            trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg) or False, plugins=plugins, _convert_="partial"
+        )
+    except InstantiationException as err:
+        # What _check_trainer leaves to Lightning (e.g. a float val_check_interval without epochs).
+        if isinstance(err.__cause__, (ValueError, TypeError, MisconfigurationException)):
+            raise ConfigError(f"trainer: {err.__cause__}") from None
+        raise
     module_cfg = _group(cfg, "module") or {"_target_": "mqa_lm.lit_module.MQALitModule"}
     module_cfg.pop("compile", None)
     module = instantiate(module_cfg, _partial_=True)(

@@ -132,6 +132,12 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         (["sample.max_new_tokens=-1"], "sample.max_new_tokens must be an integer >= 0, got -1"),
         (["sample.top_k=0"], "sample.top_k must be an integer >= 1 or null, got 0"),
         (["module.compile=sometimes"], "module.compile must be auto, true or false, got 'sometimes'"),
+        (["sample.temperature=-1"], "sample.temperature must be >= 0 (0 = greedy), got -1"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval must be an integer >= 1"),
+        (["trainer.val_check_interval=1.5"], "trainer.val_check_interval must be an integer >= 1"),
+        (["trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5 is a fraction of an epoch"),
+        (["trainer.precision=foo"], "trainer.precision='foo' is not one of auto, transformer-engine"),
+        (["seed=abc"], "seed must be an integer, got 'abc'; e.g. seed=1337"),
     ],
 )
 def test_bad_config_values_stop_with_one_clear_message(tmp_path, overrides, message):
@@ -252,6 +258,30 @@ def test_train_py_fast_dev_run_of_the_default_prints_a_sample(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sample (" in proc.stdout
     assert (tmp_path / "run" / "sample.txt").read_text(encoding="utf-8").strip()
+
+
+def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        ("sample.top_k=0", "config error: sample.top_k must be an integer >= 1 or null, got 0"),
+        ("trainer.val_check_interval=0", "config error: trainer.val_check_interval must be an integer >= 1"),
+        ("trainer.precision=foo", "config error: trainer.precision='foo' is not one of auto,"),
+        ("seed=abc", "config error: seed must be an integer, got 'abc'"),
+        ("trainer.max_steps=abc", "config error: trainer.max_steps must be an integer, got 'abc'"),
+    ],
+)
+def test_train_py_bad_values_give_one_line_and_exit_2(tmp_path, override, line):
+    """The real entry point: nothing but the one line on stderr, rc 2, no run directory work."""
+    proc = _train_py(tmp_path, override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_train_py_reports_a_config_error_and_exits_2(tmp_path):
