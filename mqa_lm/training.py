@@ -1,12 +1,14 @@
 """What ``python train.py`` does, as a function of the composed Hydra config (tests call it too).
 
-validate (one object per group) -> callbacks -> resume checkpoint -> datamodule -> Trainer -> module
+validate (one object per group) -> callbacks -> resume checkpoint -> datamodule -> prepare the data (rank 0)
+and check the vocabulary -> Trainer -> module
 -> Trainer.fit -> report and sample.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +40,7 @@ from mqa_lm.checkpointing import (
 from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.data import DataConfig
 from mqa_lm.distributed import check_launch, global_batch_line
-from mqa_lm.lit_module import MQALitModule
+from mqa_lm.lit_module import MQALitModule, check_vocab_fits
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
 
@@ -50,6 +52,11 @@ PRECISION_VALUES = (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_
 
 class ConfigError(ValueError):
     """A composed config that cannot run; the message names the key and the fix."""
+
+
+class DataError(ValueError):
+    """Sources that cannot be prepared (empty, not UTF-8, too short, a failed download); the message
+    names the file or URL and the fix."""
 
 
 @dataclass
@@ -199,6 +206,34 @@ def validate_config(cfg: DictConfig) -> RunConfig:
                      ckpt_path=str(ckpt_path) if ckpt_path else None, resume=resume)
 
 
+def _local_rank() -> int:
+    """This process's rank on its node as a launcher set it (torchrun, Lightning's DDP, srun); 0 alone."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def prepare_before_training(run: RunConfig, datamodule: Any) -> None:
+    """Prepare the data (local rank 0, as Lightning would) before the Trainer exists, so that a bad
+    source is one :class:`DataError` before any other work and the vocabulary can be checked.
+
+    Lightning's own ``prepare_data`` call in ``fit`` then finds the data current and does nothing.
+    """
+    try:
+        datamodule.prepare_data()
+    except ValueError as err:
+        message = str(err)
+        raise DataError(message.removeprefix("data: ")) from None
+    vocab = getattr(datamodule, "vocab_size", None)
+    if not run.vocab_from_data and _is_int(vocab):
+        try:
+            check_vocab_fits(run.model.vocab_size, vocab)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The ``callbacks`` group, instantiated; a bad value is a :class:`ConfigError` naming the callback."""
     built = []
@@ -252,14 +287,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = resume_checkpoint(run.ckpt_path, run.resume, checkpoint_dirs(cfg, callbacks), [Path(str(root_dir))])
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.matmul_precision)
-
     try:
         datamodule = run.datamodule_class(run.data)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
+    if _local_rank() == 0:
+        prepare_before_training(run, datamodule)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
     # Preemption requeues at a step boundary itself, so Lightning's SLURM requeue is switched off.

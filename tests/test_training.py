@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mqa_lm.checkpointing import SPECIAL_CKPT_PATHS
-from mqa_lm.training import ConfigError, build_callbacks, build_loggers, train, validate_config
+from mqa_lm.training import ConfigError, DataError, build_callbacks, build_loggers, train, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -352,3 +353,92 @@ def test_module_takes_the_validated_configs_and_waits_for_the_vocabulary(tmp_pat
     assert module.optim_config is run.optim
     built = MQALitModule(model=run.model.to_dict() | {"vocab_size": 77}, optim=run.optim.to_dict())
     assert built.config.vocab_size == 77 and built.config.n_layers == 1
+
+
+# -- data errors and the vocabulary: found after data preparation, before the Trainer -----------------
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/input.txt"  # nothing listens there: connection refused
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.txt", b"", "data.paths: {path} is empty; remove it from data.paths or add text"),
+        ("latin1.txt", "caf\u00e9 au lait ".encode("latin-1") * 50, "{path} is not valid UTF-8: invalid continuation byte at byte 3"),
+        ("binary.bin", bytes(range(256)) * 8, "{path} is not valid UTF-8: invalid start byte at byte 128"),
+        ("ten.txt", b"0123456789", "the train split has 9 tokens but one window needs data.block_size + 1 = 17; add text"),
+        ("records.jsonl", b'{"body": "hello"}\n' * 20, "{path}:1 has no 'text' field (it has: ['body']); set data.jsonl_field"),
+    ],
+)
+def test_unusable_sources_are_one_data_error_before_the_trainer(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        train(compose_cfg(small_run(tmp_path, path)))
+    assert str(err.value).startswith(message.format(path=path)), str(err.value)
+    assert not (tmp_path / "run").exists()  # no logger, checkpoint or run file was made
+
+
+def test_silent_url_is_one_data_error(tmp_path, monkeypatch):
+    import mqa_lm.data.sources as sources
+
+    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with socket.socket() as server:  # accepts connections (kernel backlog) but never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/input.txt"
+        with pytest.raises(DataError, match=f"could not download {url}: .*timed out; check the URL"):
+            train(compose_cfg(small_run(tmp_path, url)))  # type: ignore[arg-type]
+
+
+def test_model_vocab_below_the_tokenizer_is_a_config_error_before_the_trainer(tmp_path, corpus):
+    vocab = len(set(CORPUS)) + 2  # the char tokenizer: its characters, <unk> and <|endoftext|>
+    with pytest.raises(ConfigError, match=(
+        f"model.vocab_size=10 is smaller than the tokenizer's vocabulary of {vocab} ids; raise model.vocab_size "
+        f"to at least {vocab}, or set model.vocab_size=null to take the tokenizer's size"
+    )):
+        train(compose_cfg(small_run(tmp_path, corpus, "model.vocab_size=10")))
+    assert not (tmp_path / "run").exists()
+    # exactly the tokenizer's size is enough
+    metrics = train(compose_cfg(small_run(tmp_path, corpus, f"model.vocab_size={vocab}", "callbacks=none",
+                                          "trainer.max_steps=1", "trainer.val_check_interval=1")))
+    assert metrics["val/loss"] > 0
+
+
+def test_module_refuses_a_tokenizer_larger_than_its_vocabulary(tmp_path, corpus):
+    """The Python API (no train.py): the module checks once the datamodule's tokenizer exists."""
+    import lightning as L
+
+    from mqa_lm.data import TextDataModule
+    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.model import MQAConfig
+
+    dm = TextDataModule(str(corpus), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
+    module = MQALitModule(MQAConfig(vocab_size=10, n_layers=1, d_model=32, heads=4, max_seq_len=16))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"model.vocab_size=10 is smaller than the tokenizer's vocabulary of {len(set(CORPUS)) + 2} ids"):
+        trainer.fit(module, datamodule=dm)
+
+
+@pytest.mark.parametrize("case", ["empty", "refused_url", "vocab"])
+def test_train_py_data_and_vocab_errors_are_one_line_and_exit_2(tmp_path, corpus, case):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    url = _closed_port_url()
+    overrides, line = {
+        "empty": ([f"data.paths=[{empty}]"], f"data error: data.paths: {empty} is empty; remove it from data.paths"),
+        "refused_url": ([f"data.paths=[{url}]"], f"data error: could not download {url}: "),
+        "vocab": (["model.vocab_size=10"], "config error: model.vocab_size=10 is smaller than the tokenizer's vocabulary"),
+    }[case]
+    small = [o for o in small_run(tmp_path, corpus) if not o.startswith("paths.output_dir")]
+    proc = _train_py(tmp_path, *small, *overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
