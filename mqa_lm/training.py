@@ -38,6 +38,7 @@ from mqa_lm.checkpointing import (
     slurm_environment,
 )
 from mqa_lm.config_fields import DictRoundTrip
+from mqa_lm.console import quiet_known_noise
 from mqa_lm.data import DataConfig
 from mqa_lm.distributed import check_launch, global_batch_line
 from mqa_lm.lit_module import MQALitModule, check_vocab_fits
@@ -279,6 +280,7 @@ def merge_plugins(own: list[Any], extra: list[Any]) -> list[Any]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train as ``cfg`` says; returns the final callback metrics as floats."""
     run = validate_config(cfg)
+    quiet_known_noise()
     callbacks = build_callbacks(cfg)
     root_dir = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
     try:
