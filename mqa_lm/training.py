@@ -48,8 +48,9 @@ from mqa_lm.optim import OptimConfig
 log = logging.getLogger("mqa_lm")
 
 # What Lightning's Trainer(precision=...) accepts (lightning.fabric.connector checks the same set).
-PRECISION_VALUES = (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS),
-                    *get_args(_PRECISION_INPUT_INT))
+PRECISION_VALUES = tuple(dict.fromkeys(
+    str(v) for v in (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS), *get_args(_PRECISION_INPUT_INT))
+))
 
 class ConfigError(ValueError):
     """A composed config that cannot run; the message names the key and the fix."""
@@ -157,9 +158,9 @@ def _check_trainer(trainer: DictConfig, optim: OptimConfig) -> None:
     # Lightning's own message names the value but not the key.
     precision = trainer.get("precision", "auto")
     valid = ("auto", *PRECISION_VALUES)
-    if precision not in valid:
+    if isinstance(precision, bool) or str(precision) not in valid:  # 16 and "16" are both accepted
         raise ConfigError(
-            f"trainer.precision={precision!r} is not one of {', '.join(map(str, valid))}; "
+            f"trainer.precision={precision!r} is not one of {', '.join(valid)}; "
             "e.g. trainer.precision=bf16-mixed"
         )
 

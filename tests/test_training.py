@@ -159,6 +159,8 @@ def test_validated_groups_are_the_objects_the_run_uses(tmp_path):
     assert isinstance(run.data, DataConfig) and run.data.seed == 42 and run.data.paths == ["stdlib"]
     assert run.compile == "auto" and run.sample.max_new_tokens == 300
     assert not validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.vocab_size=300"])).vocab_from_data
+    for precision in ("16", "bf16-mixed", "32-true", "auto"):  # Lightning's values pass (16 arrives as an int)
+        validate_config(compose_cfg([f"paths.output_dir={tmp_path}", f"trainer.precision={precision}"]))
     # Lightning resolves these names itself: they pass validation without a file.
     for name in SPECIAL_CKPT_PATHS:
         assert validate_config(compose_cfg([f"paths.output_dir={tmp_path}", f"ckpt_path={name}"])).ckpt_path == name
