@@ -276,9 +276,10 @@ class MQATransformer(nn.Module):
                 f"sequence of {total} tokens (cached {past_len} + new {seq}) exceeds "
                 f"max_seq_len={self.config.max_seq_len}; crop the input or raise model.max_seq_len"
             )
-        if idx.device.type == "cpu":
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
             # Free of host syncs on the CPU; on an accelerator the check would stall every step, so
             # there an id out of range is the device's own indexing error (generate checks its prompt).
+            # Not traced: reading the ids would be a data-dependent branch for torch.compile/export.
             self.check_token_ids(idx)
         x = self.wte(idx.long())
         if self.wpe is not None:
