@@ -105,7 +105,7 @@ class ModelSizeSummary(ModelSummary):
         line = (f"model: {name}, {get_human_readable_count(summary.total_parameters)} parameters "
                 f"({get_human_readable_count(summary.trainable_parameters)} trainable)")
         flops = getattr(model, "flops_per_token", None)
-        if callable(flops):
+        if model is not None and callable(flops):
             seq = model.config.max_seq_len
             line += f", {get_human_readable_count(int(flops()))} FLOPs per token to train at sequence length {seq}"
         print(line, flush=True)
