@@ -276,6 +276,8 @@ def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         ("trainer.precision=foo", "config error: trainer.precision='foo' is not one of auto,"),
         ("seed=abc", "config error: seed must be an integer, got 'abc'"),
         ("trainer.max_steps=abc", "config error: trainer.max_steps must be an integer, got 'abc'"),
+        ("callbacks.preemption.check_every_n_steps=0",
+         "config error: callbacks.preemption.check_every_n_steps must be an integer >= 1, got 0"),
     ],
 )
 def test_train_py_bad_values_give_one_line_and_exit_2(tmp_path, override, line):
