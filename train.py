@@ -15,15 +15,15 @@ os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__))
 
 from mqa_lm.checkpointing import CheckpointWriteError  # noqa: E402
 from mqa_lm.run_dir import RunDirInUseError, remove_if_unused  # noqa: E402
-from mqa_lm.training import ConfigError, train  # noqa: E402
+from mqa_lm.training import ConfigError, DataError, train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except (ConfigError, RunDirInUseError) as err:
-        prefix = "config error" if isinstance(err, ConfigError) else "error"
+    except (ConfigError, DataError, RunDirInUseError) as err:
+        prefix = {ConfigError: "config error", DataError: "data error"}.get(type(err), "error")
         print(f"{prefix}: {err}", file=sys.stderr)
         # Nothing ran: leave no run directory that looks like a run (Hydra made it before main).
         remove_if_unused(HydraConfig.get().runtime.output_dir)

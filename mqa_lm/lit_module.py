@@ -19,6 +19,16 @@ from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
 COMPILE_SCOPES = ("model", "blocks")
 
 
+def check_vocab_fits(model_vocab: int, tokenizer_vocab: int) -> None:
+    """Raise ValueError, naming both sizes and the fix, when the tokenizer's ids do not fit the model."""
+    if model_vocab < tokenizer_vocab:
+        raise ValueError(
+            f"model.vocab_size={model_vocab} is smaller than the tokenizer's vocabulary of {tokenizer_vocab} ids; "
+            f"raise model.vocab_size to at least {tokenizer_vocab}, or set model.vocab_size=null to take the "
+            "tokenizer's size"
+        )
+
+
 class MQALitModule(L.LightningModule):
     """Trains an :class:`MQATransformer` on (x, y) token windows.
 
@@ -81,9 +91,13 @@ class MQALitModule(L.LightningModule):
         self.__dict__["_step_fn"] = step_fn
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.model is not None:
+            # Runs after prepare_data: the first step would otherwise fail with an IndexError.
+            tokenizer_vocab = getattr(datamodule, "vocab_size", None)
+            if isinstance(tokenizer_vocab, int):
+                check_vocab_fits(self.model.config.vocab_size, tokenizer_vocab)
+            return
         vocab_size = getattr(datamodule, "vocab_size", None)
         if vocab_size is None:
             raise ValueError(

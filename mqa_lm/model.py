@@ -269,6 +269,22 @@ class MQATransformer(nn.Module):
             max_logits.append(m)
         return weights, max_logits
 
+    def check_token_ids(self, idx: torch.Tensor) -> None:
+        """Raise ValueError, naming the vocabulary size, unless every id is in ``[0, vocab_size)``.
+
+        Reads ``idx``'s extremes on the host: one device sync for a tensor on an accelerator.
+        """
+        if idx.numel() == 0:
+            return
+        lo, hi = (int(v) for v in idx.aminmax())
+        vocab = self.config.vocab_size
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"token ids must be in [0, {vocab}) for this model (model.vocab_size={vocab}), got ids from {lo} to {hi}; "
+                "encode with the tokenizer the model was trained with, or build the model with a vocab_size of at "
+                "least the tokenizer's"
+            )
+
     def embed(self, idx: torch.Tensor, past_len: int = 0) -> torch.Tensor:
         """The first block's input for ``idx`` [batch, seq] placed after ``past_len`` cached tokens:
         token (+ learned position) embeddings after embedding dropout."""
@@ -281,6 +297,11 @@ class MQATransformer(nn.Module):
                 f"sequence of {total} tokens (cached {past_len} + new {seq}) exceeds "
                 f"max_seq_len={self.config.max_seq_len}; crop the input or raise model.max_seq_len"
             )
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Free of host syncs on the CPU; on an accelerator the check would stall every step, so
+            # there an id out of range is the device's own indexing error (generate checks its prompt).
+            # Not traced: reading the ids would be a data-dependent branch for torch.compile/export.
+            self.check_token_ids(idx)
         x = self.wte(idx.long())
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(past_len, total, device=idx.device))
@@ -350,6 +371,7 @@ class MQATransformer(nn.Module):
             raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
         if idx.shape[1] == 0:
             raise ValueError("generate needs at least one prompt token")
+        self.check_token_ids(idx)  # once per call; the sampled ids are in range by construction
         # The static-cache engine (CUDA graph on GPU) whenever the context never slides.
         from mqa_lm.inference import engine_generate
 

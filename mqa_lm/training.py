@@ -1,22 +1,31 @@
 """What ``python train.py`` does, as a function of the composed Hydra config (tests call it too).
 
-validate (one object per group) -> callbacks -> resume checkpoint -> datamodule -> Trainer -> module
+validate (one object per group) -> callbacks -> resume checkpoint -> datamodule -> prepare the data (rank 0)
+and check the vocabulary -> Trainer -> module
 -> Trainer.fit -> report and sample.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.fabric.plugins.precision.precision import (
+    _PRECISION_INPUT_INT,
+    _PRECISION_INPUT_STR,
+    _PRECISION_INPUT_STR_ALIAS,
+)
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from mqa_lm.callbacks.tracking import log_resolved_config
@@ -32,10 +41,11 @@ from mqa_lm.checkpointing import (
 )
 from mqa_lm.checkpointing.resume import _is_rank_zero
 from mqa_lm.config_fields import DictRoundTrip
+from mqa_lm.console import quiet_known_noise
 from mqa_lm.data import DataConfig
 from mqa_lm.distributed import check_launch, global_batch_line
 from mqa_lm.init_from import InitSource, apply_init_from, load_init_weights
-from mqa_lm.lit_module import COMPILE_SCOPES, MQALitModule
+from mqa_lm.lit_module import COMPILE_SCOPES, MQALitModule, check_vocab_fits
 from mqa_lm.loggers import ResumableCSVLogger
 from mqa_lm.model import MQAConfig
 from mqa_lm.optim import OptimConfig
@@ -45,8 +55,18 @@ register_resolvers()  # ${run_id:} in configs/hydra/default.yaml
 
 log = logging.getLogger("mqa_lm")
 
+# What Lightning's Trainer(precision=...) accepts (lightning.fabric.connector checks the same set).
+PRECISION_VALUES = tuple(dict.fromkeys(
+    str(v) for v in (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS), *get_args(_PRECISION_INPUT_INT))
+))
+
 class ConfigError(ValueError):
     """A composed config that cannot run; the message names the key and the fix."""
+
+
+class DataError(ValueError):
+    """Sources that cannot be prepared (empty, not UTF-8, too short, a failed download); the message
+    names the file or URL and the fix."""
 
 
 @dataclass
@@ -129,6 +149,28 @@ def _check_trainer(trainer: DictConfig, optim: OptimConfig) -> None:
     accumulate = trainer.get("accumulate_grad_batches", 1)
     if not _is_int(accumulate) or accumulate < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    # Lightning takes 0 (ZeroDivisionError at the first step) and only checks a float's range late.
+    interval = trainer.get("val_check_interval", None)
+    if interval is not None and not isinstance(interval, (str, Mapping)) and not (
+        (_is_int(interval) and interval >= 1) or (isinstance(interval, float) and 0 < interval <= 1)
+    ):
+        raise ConfigError(
+            f"trainer.val_check_interval must be an integer >= 1 (steps between validations), a fraction in (0, 1] "
+            f"or null, got {interval!r}; e.g. trainer.val_check_interval=100"
+        )
+    if isinstance(interval, float) and trainer.get("check_val_every_n_epoch", 1) is None:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} is a fraction of an epoch, but trainer.check_val_every_n_epoch "
+            "is null (validation counted in steps); give a number of steps, e.g. trainer.val_check_interval=100"
+        )
+    # Lightning's own message names the value but not the key.
+    precision = trainer.get("precision", "auto")
+    valid = ("auto", *PRECISION_VALUES)
+    if isinstance(precision, bool) or str(precision) not in valid:  # 16 and "16" are both accepted
+        raise ConfigError(
+            f"trainer.precision={precision!r} is not one of {', '.join(valid)}; "
+            "e.g. trainer.precision=bf16-mixed"
+        )
 
 
 def validate_config(cfg: DictConfig) -> RunConfig:
@@ -136,6 +178,9 @@ def validate_config(cfg: DictConfig) -> RunConfig:
 
     Raises :class:`ConfigError` with one message naming the offending key.
     """
+    seed = cfg.get("seed")
+    if not _is_int(seed):
+        raise ConfigError(f"seed must be an integer, got {seed!r}; e.g. seed=1337")
     try:
         model_fields = _group(cfg, "model")
         vocab_from_data = model_fields.get("vocab_size") is None
@@ -203,6 +248,34 @@ def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConf
     return step
 
 
+def _local_rank() -> int:
+    """This process's rank on its node as a launcher set it (torchrun, Lightning's DDP, srun); 0 alone."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def prepare_before_training(run: RunConfig, datamodule: Any) -> None:
+    """Prepare the data (local rank 0, as Lightning would) before the Trainer exists, so that a bad
+    source is one :class:`DataError` before any other work and the vocabulary can be checked.
+
+    Lightning's own ``prepare_data`` call in ``fit`` then finds the data current and does nothing.
+    """
+    try:
+        datamodule.prepare_data()
+    except ValueError as err:
+        message = str(err)
+        raise DataError(message.removeprefix("data: ")) from None
+    vocab = getattr(datamodule, "vocab_size", None)
+    if not run.vocab_from_data and _is_int(vocab):
+        try:
+            check_vocab_fits(run.model.vocab_size, vocab)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The ``callbacks`` group, instantiated; a bad value is a :class:`ConfigError` naming the callback."""
     built = []
@@ -256,6 +329,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     run = validate_config(cfg)
+    quiet_known_noise()
     if not _is_rank_zero():
         return _train(cfg, run, init_source)
     with RunDirLock(cfg.paths.output_dir):
@@ -272,14 +346,15 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
         resumed_step = check_resume_target(run, ckpt_path, cfg.trainer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.matmul_precision)
-
     try:
         datamodule = run.datamodule_class(run.data)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
+    if _local_rank() == 0:
+        prepare_before_training(run, datamodule)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
     # Preemption requeues at a step boundary itself, so Lightning's SLURM requeue is switched off.
@@ -292,9 +367,15 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
         for lg in loggers:
             if isinstance(lg, ResumableCSVLogger):
                 lg.resume_from_step(resumed_step)
-    trainer: L.Trainer = instantiate(
-        trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins, _convert_="partial"
-    )
+    try:
+        trainer: L.Trainer = instantiate(
+            trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins, _convert_="partial"
+        )
+    except InstantiationException as err:
+        # What _check_trainer leaves to Lightning (e.g. a float val_check_interval without epochs).
+        if isinstance(err.__cause__, (ValueError, TypeError, MisconfigurationException)):
+            raise ConfigError(f"trainer: {err.__cause__}") from None
+        raise
     module_cfg = _group(cfg, "module") or {"_target_": "mqa_lm.lit_module.MQALitModule"}
     module_cfg.pop("compile", None)
     module = instantiate(module_cfg, _partial_=True)(

@@ -314,6 +314,9 @@ def _past32(batch=B, kv_heads=1, length=PAST, head_dim=8):
         (dict(x=torch.randn(B, S, 16)), ValueError, r"x must have shape \[batch, seq, 32\], got \[2, 5, 16\]"),
         (dict(x=torch.ones(B, S, 32, dtype=torch.long)), TypeError, r"floating-point.*torch.int64"),
         (dict(x=[[0.0] * 32]), TypeError, r"x must be a torch.Tensor.*list"),
+        (dict(x=torch.randn(B, S, 32, dtype=torch.float16)), TypeError,
+         r"x has dtype torch.float16 but this MultiQueryAttention's weights are torch.float32; pass "
+         r"x.to\(torch.float32\), convert the module with .to\(torch.float16\), or run under torch.autocast"),
         (dict(mask=torch.ones(B, S + 1, dtype=torch.bool)), ValueError,
          r"mask must have shape \[batch=2, keys=5\].*got \[2, 6\]"),
         (dict(mask=torch.ones(B, S, dtype=torch.bool), past_key_value=_past32()), ValueError,
@@ -342,6 +345,16 @@ def test_invalid_forward_arguments(kwargs, error, pattern):
     x = kwargs.pop("x", torch.randn(B, S, 32))
     with pytest.raises(error, match=pattern):
         block(x, **kwargs)
+
+
+def test_autocast_takes_other_input_dtypes():
+    """Under autocast the dtype check stands aside: the matmuls cast, as in mixed-precision training."""
+    block = make_block(dtype=torch.float32)
+    x = torch.randn(B, S, 32)
+    expected = block(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block(x.bfloat16())[0]
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
 
 
 def test_triton_on_cpu_falls_back_and_warns_once_per_reason():

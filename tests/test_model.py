@@ -374,6 +374,29 @@ def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
         MQAConfig.from_dict({**c.to_dict(), "n_head": 4})
 
 
+def test_token_ids_outside_the_vocabulary_name_its_size():
+    model = tiny_model()
+    vocab = model.config.vocab_size
+    bad = tokens(2, 3, vocab)
+    bad[1, 2] = vocab
+    message = rf"token ids must be in \[0, {vocab}\) for this model \(model.vocab_size={vocab}\), got ids from \d+ to {vocab}"
+    with pytest.raises(ValueError, match=message):
+        model(bad)
+    with pytest.raises(ValueError, match=message):
+        model.generate(bad, 2)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match=r"got ids from -1 to"):
+        model(bad)
+    model(tokens(2, 3, vocab))  # the largest valid id range passes
+
+
+def test_fp16_hidden_states_into_an_fp32_block_name_both_dtypes():
+    model = tiny_model()  # low_precision_layernorm keeps the input's dtype: the attention sees fp16
+    x = torch.randn(1, 3, model.config.d_model, dtype=torch.float16)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float16 but this MultiQueryAttention's weights are torch.float32"):
+        model.blocks[0](x)
+
+
 def test_forward_rejects_bad_inputs():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"idx must be integer token ids \[batch, seq\], got torch.float32 \[2, 3\]"):

@@ -1,10 +1,16 @@
-"""Validation lines where no progress bar shows them, and early stopping as a callbacks option."""
+"""Validation lines where no progress bar shows them, early stopping as a callbacks option, the step
+counter of the bar, the one-line model summary and a default run's output without known noise."""
 
 from __future__ import annotations
 
 import csv
+import io
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import lightning as L
 
 from test_training import compose_cfg, corpus, small_run  # noqa: F401  (corpus is a fixture)
 
@@ -46,3 +52,48 @@ def test_early_stopping_ends_the_run_before_max_steps(tmp_path, corpus, capsys):
     train(cfg)
     steps = [int(s) for s in re.findall(r"^step (\d+): val/loss", capsys.readouterr().out, re.M)]
     assert steps == [4, 8, 12]
+
+
+def test_train_py_output_is_free_of_known_noise(tmp_path, corpus):  # noqa: F811
+    """The entry point as a user runs it (bar and summary on, output to a file): no litlogger advert,
+    no LeafSpec deprecation, no `Total FLOPs: 0`, no `Epoch 0/-2`; our summary line instead."""
+    from test_training import CORPUS, ROOT
+
+    from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+    from mqa_lm import MQAConfig, MQATransformer
+
+    overrides = [o for o in small_run(tmp_path, corpus, "trainer.max_steps=4", "trainer.val_check_interval=4")
+                 if not o.startswith(("paths.output_dir", "trainer.enable_"))]
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for noise in ("litlogger", "LeafSpec", "Total FLOPs", "Epoch 0/-2", "Skipping setting a default"):
+        assert noise not in out, noise
+    model = MQATransformer(MQAConfig(vocab_size=len(set(CORPUS)) + 2, max_seq_len=16, n_layers=2, d_model=32, heads=4))
+    params = get_human_readable_count(model.num_params())
+    flops = get_human_readable_count(int(model.flops_per_token()))
+    line = (f"model: MQATransformer, {params} parameters ({params} trainable), {flops} FLOPs per token to train "
+            "at sequence length 16")
+    assert line in proc.stdout.splitlines(), proc.stdout[-3000:]
+    assert "step 4: val/loss" in proc.stdout  # the validation line stays
+
+
+def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, corpus):  # noqa: F811
+    from mqa_lm.callbacks import TokensPerSecondBar
+    from mqa_lm.data import TextDataModule
+    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.model import MQAConfig
+
+    screen = io.StringIO()
+    bar = TokensPerSecondBar(console_kwargs={"file": screen, "force_terminal": True, "width": 160})
+    dm = TextDataModule(str(corpus), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
+    module = MQALitModule(MQAConfig(vocab_size=64, n_layers=1, d_model=32, heads=4, max_seq_len=16))
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                        use_distributed_sampler=False, callbacks=[bar], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "step" in text and "6/6" in text, text[-2000:]
+    assert "Epoch" not in text and "12/12" not in text  # not epochs, not micro-batches

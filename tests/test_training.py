@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mqa_lm.checkpointing import SPECIAL_CKPT_PATHS
-from mqa_lm.training import ConfigError, build_callbacks, build_loggers, train, validate_config
+from mqa_lm.training import ConfigError, DataError, build_callbacks, build_loggers, train, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -132,6 +133,12 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         (["sample.max_new_tokens=-1"], "sample.max_new_tokens must be an integer >= 0, got -1"),
         (["sample.top_k=0"], "sample.top_k must be an integer >= 1 or null, got 0"),
         (["module.compile=sometimes"], "module.compile must be auto, true or false, got 'sometimes'"),
+        (["sample.temperature=-1"], "sample.temperature must be >= 0 (0 = greedy), got -1"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval must be an integer >= 1"),
+        (["trainer.val_check_interval=1.5"], "trainer.val_check_interval must be an integer >= 1"),
+        (["trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5 is a fraction of an epoch"),
+        (["trainer.precision=foo"], "trainer.precision='foo' is not one of auto, transformer-engine"),
+        (["seed=abc"], "seed must be an integer, got 'abc'; e.g. seed=1337"),
     ],
 )
 def test_bad_config_values_stop_with_one_clear_message(tmp_path, overrides, message):
@@ -152,6 +159,8 @@ def test_validated_groups_are_the_objects_the_run_uses(tmp_path):
     assert isinstance(run.data, DataConfig) and run.data.seed == 42 and run.data.paths == ["stdlib"]
     assert run.compile == "auto" and run.sample.max_new_tokens == 300
     assert not validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.vocab_size=300"])).vocab_from_data
+    for precision in ("16", "bf16-mixed", "32-true", "auto"):  # Lightning's values pass (16 arrives as an int)
+        validate_config(compose_cfg([f"paths.output_dir={tmp_path}", f"trainer.precision={precision}"]))
     # Lightning resolves these names itself: they pass validation without a file.
     for name in SPECIAL_CKPT_PATHS:
         assert validate_config(compose_cfg([f"paths.output_dir={tmp_path}", f"ckpt_path={name}"])).ckpt_path == name
@@ -252,6 +261,32 @@ def test_train_py_fast_dev_run_of_the_default_prints_a_sample(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sample (" in proc.stdout
     assert (tmp_path / "run" / "sample.txt").read_text(encoding="utf-8").strip()
+
+
+def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        ("sample.top_k=0", "config error: sample.top_k must be an integer >= 1 or null, got 0"),
+        ("trainer.val_check_interval=0", "config error: trainer.val_check_interval must be an integer >= 1"),
+        ("trainer.precision=foo", "config error: trainer.precision='foo' is not one of auto,"),
+        ("seed=abc", "config error: seed must be an integer, got 'abc'"),
+        ("trainer.max_steps=abc", "config error: trainer.max_steps must be an integer, got 'abc'"),
+        ("callbacks.preemption.check_every_n_steps=0",
+         "config error: callbacks.preemption.check_every_n_steps must be an integer >= 1, got 0"),
+    ],
+)
+def test_train_py_bad_values_give_one_line_and_exit_2(tmp_path, override, line):
+    """The real entry point: nothing but the one line on stderr, rc 2, no run directory work."""
+    proc = _train_py(tmp_path, override)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_train_py_reports_a_config_error_and_exits_2(tmp_path):
@@ -392,3 +427,92 @@ def test_resume_rotates_out_old_recovery_files_and_drops_replayed_csv_rows(tmp_p
                                 *common)))
     assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000012.ckpt", "recovery-step000016.ckpt"]
     assert _csv_steps(run / "run") == _csv_steps(straight / "run")
+
+
+# -- data errors and the vocabulary: found after data preparation, before the Trainer -----------------
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/input.txt"  # nothing listens there: connection refused
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.txt", b"", "data.paths: {path} is empty; remove it from data.paths or add text"),
+        ("latin1.txt", "caf\u00e9 au lait ".encode("latin-1") * 50, "{path} is not valid UTF-8: invalid continuation byte at byte 3"),
+        ("binary.bin", bytes(range(256)) * 8, "{path} is not valid UTF-8: invalid start byte at byte 128"),
+        ("ten.txt", b"0123456789", "the train split has 9 tokens but one window needs data.block_size + 1 = 17; add text"),
+        ("records.jsonl", b'{"body": "hello"}\n' * 20, "{path}:1 has no 'text' field (it has: ['body']); set data.jsonl_field"),
+    ],
+)
+def test_unusable_sources_are_one_data_error_before_the_trainer(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        train(compose_cfg(small_run(tmp_path, path)))
+    assert str(err.value).startswith(message.format(path=path)), str(err.value)
+    assert not (tmp_path / "run").exists()  # no logger, checkpoint or run file was made
+
+
+def test_silent_url_is_one_data_error(tmp_path, monkeypatch):
+    import mqa_lm.data.sources as sources
+
+    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with socket.socket() as server:  # accepts connections (kernel backlog) but never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/input.txt"
+        with pytest.raises(DataError, match=f"could not download {url}: .*timed out; check the URL"):
+            train(compose_cfg(small_run(tmp_path, url)))  # type: ignore[arg-type]
+
+
+def test_model_vocab_below_the_tokenizer_is_a_config_error_before_the_trainer(tmp_path, corpus):
+    vocab = len(set(CORPUS)) + 2  # the char tokenizer: its characters, <unk> and <|endoftext|>
+    with pytest.raises(ConfigError, match=(
+        f"model.vocab_size=10 is smaller than the tokenizer's vocabulary of {vocab} ids; raise model.vocab_size "
+        f"to at least {vocab}, or set model.vocab_size=null to take the tokenizer's size"
+    )):
+        train(compose_cfg(small_run(tmp_path, corpus, "model.vocab_size=10")))
+    assert not (tmp_path / "run").exists()
+    # exactly the tokenizer's size is enough
+    metrics = train(compose_cfg(small_run(tmp_path, corpus, f"model.vocab_size={vocab}", "callbacks=none",
+                                          "trainer.max_steps=1", "trainer.val_check_interval=1")))
+    assert metrics["val/loss"] > 0
+
+
+def test_module_refuses_a_tokenizer_larger_than_its_vocabulary(tmp_path, corpus):
+    """The Python API (no train.py): the module checks once the datamodule's tokenizer exists."""
+    import lightning as L
+
+    from mqa_lm.data import TextDataModule
+    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.model import MQAConfig
+
+    dm = TextDataModule(str(corpus), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
+    module = MQALitModule(MQAConfig(vocab_size=10, n_layers=1, d_model=32, heads=4, max_seq_len=16))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"model.vocab_size=10 is smaller than the tokenizer's vocabulary of {len(set(CORPUS)) + 2} ids"):
+        trainer.fit(module, datamodule=dm)
+
+
+@pytest.mark.parametrize("case", ["empty", "refused_url", "vocab"])
+def test_train_py_data_and_vocab_errors_are_one_line_and_exit_2(tmp_path, corpus, case):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    url = _closed_port_url()
+    overrides, line = {
+        "empty": ([f"data.paths=[{empty}]"], f"data error: data.paths: {empty} is empty; remove it from data.paths"),
+        "refused_url": ([f"data.paths=[{url}]"], f"data error: could not download {url}: "),
+        "vocab": (["model.vocab_size=10"], "config error: model.vocab_size=10 is smaller than the tokenizer's vocabulary"),
+    }[case]
+    small = [o for o in small_run(tmp_path, corpus) if not o.startswith("paths.output_dir")]
+    proc = _train_py(tmp_path, *small, *overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr

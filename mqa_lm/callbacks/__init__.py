@@ -5,14 +5,14 @@ W&B tracking and the progress bar. Each is a Lightning callback (or logger) with
 from mqa_lm.callbacks.attention import AttentionMapLogger, attention_entropy, attention_stats
 from mqa_lm.callbacks.export import PretrainedExport
 from mqa_lm.callbacks.heatmap import render_heatmap, to_uint8
-from mqa_lm.callbacks.progress import TokensPerSecondBar, ValidationLine, progress_bar
+from mqa_lm.callbacks.progress import ModelSizeSummary, TokensPerSecondBar, ValidationLine, model_summary, progress_bar
 from mqa_lm.callbacks.samples import SampleLogger
 from mqa_lm.callbacks.throughput import PEAK_FLOPS, GradNormMonitor, TokenThroughputMonitor, peak_flops
 from mqa_lm.callbacks.tracking import RunMetadata, RunWandbLogger, log_resolved_config, scrub_secrets
 
 __all__ = [
-    "AttentionMapLogger", "GradNormMonitor", "PEAK_FLOPS", "PretrainedExport", "RunMetadata", "RunWandbLogger",
-    "SampleLogger", "TokenThroughputMonitor", "TokensPerSecondBar", "ValidationLine", "attention_entropy",
-    "attention_stats", "log_resolved_config", "peak_flops", "progress_bar", "render_heatmap", "scrub_secrets",
-    "to_uint8",
+    "AttentionMapLogger", "GradNormMonitor", "ModelSizeSummary", "PEAK_FLOPS", "PretrainedExport", "RunMetadata",
+    "RunWandbLogger", "SampleLogger", "TokenThroughputMonitor", "TokensPerSecondBar", "ValidationLine",
+    "attention_entropy", "attention_stats", "log_resolved_config", "model_summary", "peak_flops", "progress_bar",
+    "render_heatmap", "scrub_secrets", "to_uint8",
 ]

@@ -1,5 +1,6 @@
-"""A Rich progress bar that shows the loss and the tokens/s of :class:`TokenThroughputMonitor`, and a
-plain validation line where no bar is seen."""
+"""A Rich progress bar that shows optimizer steps, the loss and the tokens/s of
+:class:`TokenThroughputMonitor`; a plain validation line where no bar is seen; and a one-line model
+summary (parameters and training FLOPs per token) in place of Lightning's table."""
 
 from __future__ import annotations
 
@@ -8,13 +9,39 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from mqa_lm.callbacks.throughput import TokenThroughputMonitor
 
 
 class TokensPerSecondBar(RichProgressBar):
-    """Lightning's RichProgressBar plus ``tok/s`` (updated every ``log_every_n_steps`` steps)."""
+    """Lightning's RichProgressBar plus ``tok/s`` (updated every ``log_every_n_steps`` steps).
+
+    With ``trainer.max_steps`` set, the training bar counts optimizer steps to it (``step 120/800``)
+    rather than batches of an epoch (an epoch here is the whole run, and ``max_epochs`` is -1).
+    """
+
+    def _counts_steps(self) -> bool:
+        return self._trainer is not None and self.trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._counts_steps() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "step" if self._counts_steps() else f"epoch {current_epoch}"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._counts_steps():
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # resumed mid-run
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -61,3 +88,29 @@ class ValidationLine(L.Callback):
             return
         elapsed = time.perf_counter() - self._start
         print(f"step {trainer.global_step}: val/loss {float(loss):.4f} ({elapsed:.1f} s)", flush=True)
+
+
+class ModelSizeSummary(ModelSummary):
+    """One line at the start of fit in place of Lightning's table, whose FLOPs column reads 0 without
+    an example input: ``model: MQATransformer, 6.9 M parameters (6.9 M trainable), 41.2 M FLOPs per
+    token to train at sequence length 256``. The FLOPs are ``MQATransformer.flops_per_token``
+    (forward + backward; a third of it is the forward)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        summary = self._summary(trainer, pl_module)
+        model = getattr(pl_module, "model", None)
+        name = type(model).__name__ if model is not None else type(pl_module).__name__
+        line = (f"model: {name}, {get_human_readable_count(summary.total_parameters)} parameters "
+                f"({get_human_readable_count(summary.trainable_parameters)} trainable)")
+        flops = getattr(model, "flops_per_token", None)
+        if model is not None and callable(flops):
+            seq = model.config.max_seq_len
+            line += f", {get_human_readable_count(int(flops()))} FLOPs per token to train at sequence length {seq}"
+        print(line, flush=True)
+
+
+def model_summary(enabled: bool = True) -> ModelSizeSummary | None:
+    """The summary, or None when ``trainer.enable_model_summary`` is false (``build_callbacks`` drops it)."""
+    return ModelSizeSummary() if enabled else None

@@ -90,7 +90,10 @@ class TextDataModule(pl.LightningDataModule):
         Lightning calls this on local rank 0 only. Safe to call more than once, or from several
         processes at once (every file is written to a unique temp name and renamed into place).
         """
-        directory, key = prepare(self._resolve(), self.settings, self.cache_root)
+        files = self._resolve()
+        # train() prepares before the Trainer, which calls this again: say "reusing" once per object.
+        quiet = self._key is not None and data_key(files, self.settings) == self._key
+        directory, key = prepare(files, self.settings, self.cache_root, announce_reuse=not quiet)
         for split in SPLITS:
             meta = read_json(split_paths(directory, split)[1])
             self._check_long_enough(split, meta["num_tokens"])

@@ -162,8 +162,11 @@ def _write_split(
     return meta
 
 
-def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path) -> tuple[Path, str]:
+def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path,
+            announce_reuse: bool = True) -> tuple[Path, str]:
     """Make sure the prepared data for ``files`` + ``settings`` exists and is intact; return (dir, key).
+
+    ``announce_reuse=False`` skips the "reusing prepared data" log line (a repeated call).
 
     Does no work when everything is already there and consistent. Otherwise rebuilds only what is
     missing or stale (warning why, when something was there), always from the sources: files are only
@@ -179,7 +182,8 @@ def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path) -
         reasons = {split: stale_reason(directory, split, key, sha) for split in SPLITS}
         reasons = {split: why for split, why in reasons.items() if why is not None}
         if not reasons:
-            log.info("reusing prepared data in %s", directory)
+            if announce_reuse:
+                log.info("reusing prepared data in %s", directory)
             return directory, key
     for split, why in reasons.items():
         if why != "not prepared yet":

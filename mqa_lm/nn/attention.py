@@ -320,6 +320,14 @@ class MultiQueryAttention(nn.Module):
             raise ValueError(f"x must have shape [batch, seq, {self.dim}], got {list(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        # Host-side attribute reads only. Under autocast the matmuls cast their inputs themselves.
+        weight = getattr(self.Wqkv, "weight", None)
+        if (isinstance(weight, torch.Tensor) and x.dtype != weight.dtype and weight.is_floating_point()
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(
+                f"x has dtype {x.dtype} but this MultiQueryAttention's weights are {weight.dtype}; pass "
+                f"x.to({weight.dtype}), convert the module with .to({x.dtype}), or run under torch.autocast"
+            )
         return x.shape[0], x.shape[1]
 
     def _check_cache(self, past_key_value: KVCache | None, batch: int, x: torch.Tensor) -> int:
