@@ -83,6 +83,7 @@ class RunDirLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self.held = False
+        self.created = False
 
     def _owner(self) -> dict[str, Any] | None:
         try:
@@ -94,6 +95,7 @@ class RunDirLock:
         return owner if isinstance(owner, dict) else {}
 
     def acquire(self) -> None:
+        self.created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "slurm_job": os.environ.get("SLURM_JOB_ID")}
@@ -135,6 +137,11 @@ class RunDirLock:
         owner = self._owner()
         if owner is not None and owner.get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+        if self.created:  # a directory the lock made and nothing else used goes with it
+            try:
+                self.directory.rmdir()
+            except OSError:
+                pass  # not empty: the run wrote into it
 
     def __enter__(self) -> RunDirLock:
         self.acquire()
