@@ -39,7 +39,9 @@ def check_config(cfg: DictConfig) -> None:
     """Every option checked before the model is loaded."""
     _choose(cfg.mode, MODES, "mode")
     if cfg.ckpt_path is None or not Path(str(cfg.ckpt_path)).expanduser().exists():
-        raise UsageError(f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a run directory, a .ckpt file or an export directory")
+        raise UsageError(
+            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a run directory, a .ckpt file or an export directory"
+        )
     _choose(str(cfg.device).split(":")[0], ("auto", "cpu", "cuda"), "device")
     _choose(str(cfg.dtype), ("auto", *DTYPES), "dtype")
     if cfg.mode == "sample":

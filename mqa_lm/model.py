@@ -136,6 +136,14 @@ class MQAConfig(DictRoundTrip):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
+    # Declared so that code reaching a block through ``MQATransformer.blocks`` (an nn.ModuleList,
+    # which a type checker sees as holding plain Modules) gets the submodules' real types.
+    norm_1: nn.Module
+    attn: MultiQueryAttention
+    norm_2: nn.Module
+    mlp: MLP
+    resid_dropout: nn.Dropout
+
     def __init__(self, config: MQAConfig) -> None:
         super().__init__()
         self.norm_1 = build_norm(config.norm_type, config.d_model)

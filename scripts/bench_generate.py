@@ -67,8 +67,11 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
         idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device,
                             generator=torch.Generator(device=device).manual_seed(batch))
         new = args.new_tokens
+        # Every closure here and below binds what it uses as defaults: late binding was harmless
+        # (each is timed in the iteration that made it) but would break if one were kept.
         variants = {
-            "ours: old path (growing cache)": lambda: model.generate_with_growing_cache(idx, new, temperature=0.0),
+            "ours: old path (growing cache)": lambda m=model, idx=idx, new=new: m.generate_with_growing_cache(
+                idx, new, temperature=0.0),
         }
         engines = {"ours: engine eager sdpa": dict(attention="sdpa", cuda_graph=False)}
         if on_cuda:
@@ -76,17 +79,18 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             engines["ours: engine graph sdpa"] = dict(attention="sdpa", cuda_graph=True)
             engines["ours: engine graph triton"] = dict(attention="triton", cuda_graph=True)
             if args.compile:
-                engines["ours: engine graph triton + inductor"] = dict(attention="triton", cuda_graph=True, compile=True)
+                engines["ours: engine graph triton + inductor"] = dict(attention="triton", cuda_graph=True,
+                                                                      compile=True)
         for name, kwargs in engines.items():
             try:
                 engine = InferenceEngine(model, batch, max_len=args.max_seq_len, **kwargs)
             except Exception as err:  # noqa: BLE001 - one failure must not stop the run
                 rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
                 continue
-            variants[name] = lambda e=engine: e.generate(idx, new, temperature=0.0)
+            variants[name] = lambda e=engine, idx=idx, new=new: e.generate(idx, new, temperature=0.0)
             if name.endswith("graph triton"):
                 gen = torch.Generator(device=device)
-                variants[name + " top-k/top-p"] = lambda e=engine: e.generate(
+                variants[name + " top-k/top-p"] = lambda e=engine, idx=idx, new=new, gen=gen: e.generate(
                     idx, new, temperature=0.8, top_k=50, top_p=0.95, generator=gen.manual_seed(1))
         for name, fn in variants.items():
             try:
@@ -99,6 +103,9 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             print(rows[-1], flush=True)
         if not args.no_hf:
             bench_hf(args, device, dtype, batch, idx, rows)
+        # The closures (and ``fn``, the last of them) hold the model now; dropping them lets
+        # ``del model`` free it as before.
+        del variants, fn
     del model
     if on_cuda:
         torch.cuda.empty_cache()
@@ -126,7 +133,7 @@ def bench_hf(args, device: torch.device, dtype: torch.dtype, batch: int, idx: to
             kwargs["cache_implementation"] = "static"
         try:
             with torch.no_grad():
-                seconds = timed(lambda: hf.generate(idx, **kwargs), device, 1)
+                seconds = timed(lambda hf=hf, kwargs=kwargs: hf.generate(idx, **kwargs), device, 1)
             rows.append(dict(section="generate", name=name, batch=batch, seconds=seconds,
                              tok_per_s=batch * args.new_tokens / seconds, ms_per_step=1e3 * seconds / args.new_tokens))
         except Exception as err:  # noqa: BLE001
@@ -183,14 +190,15 @@ def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None
                   for _ in range(copies)]
         out = torch.empty_like(q)
         impls = {
-            "ours": [lambda k=k, v=v: decode_attention(q, k, v, out=out, check=False) for k, v in caches],
-            "sdpa": [lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != heads)
+            "ours": [lambda k=k, v=v, q=q, out=out: decode_attention(q, k, v, out=out, check=False)
                      for k, v in caches],
+            "sdpa": [lambda k=k, v=v, q=q, kv_heads=kv_heads: F.scaled_dot_product_attention(
+                q, k, v, enable_gqa=kv_heads != heads) for k, v in caches],
         }
         if length == max(args.lengths) and kv_heads == 1:
             # Keys per program against the default plan (split_plan), to tune it.
             for size in (128, 512, 2048):
-                impls[f"ours/{size}"] = [lambda k=k, v=v, size=size: decode_attention(
+                impls[f"ours/{size}"] = [lambda k=k, v=v, size=size, q=q, out=out: decode_attention(
                     q, k, v, out=out, check=False, split_size=size) for k, v in caches]
         for name, calls in impls.items():
             try:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -32,14 +33,20 @@ from mqa_lm.kernels import ATTENTION_BACKENDS, resolve_impl, sdpa_attention
 from mqa_lm.nn.positions import alibi_slopes, apply_rotary
 
 if TYPE_CHECKING:
-    from mqa_lm.model import MQATransformer
+    from mqa_lm.model import Block, MQATransformer
     from mqa_lm.nn.attention import MultiQueryAttention
+    from mqa_lm.nn.positions import RotaryEmbedding
 
 DECODE_ATTENTION = ("auto", "triton", "sdpa")
 ENGINE_ENV = "MQA_LM_GENERATE_ENGINE"  # 0: generate() keeps the growing-cache loop
 CUDA_GRAPH_ENV = "MQA_LM_CUDA_GRAPHS"  # 0: the engine runs its decode step eagerly on CUDA too
 
 Settings = tuple[float, "int | None", "float | None", "int | None"]
+
+
+def _blocks(model: MQATransformer) -> Iterable[Block]:
+    """``model.blocks`` as what it holds: an nn.ModuleList types its items as plain Modules."""
+    return cast("Iterable[Block]", model.blocks)
 
 
 def _triton_decode_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -112,7 +119,8 @@ class InferenceEngine:
             if torch.is_autocast_enabled(device.type):
                 dtype = torch.get_autocast_dtype(device.type)
             else:
-                dtype = model.blocks[0].attn.Wqkv.weight.dtype
+                first = cast("Block", model.blocks[0])
+                dtype = cast(torch.Tensor, first.attn.Wqkv.weight).dtype
         self.dtype = dtype
         triton_ok = _triton_decode_runs(device, dtype, config.head_dim)
         if attention == "triton" and not triton_ok:
@@ -141,7 +149,7 @@ class InferenceEngine:
         self.kv_caches = [torch.zeros(kv_shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.k_caches = [kv[:, 0] for kv in self.kv_caches]
         self.v_caches = [kv[:, 1] for kv in self.kv_caches]
-        long = dict(device=device, dtype=torch.long)
+        long: dict[str, Any] = dict(device=device, dtype=torch.long)
         self.key_mask = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.pad = torch.zeros(batch_size, **long)  # left-padding per row
         self.cur = torch.zeros(1, **long)  # position of the token the next step feeds
@@ -159,7 +167,7 @@ class InferenceEngine:
         # The engine keeps the rotary tables it reads: a captured graph holds their addresses.
         self.rope = [
             block.attn.rotary.cos_sin(max_len, device, dtype) if block.attn.rotary is not None else None
-            for block in model.blocks
+            for block in _blocks(model)
         ]
         self._step_impl = self._decode_step
         if compile:
@@ -199,7 +207,8 @@ class InferenceEngine:
         if tables is not None:
             cos, sin = tables
             if cos.dtype != q.dtype:
-                cos, sin = attn.rotary.cos_sin(self.max_len, q.device, q.dtype)
+                # rope[layer] is set exactly when the layer has a rotary embedding.
+                cos, sin = cast("RotaryEmbedding", attn.rotary).cos_sin(self.max_len, q.device, q.dtype)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         elif not attn.qk_ln:
@@ -222,7 +231,7 @@ class InferenceEngine:
         bias = model.alibi_bias(device)
         if bias is not None:
             bias = bias[..., -length:]
-        for i, block in enumerate(model.blocks):
+        for i, block in enumerate(_blocks(model)):
             attn = block.attn
             q, k, v, _ = self._qkv(i, attn, block.norm_1(x), positions)
             self.k_caches[i][:, :, :length] = k
@@ -276,7 +285,7 @@ class InferenceEngine:
             # -slope * distance to the current key, computed per step so that the entries that
             # matter stay near 0 in fp32 however long the cache.
             bias = (self.slopes[:, None] * (self.key_pos - cur)).view(1, -1, 1, self.max_len)
-        for i, block in enumerate(model.blocks):
+        for i, block in enumerate(_blocks(model)):
             attn = block.attn
             q, k, v, kv = self._qkv(i, attn, block.norm_1(x), positions)
             k_cache, v_cache = self.k_caches[i], self.v_caches[i]

@@ -45,7 +45,7 @@ def sample_with_uniform(
     elif nucleus:
         logits, index = torch.sort(logits, descending=True, dim=-1)
     probs = logits.softmax(dim=-1)
-    if nucleus:
+    if nucleus and top_p is not None:  # the second test only narrows top_p: nucleus implies it
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before >= top_p, 0.0)
     cdf = probs.cumsum(dim=-1)
