@@ -21,8 +21,14 @@ import hydra
 from omegaconf import DictConfig
 
 MODES = ("sample", "perplexity")
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 class UsageError(ValueError):
@@ -103,10 +109,13 @@ def run(cfg: DictConfig) -> None:
         files = text_files(cfg.data.paths)
         texts = [f.read_text(encoding="utf-8") for f in files]
         start = time.perf_counter()
-        result: Perplexity = perplexity(model, tokenizer, texts, window=cfg.data.window, stride=cfg.data.stride,
-                                        batch_size=cfg.data.batch_size)
-        print(f"files={len(files)} tokens={result.tokens} bytes={result.bytes} loss={result.loss:.4f} "
-              f"perplexity={result.perplexity:.3f} bits_per_byte={result.bits_per_byte:.4f}")
+        result: Perplexity = perplexity(
+            model, tokenizer, texts, window=cfg.data.window, stride=cfg.data.stride, batch_size=cfg.data.batch_size
+        )
+        print(
+            f"files={len(files)} tokens={result.tokens} bytes={result.bytes} loss={result.loss:.4f} "
+            f"perplexity={result.perplexity:.3f} bits_per_byte={result.bits_per_byte:.4f}"
+        )
         print(f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
         return
 
@@ -132,8 +141,15 @@ def run(cfg: DictConfig) -> None:
         sys.stdout.flush()
     start = time.perf_counter()
     new = generate_ids(
-        model, rows, cfg.max_new_tokens, temperature=float(cfg.temperature), top_k=cfg.top_k,
-        top_p=cfg.top_p, eos_token_id=eos, generator=generator, attention=cfg.attention,
+        model,
+        rows,
+        cfg.max_new_tokens,
+        temperature=float(cfg.temperature),
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_id=eos,
+        generator=generator,
+        attention=cfg.attention,
         cuda_graph=None if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph),
         on_tokens=(lambda fresh: streamer.put(shown(fresh[0]))) if streamer is not None else None,
     )
@@ -146,8 +162,10 @@ def run(cfg: DictConfig) -> None:
             print(f"--- prompt {i // cfg.num_samples} sample {i % cfg.num_samples} ---")
             print(prompt + tokenizer.decode(shown(ids), skip_special_tokens=False))
     count = sum(len(ids) for ids in new)
-    print(f"({count} tokens in {seconds:.2f} s, {count / seconds:.0f} tok/s, {len(rows)} rows on {device}, {dtype})",
-          file=sys.stderr)
+    print(
+        f"({count} tokens in {seconds:.2f} s, {count / seconds:.0f} tok/s, {len(rows)} rows on {device}, {dtype})",
+        file=sys.stderr,
+    )
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="generate")

@@ -25,7 +25,5 @@ class DictRoundTrip:
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
-                f"unknown {cls.config_group} keys {unknown}; valid keys are: {', '.join(sorted(known))}"
-            )
+            raise ValueError(f"unknown {cls.config_group} keys {unknown}; valid keys are: {', '.join(sorted(known))}")
         return cls(**values)

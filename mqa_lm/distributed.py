@@ -76,18 +76,30 @@ def global_batch(trainer: L.Trainer, datamodule: Any) -> dict[str, int]:
     accumulate = int(trainer.accumulate_grad_batches)
     world = int(trainer.world_size)
     sequences = micro * accumulate * world
-    return {"micro_batch": micro, "accumulate": accumulate, "world_size": world, "sequences": sequences,
-            "tokens": sequences * int(datamodule.block_size)}
+    return {
+        "micro_batch": micro,
+        "accumulate": accumulate,
+        "world_size": world,
+        "sequences": sequences,
+        "tokens": sequences * int(datamodule.block_size),
+    }
 
 
 def global_batch_line(trainer: L.Trainer, datamodule: Any) -> str:
     g = global_batch(trainer, datamodule)
-    return (f"global batch: {g['micro_batch']} (micro-batch) x {g['accumulate']} (accumulation) x "
-            f"{g['world_size']} (world size) = {g['sequences']} sequences = {g['tokens']:,} tokens per step")
+    return (
+        f"global batch: {g['micro_batch']} (micro-batch) x {g['accumulate']} (accumulation) x "
+        f"{g['world_size']} (world size) = {g['sequences']} sequences = {g['tokens']:,} tokens per step"
+    )
 
 
-def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", activation_checkpointing: bool = False,
-                  state_dict_type: str = "full", cpu_offload: bool = False, **kwargs: Any) -> Any:
+def fsdp_strategy(
+    sharding_strategy: str = "FULL_SHARD",
+    activation_checkpointing: bool = False,
+    state_dict_type: str = "full",
+    cpu_offload: bool = False,
+    **kwargs: Any,
+) -> Any:
     """Lightning's FSDPStrategy wrapping each :class:`mqa_lm.model.Block` as one FSDP unit.
 
     Args:

@@ -72,7 +72,7 @@ def default_family(config: MQAConfig) -> str | None:
 
 
 def _default_scale(config: MQAConfig) -> bool:
-    want = config.head_dim ** -0.5
+    want = config.head_dim**-0.5
     return config.softmax_scale is None or math.isclose(config.softmax_scale, want, rel_tol=1e-12)
 
 
@@ -92,7 +92,7 @@ def export_blockers(config: MQAConfig, family: str | None = None) -> list[str]:
     if not _default_scale(config):
         blockers.append(
             f"model.softmax_scale={config.softmax_scale}: GPTBigCode and Llama scale by 1/sqrt(head_dim) = "
-            f"{config.head_dim ** -0.5:.6g}"
+            f"{config.head_dim**-0.5:.6g}"
         )
     if family == "gpt_bigcode":
         if config.pos_emb == "rope":
@@ -123,7 +123,8 @@ def check_exportable(config: MQAConfig, family: str | None = None) -> str:
     if blockers or chosen is None:
         target = chosen or "any supported transformers class (gpt_bigcode, llama)"
         raise HFExportError(
-            f"cannot export this model as {target} without changing what it computes: " + "; ".join(blockers)
+            f"cannot export this model as {target} without changing what it computes: "
+            + "; ".join(blockers)
             + ". Train with options the class has (see mqa_lm.hf), or keep the mqa-lm format (save_pretrained)"
         )
     return chosen
@@ -140,21 +141,43 @@ def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
 def to_hf_config(config: MQAConfig, family: str, tokenizer: Tokenizer | None = None) -> PretrainedConfig:
     """The transformers config of ``family`` that computes ``config``'s model."""
     transformers = _require_transformers()
-    common = {"vocab_size": config.vocab_size, "tie_word_embeddings": config.tie_embeddings,
-              "initializer_range": config.init_std, **_special_ids(tokenizer)}
+    common = {
+        "vocab_size": config.vocab_size,
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.init_std,
+        **_special_ids(tokenizer),
+    }
     if family == "gpt_bigcode":
         return transformers.GPTBigCodeConfig(
-            n_positions=config.max_seq_len, n_embd=config.d_model, n_layer=config.n_layers, n_head=config.heads,
-            n_inner=config.hidden_size, activation_function="gelu_pytorch_tanh", resid_pdrop=config.resid_pdrop,
-            embd_pdrop=config.emb_pdrop, attn_pdrop=config.attn_pdrop, layer_norm_epsilon=NORM_EPS,
-            scale_attn_weights=True, multi_query=config.kv_heads == 1, **common,
+            n_positions=config.max_seq_len,
+            n_embd=config.d_model,
+            n_layer=config.n_layers,
+            n_head=config.heads,
+            n_inner=config.hidden_size,
+            activation_function="gelu_pytorch_tanh",
+            resid_pdrop=config.resid_pdrop,
+            embd_pdrop=config.emb_pdrop,
+            attn_pdrop=config.attn_pdrop,
+            layer_norm_epsilon=NORM_EPS,
+            scale_attn_weights=True,
+            multi_query=config.kv_heads == 1,
+            **common,
         )
     return transformers.LlamaConfig(
-        hidden_size=config.d_model, intermediate_size=config.hidden_size, num_hidden_layers=config.n_layers,
-        num_attention_heads=config.heads, num_key_value_heads=config.kv_heads, head_dim=config.head_dim,
-        hidden_act="silu", max_position_embeddings=config.max_seq_len, rms_norm_eps=NORM_EPS,
+        hidden_size=config.d_model,
+        intermediate_size=config.hidden_size,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=NORM_EPS,
         rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
-        attention_bias=config.bias, mlp_bias=config.bias, attention_dropout=config.attn_pdrop, **common,
+        attention_bias=config.bias,
+        mlp_bias=config.bias,
+        attention_dropout=config.attn_pdrop,
+        **common,
     )
 
 
@@ -182,15 +205,20 @@ def to_hf_state_dict(config: MQAConfig, state: dict[str, torch.Tensor], family: 
     if family == "gpt_bigcode":
         out["transformer.wte.weight"] = state["wte.weight"]
         wpe = state.get("wpe.weight")
-        out["transformer.wpe.weight"] = wpe if wpe is not None else torch.zeros(
-            config.max_seq_len, dim, dtype=state["wte.weight"].dtype)
+        out["transformer.wpe.weight"] = (
+            wpe if wpe is not None else torch.zeros(config.max_seq_len, dim, dtype=state["wte.weight"].dtype)
+        )
         for i in range(config.n_layers):
             ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
             for a, b in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
                 out[f"{theirs}.{b}.weight"] = state[f"{ours}.{a}.weight"]
                 out[f"{theirs}.{b}.bias"] = state[f"{ours}.{a}.bias"]
-            linears = (("attn.Wqkv", "attn.c_attn"), ("attn.out_proj", "attn.c_proj"),
-                       ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj"))
+            linears = (
+                ("attn.Wqkv", "attn.c_attn"),
+                ("attn.out_proj", "attn.c_proj"),
+                ("mlp.up_proj", "mlp.c_fc"),
+                ("mlp.down_proj", "mlp.c_proj"),
+            )
             for a, b in linears:
                 weight = state[f"{ours}.{a}.weight"]
                 bias = bias_of(f"{ours}.{a}", weight.shape[0], weight)
@@ -320,17 +348,30 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> MQAConfig:
 
     if model_type == "gpt_bigcode":
         d_model, heads = hf["n_embd"], hf["n_head"]
-        need("activation_function", hf.get("activation_function", "gelu_pytorch_tanh") in ("gelu_pytorch_tanh",
-             "gelu_new", "gelu_fast"), "mqa-lm's MLP uses the tanh GELU")
+        need(
+            "activation_function",
+            hf.get("activation_function", "gelu_pytorch_tanh") in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"),
+            "mqa-lm's MLP uses the tanh GELU",
+        )
         need("layer_norm_epsilon", math.isclose(hf.get("layer_norm_epsilon", 1e-5), NORM_EPS), "mqa-lm norms use 1e-5")
         need("scale_attn_weights", hf.get("scale_attn_weights", True), "mqa-lm always scales by 1/sqrt(head_dim)")
         need("add_cross_attention", not hf.get("add_cross_attention", False), "mqa-lm is decoder-only")
         fields = dict(
-            vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"], n_layers=hf["n_layer"], d_model=d_model,
-            heads=heads, kv_heads=1 if hf.get("multi_query", True) else heads, norm_type="layernorm",
-            pos_emb="learned", mlp_type="gelu", mlp_hidden=hf.get("n_inner") or 4 * d_model, bias=True,
-            tie_embeddings=hf.get("tie_word_embeddings", True), resid_pdrop=hf.get("resid_pdrop", 0.0),
-            emb_pdrop=hf.get("embd_pdrop", 0.0), attn_pdrop=hf.get("attn_pdrop", 0.0),
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf["n_positions"],
+            n_layers=hf["n_layer"],
+            d_model=d_model,
+            heads=heads,
+            kv_heads=1 if hf.get("multi_query", True) else heads,
+            norm_type="layernorm",
+            pos_emb="learned",
+            mlp_type="gelu",
+            mlp_hidden=hf.get("n_inner") or 4 * d_model,
+            bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            resid_pdrop=hf.get("resid_pdrop", 0.0),
+            emb_pdrop=hf.get("embd_pdrop", 0.0),
+            attn_pdrop=hf.get("attn_pdrop", 0.0),
             init_std=hf.get("initializer_range", 0.02),
         )
     else:
@@ -338,24 +379,39 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> MQAConfig:
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         theta = _hf_get(rope, "rope_theta", default=hf.get("rope_theta", 10000.0))
         need("hidden_act", hf.get("hidden_act", "silu") == "silu", "mqa-lm's SwiGLU gates with SiLU")
-        need("rms_norm_eps", math.isclose(hf.get("rms_norm_eps", 1e-6), NORM_EPS),
-             "mqa-lm norms use eps 1e-5 (Llama's default is 1e-6)")
+        need(
+            "rms_norm_eps",
+            math.isclose(hf.get("rms_norm_eps", 1e-6), NORM_EPS),
+            "mqa-lm norms use eps 1e-5 (Llama's default is 1e-6)",
+        )
         head_dim = hf.get("head_dim") or d_model // heads
         need("head_dim", head_dim * heads == d_model, f"mqa-lm needs head_dim * heads = hidden_size ({d_model})")
-        need("attention_bias", bool(hf.get("attention_bias", False)) == bool(hf.get("mlp_bias", False)),
-             f"mqa-lm has one bias switch for all projections, but mlp_bias={hf.get('mlp_bias')!r}")
+        need(
+            "attention_bias",
+            bool(hf.get("attention_bias", False)) == bool(hf.get("mlp_bias", False)),
+            f"mqa-lm has one bias switch for all projections, but mlp_bias={hf.get('mlp_bias')!r}",
+        )
         rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
         if rope_type != "default":
             problems.append(f"rope_parameters.rope_type={rope_type!r}: mqa-lm has plain RoPE only")
         if hf.get("pretraining_tp", 1) not in (None, 1):
             problems.append(f"pretraining_tp={hf.get('pretraining_tp')!r}: only 1 is supported")
         fields = dict(
-            vocab_size=hf["vocab_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-            n_layers=hf["num_hidden_layers"], d_model=d_model, heads=heads,
-            kv_heads=hf.get("num_key_value_heads") or heads, norm_type="rmsnorm", pos_emb="rope",
-            rope_theta=float(theta), mlp_type="swiglu", mlp_hidden=hf["intermediate_size"],
-            bias=bool(hf.get("attention_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", False),
-            attn_pdrop=hf.get("attention_dropout", 0.0) or 0.0, init_std=hf.get("initializer_range", 0.02),
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            n_layers=hf["num_hidden_layers"],
+            d_model=d_model,
+            heads=heads,
+            kv_heads=hf.get("num_key_value_heads") or heads,
+            norm_type="rmsnorm",
+            pos_emb="rope",
+            rope_theta=float(theta),
+            mlp_type="swiglu",
+            mlp_hidden=hf["intermediate_size"],
+            bias=bool(hf.get("attention_bias", False)),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            attn_pdrop=hf.get("attention_dropout", 0.0) or 0.0,
+            init_std=hf.get("initializer_range", 0.02),
         )
     if problems:
         raise HFImportError(
@@ -385,8 +441,12 @@ def from_hf_state_dict(config: MQAConfig, hf_state: dict[str, torch.Tensor], fam
             for a, b in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
                 out[f"{ours}.{a}.weight"] = hf_state[f"{theirs}.{b}.weight"]
                 out[f"{ours}.{a}.bias"] = hf_state[f"{theirs}.{b}.bias"]
-            for a, b in (("attn.Wqkv", "attn.c_attn"), ("attn.out_proj", "attn.c_proj"),
-                         ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")):
+            for a, b in (
+                ("attn.Wqkv", "attn.c_attn"),
+                ("attn.out_proj", "attn.c_proj"),
+                ("mlp.up_proj", "mlp.c_fc"),
+                ("mlp.down_proj", "mlp.c_proj"),
+            ):
                 weight, bias = hf_state[f"{theirs}.{b}.weight"], hf_state[f"{theirs}.{b}.bias"]
                 if a == "attn.Wqkv" and config.kv_heads != 1:
                     weight, bias = _deinterleave_mha(weight, config.heads), _deinterleave_mha(bias, config.heads)

@@ -56,7 +56,7 @@ def resolve_init_from(spec: str, run_dir: str | Path) -> InitSource:
 
     spec = str(spec)
     if spec.startswith(HF_PREFIX):
-        directory = Path(spec[len(HF_PREFIX):]).expanduser()
+        directory = Path(spec[len(HF_PREFIX) :]).expanduser()
         if not (directory / "config.json").is_file():
             raise ValueError(
                 f"init_from={spec!r}: {directory} has no config.json; give a transformers model directory "
@@ -68,8 +68,9 @@ def resolve_init_from(spec: str, run_dir: str | Path) -> InitSource:
         except KeyError as err:
             raise ValueError(f"init_from={spec!r}: config.json lacks {err}") from None
         tokenizer_file = directory / "tokenizer.json"
-        return InitSource(spec, config, tokenizer_file if tokenizer_file.is_file() else None,
-                          lambda: hf.read_hf(directory)[1])
+        return InitSource(
+            spec, config, tokenizer_file if tokenizer_file.is_file() else None, lambda: hf.read_hf(directory)[1]
+        )
 
     path = Path(spec).expanduser()
     if not path.exists():
@@ -88,8 +89,12 @@ def resolve_init_from(spec: str, run_dir: str | Path) -> InitSource:
             return resolve_init_from(HF_PREFIX + str(source), run_dir)
         config = pretrained.config_from_dict(raw, str(source / pretrained.CONFIG_FILE))
         tokenizer_file = source / pretrained.TOKENIZER_FILE
-        return InitSource(spec, config, tokenizer_file if tokenizer_file.is_file() else None,
-                          lambda: pretrained.read_export(source)[1])
+        return InitSource(
+            spec,
+            config,
+            tokenizer_file if tokenizer_file.is_file() else None,
+            lambda: pretrained.read_export(source)[1],
+        )
     config, state, tokenizer = pretrained.read_checkpoint(source)
     written: Path | None = None
     if tokenizer is not None:
@@ -107,8 +112,11 @@ def apply_init_from(cfg: DictConfig) -> tuple[DictConfig, InitSource | None]:
     source = resolve_init_from(spec, cfg.paths.output_dir)
     ours: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
     merged = {**source.config.to_dict(), **{k: ours[k] for k in RUNTIME_FIELDS if k in ours}}
-    ignored = [f"model.{k}={ours[k]!r} (pretrained: {merged[k]!r})" for k in sorted(ours)
-               if k in merged and ours[k] is not None and ours[k] != merged[k]]
+    ignored = [
+        f"model.{k}={ours[k]!r} (pretrained: {merged[k]!r})"
+        for k in sorted(ours)
+        if k in merged and ours[k] is not None and ours[k] != merged[k]
+    ]
     log.info("init_from=%s: architecture, tokenizer and weights of the pretrained model", spec)
     if ignored:
         log.warning("init_from=%s decides the architecture; ignored: %s", spec, ", ".join(ignored))

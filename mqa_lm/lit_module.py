@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
-
 
 COMPILE_SCOPES = ("model", "blocks")
 
@@ -53,8 +53,17 @@ class MQALitModule(L.LightningModule):
     Hyperparameters are saved as plain containers, so checkpoints load with ``weights_only=True``.
     """
 
-    def __init__(self, model: MQAConfig | Mapping[str, Any], optim: OptimConfig | Mapping[str, Any] | None = None,
-                 compile: bool = False, vocab_from_data: bool = False, compile_scope: str = "model") -> None:
+    # The model, or its torch.compile wrapper: called by forward; kept out of nn.Module's registry.
+    _step_fn: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]]
+
+    def __init__(
+        self,
+        model: MQAConfig | Mapping[str, Any],
+        optim: OptimConfig | Mapping[str, Any] | None = None,
+        compile: bool = False,
+        vocab_from_data: bool = False,
+        compile_scope: str = "model",
+    ) -> None:
         super().__init__()
         if not isinstance(compile, bool):
             raise TypeError(f"compile must be True or False here (train() resolves 'auto'), got {compile!r}")
@@ -110,13 +119,22 @@ class MQALitModule(L.LightningModule):
             self._build(MQAConfig.from_dict({**self.hparams["model"], "vocab_size": int(vocab_size)}))
 
     @property
+    def net(self) -> MQATransformer:
+        """The model, once built (in ``__init__``, or by ``configure_model`` when the vocabulary
+        comes from the data)."""
+        if self.model is None:
+            raise RuntimeError("the model is built in configure_model(), once the datamodule's tokenizer is known")
+        return self.model
+
+    @property
     def config(self) -> MQAConfig:
-        assert self.model is not None, "the model is built in configure_model()"
-        return self.model.config
+        return self.net.config
 
     # ---- steps ------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self._step_fn(idx, targets)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -159,15 +177,17 @@ class MQALitModule(L.LightningModule):
 
     # ---- optimisation -----------------------------------------------------------------------
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
-        optimizer = build_optimizer(self.model, self.optim_config, grad_scaling=scaler is not None)
+        optimizer = build_optimizer(self.net, self.optim_config, grad_scaling=scaler is not None)
         decay_steps = self.optim_config.decay_steps or self._max_steps()
         scheduler = build_scheduler(optimizer, self.optim_config, decay_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip as the Trainer says; a fused AdamW under bf16 is clipped here directly.
@@ -198,16 +218,32 @@ class MQALitModule(L.LightningModule):
     # ---- text in, text out ------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 50,
-               top_p: float | None = None, eos_token_id: int | None = None, seed: int = 0) -> list[int]:
+    def sample(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        seed: int = 0,
+    ) -> list[int]:
         """Generate after ``prompt_ids`` with the KV cache; returns prompt + continuation ids."""
-        was_training = self.model.training
-        self.model.eval()
+        model = self.net
+        was_training = model.training
+        model.eval()
         try:
             idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      eos_token_id=eos_token_id, generator=gen)
+            out = model.generate(
+                idx,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=eos_token_id,
+                generator=gen,
+            )
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         return out[0].tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 from lightning.pytorch.loggers import CSVLogger
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricExperimentWriter
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -54,7 +55,7 @@ class ResumableCSVLogger(CSVLogger):
         self._drop_from = int(step)
 
     @property
-    def experiment(self) -> ExperimentWriter:
+    def experiment(self) -> _FabricExperimentWriter:
         if self._experiment is None:
             self._experiment = _AppendingWriter(log_dir=self.log_dir, drop_from=self._drop_from)
         return self._experiment

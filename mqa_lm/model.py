@@ -32,9 +32,17 @@ LOSS_IMPLS = ("torch", "chunked")
 ATTENTION_FIELD_NAMES = {
     arg: f"model.{field}"
     for arg, field in {
-        "dim": "d_model", "heads": "heads", "kv_heads": "kv_heads", "attn_impl": "attn_impl",
-        "clip_qkv": "clip_qkv", "softmax_scale": "softmax_scale", "attn_pdrop": "attn_pdrop",
-        "norm_type": "norm_type", "fc_type": "fc_type", "verbose": "verbose", "rope_theta": "rope_theta",
+        "dim": "d_model",
+        "heads": "heads",
+        "kv_heads": "kv_heads",
+        "attn_impl": "attn_impl",
+        "clip_qkv": "clip_qkv",
+        "softmax_scale": "softmax_scale",
+        "attn_pdrop": "attn_pdrop",
+        "norm_type": "norm_type",
+        "fc_type": "fc_type",
+        "verbose": "verbose",
+        "rope_theta": "rope_theta",
     }.items()
 }
 
@@ -76,9 +84,17 @@ class MQAConfig(DictRoundTrip):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
         check_attention_args(
-            dim=self.d_model, heads=self.heads, kv_heads=self.kv_heads, attn_impl=self.attn_impl,
-            clip_qkv=self.clip_qkv, softmax_scale=self.softmax_scale, attn_pdrop=self.attn_pdrop,
-            norm_type=self.norm_type, fc_type=self.fc_type, verbose=self.verbose, rope_theta=self.rope_theta,
+            dim=self.d_model,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            attn_impl=self.attn_impl,
+            clip_qkv=self.clip_qkv,
+            softmax_scale=self.softmax_scale,
+            attn_pdrop=self.attn_pdrop,
+            norm_type=self.norm_type,
+            fc_type=self.fc_type,
+            verbose=self.verbose,
+            rope_theta=self.rope_theta,
             names=ATTENTION_FIELD_NAMES,
         )
         for name in ("resid_pdrop", "emb_pdrop"):
@@ -149,10 +165,19 @@ class Block(nn.Module):
         self.norm_1 = build_norm(config.norm_type, config.d_model)
         # MQAConfig checked these arguments once for every layer.
         self.attn = MultiQueryAttention.prechecked(
-            dim=config.d_model, heads=config.heads, kv_heads=config.kv_heads, attn_impl=config.attn_impl,
-            clip_qkv=config.clip_qkv, qk_ln=config.qk_ln, softmax_scale=config.softmax_scale,
-            attn_pdrop=config.attn_pdrop, norm_type=config.norm_type, fc_type=config.fc_type,
-            verbose=config.verbose, bias=config.bias, device=None,
+            dim=config.d_model,
+            heads=config.heads,
+            kv_heads=config.kv_heads,
+            attn_impl=config.attn_impl,
+            clip_qkv=config.clip_qkv,
+            qk_ln=config.qk_ln,
+            softmax_scale=config.softmax_scale,
+            attn_pdrop=config.attn_pdrop,
+            norm_type=config.norm_type,
+            fc_type=config.fc_type,
+            verbose=config.verbose,
+            bias=config.bias,
+            device=None,
             rope_theta=config.rope_theta if config.pos_emb == "rope" else None,
         )
         self.norm_2 = build_norm(config.norm_type, config.d_model)
@@ -212,18 +237,19 @@ class MQATransformer(nn.Module):
         into the residual stream (attention out_proj, MLP down_proj) scaled by 1/sqrt(2·n_layers)."""
         std = self.config.init_std
         for module in self.modules():
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+            elif isinstance(weight, nn.Parameter) and weight.dim() == 1:
+                nn.init.ones_(weight)
+            else:
+                continue
+            if isinstance(bias, torch.Tensor):
+                nn.init.zeros_(bias)
         residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.out_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+        for block in cast(list[Block], self.blocks):
+            for projection in (block.attn.out_proj, block.mlp.down_proj):  # nn.Linear or TE's Linear
+                nn.init.normal_(cast(torch.Tensor, projection.weight), mean=0.0, std=residual_std)
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -243,8 +269,11 @@ class MQATransformer(nn.Module):
             return self.lm_head(hidden), None
         if self.config.loss_impl == "chunked":
             loss = linear_cross_entropy(
-                hidden.reshape(-1, hidden.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                chunk_size=self.loss_chunk_rows(), ignore_index=-100,
+                hidden.reshape(-1, hidden.size(-1)),
+                self.lm_head.weight,
+                targets.reshape(-1),
+                chunk_size=self.loss_chunk_rows(),
+                ignore_index=-100,
             )
             return None, loss
         logits = self.lm_head(hidden)
@@ -288,7 +317,8 @@ class MQATransformer(nn.Module):
         vocab = self.config.vocab_size
         if lo < 0 or hi >= vocab:
             raise ValueError(
-                f"token ids must be in [0, {vocab}) for this model (model.vocab_size={vocab}), got ids from {lo} to {hi}; "
+                f"token ids must be in [0, {vocab}) for this model (model.vocab_size={vocab}), "
+                f"got ids from {lo} to {hi}; "
                 "encode with the tokenizer the model was trained with, or build the model with a vocab_size of at "
                 "least the tokenizer's"
             )
@@ -446,7 +476,10 @@ class MQATransformer(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        cls,
+        path: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> MQATransformer:
         """The model saved at ``path`` (an export directory, a run directory or a ``.ckpt``), in eval

@@ -97,8 +97,12 @@ class RunDirLock:
     def acquire(self) -> None:
         self.created = not self.directory.exists()
         self.directory.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "slurm_job": os.environ.get("SLURM_JOB_ID")}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        }
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -115,7 +119,7 @@ class RunDirLock:
                     raise RunDirInUseError(
                         f"run directory {self.directory} is in use by another run ({who}); wait for it to finish "
                         f"or choose another hydra.run.dir (if no run is using it, delete {self.path})"
-                    )
+                    ) from None
                 try:
                     os.rename(self.path, self.path.with_name(f"{LOCK_NAME}.stale.{me['pid']}"))
                 except FileNotFoundError:

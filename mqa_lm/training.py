@@ -56,9 +56,17 @@ register_resolvers()  # ${run_id:} in configs/hydra/default.yaml
 log = logging.getLogger("mqa_lm")
 
 # What Lightning's Trainer(precision=...) accepts (lightning.fabric.connector checks the same set).
-PRECISION_VALUES = tuple(dict.fromkeys(
-    str(v) for v in (*get_args(_PRECISION_INPUT_STR), *get_args(_PRECISION_INPUT_STR_ALIAS), *get_args(_PRECISION_INPUT_INT))
-))
+PRECISION_VALUES = tuple(
+    dict.fromkeys(
+        str(v)
+        for v in (
+            *get_args(_PRECISION_INPUT_STR),
+            *get_args(_PRECISION_INPUT_STR_ALIAS),
+            *get_args(_PRECISION_INPUT_INT),
+        )
+    )
+)
+
 
 class ConfigError(ValueError):
     """A composed config that cannot run; the message names the key and the fix."""
@@ -85,7 +93,9 @@ class SampleConfig(DictRoundTrip):
             raise ValueError(f"sample.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             raise ValueError(f"sample.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
             raise ValueError(f"sample.top_k must be an integer >= 1 or null, got {self.top_k!r}")
         self.prompt = str(self.prompt or "\n")
 
@@ -151,8 +161,10 @@ def _check_trainer(trainer: DictConfig, optim: OptimConfig) -> None:
         raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
     # Lightning takes 0 (ZeroDivisionError at the first step) and only checks a float's range late.
     interval = trainer.get("val_check_interval", None)
-    if interval is not None and not isinstance(interval, (str, Mapping)) and not (
-        (_is_int(interval) and interval >= 1) or (isinstance(interval, float) and 0 < interval <= 1)
+    if (
+        interval is not None
+        and not isinstance(interval, (str, Mapping))
+        and not ((_is_int(interval) and interval >= 1) or (isinstance(interval, float) and 0 < interval <= 1))
     ):
         raise ConfigError(
             f"trainer.val_check_interval must be an integer >= 1 (steps between validations), a fraction in (0, 1] "
@@ -168,8 +180,7 @@ def _check_trainer(trainer: DictConfig, optim: OptimConfig) -> None:
     valid = ("auto", *PRECISION_VALUES)
     if isinstance(precision, bool) or str(precision) not in valid:  # 16 and "16" are both accepted
         raise ConfigError(
-            f"trainer.precision={precision!r} is not one of {', '.join(valid)}; "
-            "e.g. trainer.precision=bf16-mixed"
+            f"trainer.precision={precision!r} is not one of {', '.join(valid)}; e.g. trainer.precision=bf16-mixed"
         )
 
 
@@ -214,9 +225,17 @@ def validate_config(cfg: DictConfig) -> RunConfig:
     if scope not in COMPILE_SCOPES:
         raise ConfigError(f"module.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     ckpt_path = cfg.get("ckpt_path")
-    return RunConfig(model=model, vocab_from_data=vocab_from_data, optim=optim, data=data,
-                     datamodule_class=datamodule_class, sample=sample, compile=compile_setting,
-                     ckpt_path=str(ckpt_path) if ckpt_path else None, resume=resume)
+    return RunConfig(
+        model=model,
+        vocab_from_data=vocab_from_data,
+        optim=optim,
+        data=data,
+        datamodule_class=datamodule_class,
+        sample=sample,
+        compile=compile_setting,
+        ckpt_path=str(ckpt_path) if ckpt_path else None,
+        resume=resume,
+    )
 
 
 def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConfig) -> int | None:
@@ -269,7 +288,7 @@ def prepare_before_training(run: RunConfig, datamodule: Any) -> None:
         message = str(err)
         raise DataError(message.removeprefix("data: ")) from None
     vocab = getattr(datamodule, "vocab_size", None)
-    if not run.vocab_from_data and _is_int(vocab):
+    if not run.vocab_from_data and isinstance(vocab, int):
         try:
             check_vocab_fits(run.model.vocab_size, vocab)
         except ValueError as err:
@@ -355,7 +374,7 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg = _group(cfg, "trainer")
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
     # Preemption requeues at a step boundary itself, so Lightning's SLURM requeue is switched off.
     ours: list[Any] = [AtomicCheckpointIO()]
@@ -379,7 +398,9 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
     module_cfg = _group(cfg, "module") or {"_target_": "mqa_lm.lit_module.MQALitModule"}
     module_cfg.pop("compile", None)
     module = instantiate(module_cfg, _partial_=True)(
-        model=run.model, optim=run.optim, compile=resolve_compile(run.compile, trainer),
+        model=run.model,
+        optim=run.optim,
+        compile=resolve_compile(run.compile, trainer),
         vocab_from_data=run.vocab_from_data,
     )
     if init_source is not None and ckpt_path is None:  # a resumed run has its own weights
@@ -395,16 +416,24 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
     return metrics
 
 
-def report(cfg: DictConfig, sample: SampleConfig, trainer: L.Trainer, module: MQALitModule, datamodule: Any,
-           metrics: dict[str, float]) -> None:
+def report(
+    cfg: DictConfig,
+    sample: SampleConfig,
+    trainer: L.Trainer,
+    module: MQALitModule,
+    datamodule: Any,
+    metrics: dict[str, float],
+) -> None:
     """Print where the run's files are, its last metrics and a generated sample."""
     lines = [f"run directory: {cfg.paths.output_dir}"]
     for cb in trainer.checkpoint_callbacks:
-        if getattr(cb, "last_model_path", ""):
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        if cb.last_model_path:
             lines.append(f"last checkpoint: {cb.last_model_path}")
         # Not the recovery ones (monitor=step); and a best with no computed score is not reported.
-        score = getattr(cb, "best_model_score", None)
-        if getattr(cb, "best_model_path", "") and getattr(cb, "monitor", None) != "step" and score is not None:
+        score = cb.best_model_score
+        if cb.best_model_path and cb.monitor != "step" and score is not None:
             lines.append(f"best checkpoint: {cb.best_model_path} ({cb.monitor} {float(score):.4f})")
     for lg in trainer.loggers:
         lines.append(f"{type(lg).__name__} logs: {lg.log_dir}")
@@ -417,13 +446,16 @@ def report(cfg: DictConfig, sample: SampleConfig, trainer: L.Trainer, module: MQ
         # which also keeps CUDA-only kernels such as attn_impl=flash usable here.
         module.to(trainer.strategy.root_device)
         with trainer.precision_plugin.forward_context():
-            ids = module.sample(prompt_ids, max_new, temperature=float(sample.temperature), top_k=sample.top_k,
-                                seed=int(cfg.seed))
+            ids = module.sample(
+                prompt_ids, max_new, temperature=float(sample.temperature), top_k=sample.top_k, seed=int(cfg.seed)
+            )
         text = datamodule.decode(ids)
         sample_file = Path(cfg.paths.output_dir) / "sample.txt"
         sample_file.parent.mkdir(parents=True, exist_ok=True)
         sample_file.write_text(text, encoding="utf-8")
         lines.append(f"sample ({sample_file}):\n{'-' * 60}\n{text}\n{'-' * 60}")
     if module.model is not None:
-        lines.append(f"sample more: python generate.py ckpt_path={cfg.paths.output_dir} prompt='...' max_new_tokens=200")
+        lines.append(
+            f"sample more: python generate.py ckpt_path={cfg.paths.output_dir} prompt='...' max_new_tokens=200"
+        )
     print("\n".join(lines), flush=True)

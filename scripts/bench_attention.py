@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +100,21 @@ def bench_shape(impls: dict[str, Attn], batch, heads, seq, head_dim, causal, war
     v = torch.randn(batch, 1, seq, head_dim, device=DEVICE, dtype=dt, generator=gen).requires_grad_()
     grad = torch.randn(batch, heads, seq, head_dim, device=DEVICE, dtype=dt, generator=gen)
     flops = fwd_flops(batch, heads, seq, head_dim, causal)
-    row = {"batch": batch, "heads": heads, "kv_heads": 1, "seq": seq, "head_dim": head_dim, "causal": causal, "impls": {}}
+    row = {
+        "batch": batch,
+        "heads": heads,
+        "kv_heads": 1,
+        "seq": seq,
+        "head_dim": head_dim,
+        "causal": causal,
+        "impls": {},
+    }
     outputs = {}
     for name, fn in impls.items():
         entry: dict = {}
         try:
-            def step():
+
+            def step(fn=fn):
                 fn(q, k, v, causal).backward(grad)
 
             out = fn(q, k, v, causal)
@@ -114,7 +123,7 @@ def bench_shape(impls: dict[str, Attn], batch, heads, seq, head_dim, causal, war
             q.grad = k.grad = v.grad = None
             # Compiling/autotuning above can leave the GPU idle long enough for its clocks to drop.
             warm_up_gpu(0.5)
-            ms_fwd = do_bench(lambda: fn(q, k, v, causal), warmup=warmup, rep=rep, return_mode="median")
+            ms_fwd = do_bench(lambda fn=fn: fn(q, k, v, causal), warmup=warmup, rep=rep, return_mode="median")
             ms_step = do_bench(step, warmup=warmup, rep=rep, grad_to_none=[q, k, v], return_mode="median")
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -173,7 +182,9 @@ def print_table(rows: list[dict], names: list[str]) -> None:
         cells = []
         for n in names:
             e = row["impls"].get(n, {})
-            cells.append(f"{fmt(e.get('fwd_tflops'))} {fmt(e.get('fwd_bwd_tflops'))}   " if "fwd_tflops" in e else f"{'err':>15}")
+            cells.append(
+                f"{fmt(e.get('fwd_tflops'))} {fmt(e.get('fwd_bwd_tflops'))}   " if "fwd_tflops" in e else f"{'err':>15}"
+            )
         mem_o = row["impls"].get("ours", {}).get("peak_extra_mib")
         mem_f = row["impls"].get("sdpa-flash", {}).get("peak_extra_mib")
         print(

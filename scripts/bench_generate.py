@@ -55,8 +55,16 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 def build_model(args, device: torch.device, dtype: torch.dtype) -> MQATransformer:
     torch.manual_seed(0)
-    config = MQAConfig(vocab_size=args.vocab, max_seq_len=args.max_seq_len, n_layers=args.layers, d_model=args.d_model,
-                       heads=args.heads, kv_heads=1, attn_impl="torch", pos_emb="learned")
+    config = MQAConfig(
+        vocab_size=args.vocab,
+        max_seq_len=args.max_seq_len,
+        n_layers=args.layers,
+        d_model=args.d_model,
+        heads=args.heads,
+        kv_heads=1,
+        attn_impl="torch",
+        pos_emb="learned",
+    )
     return MQATransformer(config).to(device=device, dtype=dtype).eval()
 
 
@@ -64,14 +72,20 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
     model = build_model(args, device, dtype)
     on_cuda = device.type == "cuda"
     for batch in args.batches:
-        idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device,
-                            generator=torch.Generator(device=device).manual_seed(batch))
+        idx = torch.randint(
+            0,
+            args.vocab,
+            (batch, args.prompt),
+            device=device,
+            generator=torch.Generator(device=device).manual_seed(batch),
+        )
         new = args.new_tokens
         # Every closure here and below binds what it uses as defaults: late binding was harmless
         # (each is timed in the iteration that made it) but would break if one were kept.
         variants = {
             "ours: old path (growing cache)": lambda m=model, idx=idx, new=new: m.generate_with_growing_cache(
-                idx, new, temperature=0.0),
+                idx, new, temperature=0.0
+            ),
         }
         engines = {"ours: engine eager sdpa": dict(attention="sdpa", cuda_graph=False)}
         if on_cuda:
@@ -79,8 +93,9 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             engines["ours: engine graph sdpa"] = dict(attention="sdpa", cuda_graph=True)
             engines["ours: engine graph triton"] = dict(attention="triton", cuda_graph=True)
             if args.compile:
-                engines["ours: engine graph triton + inductor"] = dict(attention="triton", cuda_graph=True,
-                                                                      compile=True)
+                engines["ours: engine graph triton + inductor"] = dict(
+                    attention="triton", cuda_graph=True, compile=True
+                )
         for name, kwargs in engines.items():
             try:
                 engine = InferenceEngine(model, batch, max_len=args.max_seq_len, **kwargs)
@@ -91,12 +106,21 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             if name.endswith("graph triton"):
                 gen = torch.Generator(device=device)
                 variants[name + " top-k/top-p"] = lambda e=engine, idx=idx, new=new, gen=gen: e.generate(
-                    idx, new, temperature=0.8, top_k=50, top_p=0.95, generator=gen.manual_seed(1))
+                    idx, new, temperature=0.8, top_k=50, top_p=0.95, generator=gen.manual_seed(1)
+                )
         for name, fn in variants.items():
             try:
                 seconds = timed(fn, device, args.repeats)
-                rows.append(dict(section="generate", name=name, batch=batch, seconds=seconds,
-                                 tok_per_s=batch * new / seconds, ms_per_step=1e3 * seconds / new))
+                rows.append(
+                    dict(
+                        section="generate",
+                        name=name,
+                        batch=batch,
+                        seconds=seconds,
+                        tok_per_s=batch * new / seconds,
+                        ms_per_step=1e3 * seconds / new,
+                    )
+                )
             except Exception as err:  # noqa: BLE001
                 rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
                 traceback.print_exc()
@@ -115,9 +139,15 @@ def bench_hf(args, device: torch.device, dtype: torch.dtype, batch: int, idx: to
     try:
         from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-        config = GPTBigCodeConfig(vocab_size=args.vocab, n_positions=args.max_seq_len, n_embd=args.d_model,
-                                  n_layer=args.layers, n_head=args.heads, multi_query=True,
-                                  activation_function="gelu_pytorch_tanh")
+        config = GPTBigCodeConfig(
+            vocab_size=args.vocab,
+            n_positions=args.max_seq_len,
+            n_embd=args.d_model,
+            n_layer=args.layers,
+            n_head=args.heads,
+            multi_query=True,
+            activation_function="gelu_pytorch_tanh",
+        )
         torch.manual_seed(0)
         hf = GPTBigCodeForCausalLM(config).to(device=device, dtype=dtype).eval()
     except Exception as err:  # noqa: BLE001
@@ -127,15 +157,28 @@ def bench_hf(args, device: torch.device, dtype: torch.dtype, batch: int, idx: to
     attention_mask = torch.ones_like(idx)
     for cache in ("dynamic", "static"):
         name = f"HF GPTBigCode {cache} cache"
-        kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                      pad_token_id=0, attention_mask=attention_mask)
+        kwargs = dict(
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            attention_mask=attention_mask,
+        )
         if cache == "static":
             kwargs["cache_implementation"] = "static"
         try:
             with torch.no_grad():
                 seconds = timed(lambda hf=hf, kwargs=kwargs: hf.generate(idx, **kwargs), device, 1)
-            rows.append(dict(section="generate", name=name, batch=batch, seconds=seconds,
-                             tok_per_s=batch * args.new_tokens / seconds, ms_per_step=1e3 * seconds / args.new_tokens))
+            rows.append(
+                dict(
+                    section="generate",
+                    name=name,
+                    batch=batch,
+                    seconds=seconds,
+                    tok_per_s=batch * args.new_tokens / seconds,
+                    ms_per_step=1e3 * seconds / args.new_tokens,
+                )
+            )
         except Exception as err:  # noqa: BLE001
             rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)[:300]))
         print(rows[-1], flush=True)
@@ -185,32 +228,61 @@ def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None
         copies = max(2, min(64, math.ceil(512 * 2**20 / nbytes)))
         gen = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
-        caches = [(torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
-                   torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen))
-                  for _ in range(copies)]
+        caches = [
+            (
+                torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
+                torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
+            )
+            for _ in range(copies)
+        ]
         out = torch.empty_like(q)
         impls = {
-            "ours": [lambda k=k, v=v, q=q, out=out: decode_attention(q, k, v, out=out, check=False)
-                     for k, v in caches],
-            "sdpa": [lambda k=k, v=v, q=q, kv_heads=kv_heads: F.scaled_dot_product_attention(
-                q, k, v, enable_gqa=kv_heads != heads) for k, v in caches],
+            "ours": [lambda k=k, v=v, q=q, out=out: decode_attention(q, k, v, out=out, check=False) for k, v in caches],
+            "sdpa": [
+                lambda k=k, v=v, q=q, kv_heads=kv_heads: F.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=kv_heads != heads
+                )
+                for k, v in caches
+            ],
         }
         if length == max(args.lengths) and kv_heads == 1:
             # Keys per program against the default plan (split_plan), to tune it.
             for size in (128, 512, 2048):
-                impls[f"ours/{size}"] = [lambda k=k, v=v, size=size, q=q, out=out: decode_attention(
-                    q, k, v, out=out, check=False, split_size=size) for k, v in caches]
+                impls[f"ours/{size}"] = [
+                    lambda k=k, v=v, size=size, q=q, out=out: decode_attention(
+                        q, k, v, out=out, check=False, split_size=size
+                    )
+                    for k, v in caches
+                ]
         for name, calls in impls.items():
             try:
                 seconds = graph_time(calls, device)
                 gbs = nbytes / seconds / 1e9
-                rows.append(dict(section="attention", name=name, batch=batch, kv_heads=kv_heads, length=length,
-                                 us=seconds * 1e6, gb_per_s=gbs, pct_copy=100 * gbs / copy_gbs))
+                rows.append(
+                    dict(
+                        section="attention",
+                        name=name,
+                        batch=batch,
+                        kv_heads=kv_heads,
+                        length=length,
+                        us=seconds * 1e6,
+                        gb_per_s=gbs,
+                        pct_copy=100 * gbs / copy_gbs,
+                    )
+                )
                 if name == "ours":
                     rows[-1]["split_plan"] = split_plan(batch, kv_heads, heads, length, device)[:2]
             except Exception as err:  # noqa: BLE001
-                rows.append(dict(section="attention", name=name, batch=batch, kv_heads=kv_heads, length=length,
-                                 error=repr(err)[:300]))
+                rows.append(
+                    dict(
+                        section="attention",
+                        name=name,
+                        batch=batch,
+                        kv_heads=kv_heads,
+                        length=length,
+                        error=repr(err)[:300],
+                    )
+                )
             print(rows[-1], flush=True)
         del caches
         torch.cuda.empty_cache()
@@ -257,8 +329,10 @@ def print_table(rows: list[dict]) -> None:
                 print(f"{r['name']:9s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d}  error: {r['error'][:60]}")
             else:
                 plan = "{}x{}".format(*r["split_plan"][::-1]) if "split_plan" in r else ""
-                print(f"{r['name']:9s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d} {r['us']:8.1f} "
-                      f"{r['gb_per_s']:8.0f} {r['pct_copy']:6.0f}%  {plan}")
+                print(
+                    f"{r['name']:9s} {r['batch']:5d} {r['kv_heads']:4d} {r['length']:6d} {r['us']:8.1f} "
+                    f"{r['gb_per_s']:8.0f} {r['pct_copy']:6.0f}%  {plan}"
+                )
 
 
 def main() -> None:
@@ -266,11 +340,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="about a minute: fewer tokens, repeats and lengths")
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
-    parser.add_argument("--compile", action="store_true",
-                        help="also the engine with torch.compile (inductor) inside the CUDA graph (compiles per batch)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the engine with torch.compile (inductor) inside the CUDA graph (compiles per batch)",
+    )
     parser.add_argument("--json", type=Path, help="write every row here")
-    parser.add_argument("--profile", action="store_true",
-                        help="only profile one eager decode step at batch 1 (kernel count and GPU time)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only profile one eager decode step at batch 1 (kernel count and GPU time)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -305,8 +385,11 @@ def main() -> None:
     print_table(rows)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
-        env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "argv": sys.argv}
+        env = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "argv": sys.argv,
+        }
         args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 
 

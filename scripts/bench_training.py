@@ -29,19 +29,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 QUIET = [
-    "trainer.val_check_interval=100000", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "sample.max_new_tokens=0",
-    "callbacks.model_checkpoint=null", "callbacks.recovery_checkpoint=null", "callbacks.attention_maps=null",
+    "trainer.val_check_interval=100000",
+    "trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "sample.max_new_tokens=0",
+    "callbacks.model_checkpoint=null",
+    "callbacks.recovery_checkpoint=null",
+    "callbacks.attention_maps=null",
     "callbacks.samples=null",
 ]
 
 
 def train_py(impl: str, compiled: bool, loss: str, args: argparse.Namespace, run_dir: Path) -> dict:
     cmd = [
-        sys.executable, str(ROOT / "train.py"), f"model={args.model}", "model.vocab_size=50304", f"model.loss_impl={loss}",
-        f"model.attn_impl={impl}", "trainer=gpu", f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=10",
-        "data=stdlib", "data.vocab_size=8192", "data.block_size=1024", f"data.batch_size={args.batch}",
-        f"module.compile={'true' if compiled else 'false'}", f"hydra.run.dir={run_dir}", *QUIET, *args.override,
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"model={args.model}",
+        "model.vocab_size=50304",
+        f"model.loss_impl={loss}",
+        f"model.attn_impl={impl}",
+        "trainer=gpu",
+        f"trainer.max_steps={args.steps}",
+        "trainer.log_every_n_steps=10",
+        "data=stdlib",
+        "data.vocab_size=8192",
+        "data.block_size=1024",
+        f"data.batch_size={args.batch}",
+        f"module.compile={'true' if compiled else 'false'}",
+        f"hydra.run.dir={run_dir}",
+        *QUIET,
+        *args.override,
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
@@ -59,7 +77,9 @@ def train_py(impl: str, compiled: bool, loss: str, args: argparse.Namespace, run
         return {"error": f"rc {proc.returncode}", "tail": tail, "wall_s": wall}
     compile_line = re.search(r"compile \+ first step: ([\d.]+) s", proc.stdout + proc.stderr)
     return {
-        "tokens_per_s": statistics.median(rates[-4:]), "mfu": statistics.median(mfus[-4:]), "wall_s": wall,
+        "tokens_per_s": statistics.median(rates[-4:]),
+        "mfu": statistics.median(mfus[-4:]),
+        "wall_s": wall,
         "compile_s": float(compile_line.group(1)) if compile_line else None,
     }
 
@@ -104,8 +124,14 @@ def bare_loop(compiled: bool, loss: str, args: argparse.Namespace) -> dict:
 
 
 def nanogpt(nanogpt_dir: Path, compiled: bool, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "bench.py", "--real_data=False", f"--batch_size={args.batch}",
-           f"--compile={compiled}", "--profile=False"]
+    cmd = [
+        sys.executable,
+        "bench.py",
+        "--real_data=False",
+        f"--batch_size={args.batch}",
+        f"--compile={compiled}",
+        "--profile=False",
+    ]
     proc = subprocess.run(cmd, cwd=nanogpt_dir, capture_output=True, text=True, timeout=args.timeout)
     found = re.findall(r"time per iteration: ([\d.]+)ms", proc.stdout)
     if proc.returncode != 0 or not found:
@@ -116,9 +142,19 @@ def nanogpt(nanogpt_dir: Path, compiled: bool, args: argparse.Namespace) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=[
-        "torch:eager", "torch:compiled", "triton:eager", "triton:compiled", "bare:compiled",
-        "nanogpt:compiled", "nanogpt:eager"])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=[
+            "torch:eager",
+            "torch:compiled",
+            "triton:eager",
+            "triton:compiled",
+            "bare:compiled",
+            "nanogpt:compiled",
+            "nanogpt:eager",
+        ],
+    )
     parser.add_argument("--nanogpt", type=Path, default=ROOT / ".peers" / "nanogpt")
     parser.add_argument("--model", default="gpt2_small")
     parser.add_argument("--batch", type=int, default=16)

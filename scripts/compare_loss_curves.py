@@ -55,8 +55,10 @@ def main() -> None:
     for name, curve in zip(names[1:], curves[1:]):
         diffs = [abs(curve[s] - base[s]) for s in steps]
         tail_diffs = [abs(curve[s] - base[s]) for s in tail]
-        print(f"  {name:>10}: mean {sum(diffs) / len(diffs):.4f}  max {max(diffs):.4f}  "
-              f"[mean {sum(tail_diffs) / len(tail_diffs):.4f}  max {max(tail_diffs):.4f}]")
+        print(
+            f"  {name:>10}: mean {sum(diffs) / len(diffs):.4f}  max {max(diffs):.4f}  "
+            f"[mean {sum(tail_diffs) / len(tail_diffs):.4f}  max {max(tail_diffs):.4f}]"
+        )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,12 @@ def kernel_step(impl: str, layout: str, args: argparse.Namespace) -> Step:
 
         def inputs():
             qq, kk, vv = qkv.split([h * d, kv * d, kv * d], dim=-1)
-            return (qq.view(b, s, h, d).transpose(1, 2), kk.view(b, s, kv, d).transpose(1, 2),
-                    vv.view(b, s, kv, d).transpose(1, 2))
+            return (
+                qq.view(b, s, h, d).transpose(1, 2),
+                kk.view(b, s, kv, d).transpose(1, 2),
+                vv.view(b, s, kv, d).transpose(1, 2),
+            )
+
     grad = torch.randn(b, s, h, d, device="cuda", dtype=dt).transpose(1, 2)
     if impl == "triton":
         from mqa_lm.kernels.triton_attention import triton_attention
@@ -85,6 +89,7 @@ def kernel_step(impl: str, layout: str, args: argparse.Namespace) -> Step:
         def attend(q, k, v):
             return triton_attention(q, k, v, causal=True)
     else:
+
         def attend(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != h)
 
@@ -97,8 +102,15 @@ def kernel_step(impl: str, layout: str, args: argparse.Namespace) -> Step:
 
 
 def model_step(impl: str, args: argparse.Namespace) -> Step:
-    cfg = MQAConfig(vocab_size=50304, max_seq_len=args.seq, n_layers=12, d_model=args.dim, heads=args.heads,
-                    kv_heads=args.kv_heads, attn_impl=impl)
+    cfg = MQAConfig(
+        vocab_size=50304,
+        max_seq_len=args.seq,
+        n_layers=12,
+        d_model=args.dim,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        attn_impl=impl,
+    )
     model = MQATransformer(cfg).cuda()
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda")
     params = list(model.parameters())
@@ -222,7 +234,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_attention_block.py needs a CUDA GPU")
     if args.dim % args.heads or args.heads % args.kv_heads:
-        raise SystemExit(f"--dim {args.dim} must divide by --heads {args.heads}, and heads by --kv-heads {args.kv_heads}")
+        raise SystemExit(
+            f"--dim {args.dim} must divide by --heads {args.heads}, and heads by --kv-heads {args.kv_heads}"
+        )
 
     # Warm the clocks so the first variant is not timed at idle frequency.
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)

@@ -75,9 +75,15 @@ def main() -> None:
     subprocess.run([sys.executable, "prepare.py"], cwd=data_dir, check=True, capture_output=True)
     args.logs.mkdir(parents=True, exist_ok=True)
     theirs_cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py"]
-    ours_cmd = [sys.executable, str(ROOT / "train.py"), "experiment=shakespeare_char",
-                f"data.paths=[{args.input.resolve()}]", "trainer.enable_progress_bar=false",
-                "hydra.run.dir=/tmp/shakespeare_ours", *args.override]
+    ours_cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=shakespeare_char",
+        f"data.paths=[{args.input.resolve()}]",
+        "trainer.enable_progress_bar=false",
+        "hydra.run.dir=/tmp/shakespeare_ours",
+        *args.override,
+    ]
 
     if args.sequential:
         p, theirs, t = start(theirs_cmd, args.nanogpt, "0", args.logs / "nanogpt_shakespeare.log")
@@ -93,16 +99,21 @@ def main() -> None:
     result = {"nanogpt_wall_s": theirs_wall, "ours_wall_s": ours_wall, "nanogpt": their_curve, "ours": our_curve}
     (args.logs / "shakespeare_vs_nanogpt.json").write_text(json.dumps(result, indent=1))
     if not their_curve or not our_curve:
-        print("a run printed no validation:", "\n".join(l for _, l in (theirs + ours)[-40:]))
+        print("a run printed no validation:", "\n".join(line for _, line in (theirs + ours)[-40:]))
         sys.exit(1)
     best = min(v for _, _, v in their_curve)
     their_at = next((s, step) for s, step, v in their_curve if v <= best)
     our_best = min(v for _, _, v in our_curve)
     our_at = next(((s, step) for s, step, v in our_curve if v <= best), None)
-    print(f"nanoGPT: best val {best:.4f}, first at step {their_at[1]} after {their_at[0]:.1f} s; whole run {theirs_wall:.1f} s")
+    print(
+        f"nanoGPT: best val {best:.4f}, first at step {their_at[1]} after {their_at[0]:.1f} s; "
+        f"whole run {theirs_wall:.1f} s"
+    )
     if our_at:
-        print(f"ours:    reached {best:.4f} at step {our_at[1]} after {our_at[0]:.1f} s "
-              f"({our_at[0] / their_at[0]:.2f}x nanoGPT's time); best {our_best:.4f}; whole run {ours_wall:.1f} s")
+        print(
+            f"ours:    reached {best:.4f} at step {our_at[1]} after {our_at[0]:.1f} s "
+            f"({our_at[0] / their_at[0]:.2f}x nanoGPT's time); best {our_best:.4f}; whole run {ours_wall:.1f} s"
+        )
     else:
         print(f"ours:    never reached {best:.4f}; best {our_best:.4f}; whole run {ours_wall:.1f} s")
     for name, c in (("nanoGPT", their_curve), ("ours", our_curve)):

@@ -13,11 +13,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from mqa_reference import press_alibi_slopes, ref_block, ref_layernorm, ref_rmsnorm
 
 from mqa_lm import MultiQueryAttention
 from mqa_lm.kernels import ATTENTION_BACKENDS, AttentionBackend
 from mqa_lm.nn import NORMS, build_norm
-from mqa_reference import ref_block, ref_layernorm, ref_rmsnorm, press_alibi_slopes
 
 CPU_IMPLS = ["torch", "triton", "auto"]
 NORM_TYPES = ["layernorm", "low_precision_layernorm", "rmsnorm", "low_precision_rmsnorm"]
@@ -30,8 +30,16 @@ def _no_triton_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-def make_block(impl: str = "torch", *, dim: int = 32, heads: int = 4, kv_heads: int = 1, seed: int = 0,
-               dtype: torch.dtype = torch.float64, **kwargs) -> MultiQueryAttention:
+def make_block(
+    impl: str = "torch",
+    *,
+    dim: int = 32,
+    heads: int = 4,
+    kv_heads: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    **kwargs,
+) -> MultiQueryAttention:
     """A block with random (not default-initialised) biases and norm gains, so they all matter."""
     torch.manual_seed(seed)
     block = MultiQueryAttention(dim=dim, heads=heads, kv_heads=kv_heads, attn_impl=impl, **kwargs).to(dtype)
@@ -47,6 +55,7 @@ def make_block(impl: str = "torch", *, dim: int = 32, heads: int = 4, kv_heads: 
 
 def test_seed_usage_runs_as_written():
     import torch
+
     from mqa_lm import MultiQueryAttention
 
     attention_layer = MultiQueryAttention(dim=512, heads=8, attn_impl="torch")
@@ -89,8 +98,12 @@ CASES = {
     "bias_alibi_row": ({}, lambda h, kvh, d: dict(bias=_bias(1, h, 1, S + 2), causal=False)),
     "bias_2d": ({}, lambda h, kvh, d: dict(bias=_bias(S, S))),
     "cache_causal": ({}, lambda h, kvh, d: dict(past_key_value=_past(kvh, d))),
-    "cache_mask_bias": ({}, lambda h, kvh, d: dict(
-        past_key_value=_past(kvh, d), mask=_mask(PAST + S), bias=_bias(1, h, S + 1, PAST + S + 3))),
+    "cache_mask_bias": (
+        {},
+        lambda h, kvh, d: dict(
+            past_key_value=_past(kvh, d), mask=_mask(PAST + S), bias=_bias(1, h, S + 1, PAST + S + 3)
+        ),
+    ),
     "cache_noncausal": ({}, lambda h, kvh, d: dict(past_key_value=_past(kvh, d), causal=False)),
     "clip_qkv": (dict(clip_qkv=0.25), lambda h, kvh, d: dict(mask=_mask(S))),
     "softmax_scale": (dict(softmax_scale=0.77), lambda h, kvh, d: dict(bias=_bias(1, h, S, S))),
@@ -118,9 +131,15 @@ def test_block_matches_fp64_reference(case, kv_heads, impl, needs_weights):
     x = torch.randn(B, S, 32, dtype=torch.float64)
 
     out, weights, (k, v) = block(x, needs_weights=needs_weights, **inputs)
-    ref_out, ref_probs, (ref_k, ref_v) = ref_block(block, x, softmax_scale=ctor.get("softmax_scale"),
-                                                   past=inputs.get("past_key_value"), bias=inputs.get("bias"),
-                                                   mask=inputs.get("mask"), causal=inputs.get("causal", True))
+    ref_out, ref_probs, (ref_k, ref_v) = ref_block(
+        block,
+        x,
+        softmax_scale=ctor.get("softmax_scale"),
+        past=inputs.get("past_key_value"),
+        bias=inputs.get("bias"),
+        mask=inputs.get("mask"),
+        causal=inputs.get("causal", True),
+    )
 
     torch.testing.assert_close(out, ref_out, **F64_TOL)
     torch.testing.assert_close(k, ref_k, **F64_TOL)
@@ -243,8 +262,9 @@ def test_block_incremental_equals_full(impl, chunks, needs_weights):
     cache, start = None, 0
     for n in chunks:
         end = start + n
-        out, w, cache = block(x[:, start:end], past_key_value=cache, bias=bias, mask=mask[:, :end],
-                              needs_weights=needs_weights)
+        out, w, cache = block(
+            x[:, start:end], past_key_value=cache, bias=bias, mask=mask[:, :end], needs_weights=needs_weights
+        )
         assert (out - full[:, start:end]).abs().max() <= 1e-5
         if needs_weights:
             assert (w - full_w[:, :, start:end, :end]).abs().max() <= 1e-5
@@ -282,11 +302,17 @@ def test_te_without_transformer_engine_says_how_to_install():
         (dict(dim=32, heads=8, kv_heads=3), ValueError, r"heads=8 is not divisible by kv_heads=3"),
         (dict(dim=32, heads=4, kv_heads=0), ValueError, r"kv_heads must be positive, got 0"),
         (dict(dim=32.0, heads=4), TypeError, r"dim must be an int, got 32.0"),
-        (dict(dim=32, heads=4, attn_impl="xformers"), ValueError,
-         r"unknown attn_impl 'xformers'; valid choices are: auto, flash, torch, triton"),
-        (dict(dim=32, heads=4, norm_type="batchnorm"), ValueError,
-         r"unknown norm_type 'batchnorm'; valid choices are: layernorm, low_precision_layernorm, "
-         r"low_precision_rmsnorm, rmsnorm"),
+        (
+            dict(dim=32, heads=4, attn_impl="xformers"),
+            ValueError,
+            r"unknown attn_impl 'xformers'; valid choices are: auto, flash, torch, triton",
+        ),
+        (
+            dict(dim=32, heads=4, norm_type="batchnorm"),
+            ValueError,
+            r"unknown norm_type 'batchnorm'; valid choices are: layernorm, low_precision_layernorm, "
+            r"low_precision_rmsnorm, rmsnorm",
+        ),
         (dict(dim=32, heads=4, fc_type="keras"), ValueError, r"unknown fc_type 'keras'; valid choices are: te, torch"),
         (dict(dim=32, heads=4, clip_qkv=0), ValueError, r"clip_qkv must be > 0.*got 0"),
         (dict(dim=32, heads=4, clip_qkv=-1.5), ValueError, r"clip_qkv must be > 0.*got -1.5"),
@@ -314,28 +340,46 @@ def _past32(batch=B, kv_heads=1, length=PAST, head_dim=8):
         (dict(x=torch.randn(B, S, 16)), ValueError, r"x must have shape \[batch, seq, 32\], got \[2, 5, 16\]"),
         (dict(x=torch.ones(B, S, 32, dtype=torch.long)), TypeError, r"floating-point.*torch.int64"),
         (dict(x=[[0.0] * 32]), TypeError, r"x must be a torch.Tensor.*list"),
-        (dict(x=torch.randn(B, S, 32, dtype=torch.float16)), TypeError,
-         r"x has dtype torch.float16 but this MultiQueryAttention's weights are torch.float32; pass "
-         r"x.to\(torch.float32\), convert the module with .to\(torch.float16\), or run under torch.autocast"),
-        (dict(mask=torch.ones(B, S + 1, dtype=torch.bool)), ValueError,
-         r"mask must have shape \[batch=2, keys=5\].*got \[2, 6\]"),
-        (dict(mask=torch.ones(B, S, dtype=torch.bool), past_key_value=_past32()), ValueError,
-         r"mask must have shape \[batch=2, keys=9\] \(keys include cached positions\), got \[2, 5\]"),
+        (
+            dict(x=torch.randn(B, S, 32, dtype=torch.float16)),
+            TypeError,
+            r"x has dtype torch.float16 but this MultiQueryAttention's weights are torch.float32; pass "
+            r"x.to\(torch.float32\), convert the module with .to\(torch.float16\), or run under torch.autocast",
+        ),
+        (
+            dict(mask=torch.ones(B, S + 1, dtype=torch.bool)),
+            ValueError,
+            r"mask must have shape \[batch=2, keys=5\].*got \[2, 6\]",
+        ),
+        (
+            dict(mask=torch.ones(B, S, dtype=torch.bool), past_key_value=_past32()),
+            ValueError,
+            r"mask must have shape \[batch=2, keys=9\] \(keys include cached positions\), got \[2, 5\]",
+        ),
         (dict(mask=torch.ones(B, S)), TypeError, r"mask must be bool or integer.*torch.float32.*as bias"),
         (dict(bias=torch.zeros(1, 3, S, S)), ValueError, r"bias of shape \[1, 3, 5, 5\] does not broadcast.*heads=4"),
         (dict(bias=torch.zeros(1, 4, S - 1, S)), ValueError, r"bias of shape \[1, 4, 4, 5\].*queries=5"),
-        (dict(bias=torch.zeros(1, 4, S, S), past_key_value=_past32()), ValueError,
-         r"bias of shape \[1, 4, 5, 5\].*keys=9"),
+        (
+            dict(bias=torch.zeros(1, 4, S, S), past_key_value=_past32()),
+            ValueError,
+            r"bias of shape \[1, 4, 5, 5\].*keys=9",
+        ),
         (dict(bias=torch.zeros(3, 4, S, S)), ValueError, r"bias of shape \[3, 4, 5, 5\].*batch=2"),
         (dict(bias=torch.zeros(1, 1, 1, S, S)), ValueError, r"bias must be broadcastable.*\[1, 1, 1, 5, 5\]"),
         (dict(bias=torch.zeros(1, 4, S, S, dtype=torch.long)), TypeError, r"bias must be a floating-point.*int64"),
         (dict(bias=torch.zeros(1, 4, S, S, dtype=torch.bool)), TypeError, r"bias must be a floating-point.*bool"),
-        (dict(past_key_value=_past32(kv_heads=2)), ValueError,
-         r"past_key_value key must have shape \[batch=2, kv_heads=1, past_len, head_dim=8\], got \[2, 2, 4, 8\]"),
+        (
+            dict(past_key_value=_past32(kv_heads=2)),
+            ValueError,
+            r"past_key_value key must have shape \[batch=2, kv_heads=1, past_len, head_dim=8\], got \[2, 2, 4, 8\]",
+        ),
         (dict(past_key_value=_past32(head_dim=4)), ValueError, r"head_dim=8\], got \[2, 1, 4, 4\]"),
         (dict(past_key_value=_past32(batch=3)), ValueError, r"batch=2.*got \[3, 1, 4, 8\]"),
-        (dict(past_key_value=(torch.zeros(B, 1, 4, 8), torch.zeros(B, 1, 3, 8))), ValueError,
-         r"past key \[2, 1, 4, 8\] and value \[2, 1, 3, 8\] shapes differ"),
+        (
+            dict(past_key_value=(torch.zeros(B, 1, 4, 8), torch.zeros(B, 1, 3, 8))),
+            ValueError,
+            r"past key \[2, 1, 4, 8\] and value \[2, 1, 3, 8\] shapes differ",
+        ),
         (dict(past_key_value=(torch.zeros(B, 1, 4, 8),)), TypeError, r"past_key_value must be a \(key, value\) pair"),
         (dict(past_key_value=(torch.zeros(B, 1, 4, 8), None)), TypeError, r"past_key_value value must be a tensor"),
     ],
@@ -406,8 +450,9 @@ def test_verbose_one_does_not_log_kernels(caplog):
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_parameters_are_created_on_the_given_device(kv_heads):
-    block = MultiQueryAttention(dim=32, heads=4, kv_heads=kv_heads, qk_ln=True, norm_type="rmsnorm",
-                                rope_theta=10000.0, device="meta")
+    block = MultiQueryAttention(
+        dim=32, heads=4, kv_heads=kv_heads, qk_ln=True, norm_type="rmsnorm", rope_theta=10000.0, device="meta"
+    )
     tensors = list(block.parameters()) + list(block.buffers())
     assert tensors and all(t.device.type == "meta" for t in tensors)
     assert block.Wqkv.weight.shape == (32 + 2 * kv_heads * 8, 32)
@@ -504,8 +549,18 @@ def test_rmsnorm_keeps_fp32_statistics_for_bf16_input():
 def test_checker_names_arguments_as_the_caller_says():
     from mqa_lm.nn.attention import check_attention_args
 
-    args = dict(dim=30, heads=4, kv_heads=1, attn_impl="torch", clip_qkv=None, softmax_scale=None,
-                attn_pdrop=0.0, norm_type="layernorm", fc_type="torch", verbose=0)
+    args = dict(
+        dim=30,
+        heads=4,
+        kv_heads=1,
+        attn_impl="torch",
+        clip_qkv=None,
+        softmax_scale=None,
+        attn_pdrop=0.0,
+        norm_type="layernorm",
+        fc_type="torch",
+        verbose=0,
+    )
     with pytest.raises(ValueError, match=r"^dim=30 is not divisible by heads=4; pick heads that divides dim$"):
         check_attention_args(**args)
     with pytest.raises(ValueError, match=r"^width=30 is not divisible by heads=4; pick heads that divides width$"):
@@ -515,8 +570,22 @@ def test_checker_names_arguments_as_the_caller_says():
 
 
 def test_prechecked_builds_the_same_block_as_the_constructor():
-    kwargs = dict(dim=32, heads=4, attn_impl="torch", clip_qkv=0.5, qk_ln=True, softmax_scale=None, attn_pdrop=0.0,
-                  norm_type="rmsnorm", fc_type="torch", verbose=0, device=None, kv_heads=2, rope_theta=100.0, bias=True)
+    kwargs = dict(
+        dim=32,
+        heads=4,
+        attn_impl="torch",
+        clip_qkv=0.5,
+        qk_ln=True,
+        softmax_scale=None,
+        attn_pdrop=0.0,
+        norm_type="rmsnorm",
+        fc_type="torch",
+        verbose=0,
+        device=None,
+        kv_heads=2,
+        rope_theta=100.0,
+        bias=True,
+    )
     torch.manual_seed(0)
     checked = MultiQueryAttention(**kwargs)
     torch.manual_seed(0)
@@ -594,8 +663,9 @@ def test_backend_is_resolved_once_per_device_type_and_dtype(counting_backend):
 def test_every_layer_of_a_model_resolves_once(counting_backend):
     from mqa_lm import MQAConfig, MQATransformer
 
-    model = MQATransformer(MQAConfig(vocab_size=16, max_seq_len=8, n_layers=3, d_model=32, heads=4,
-                                     attn_impl="counting")).eval()
+    model = MQATransformer(
+        MQAConfig(vocab_size=16, max_seq_len=8, n_layers=3, d_model=32, heads=4, attn_impl="counting")
+    ).eval()
     idx = torch.randint(0, 16, (2, 8))
     for _ in range(3):
         model(idx)

@@ -67,11 +67,13 @@ def test_decode_kernel_bf16_matches_float64(case):
         kwargs["key_mask"] = torch.rand(batch, max_len, device="cuda", generator=gen) > 0.2
     if "bias" in extra:
         slopes = torch.tensor([2.0 ** (-8 * (i + 1) / heads) for i in range(heads)], device="cuda")
-        kwargs["bias"] = (slopes[:, None] * (torch.arange(max_len, device="cuda") - (max_len - 1.0))).view(1, heads, 1, max_len)
+        kwargs["bias"] = (slopes[:, None] * (torch.arange(max_len, device="cuda") - (max_len - 1.0))).view(
+            1, heads, 1, max_len
+        )
     out = torch.full_like(q, float("nan"))
-    got = decode_attention(q, k, v, out=out, softmax_scale=head_dim ** -0.5, **kwargs)
+    got = decode_attention(q, k, v, out=out, softmax_scale=head_dim**-0.5, **kwargs)
     assert torch.isfinite(got).all()
-    want = reference64(q, k, v, scale=head_dim ** -0.5, **kwargs)
+    want = reference64(q, k, v, scale=head_dim**-0.5, **kwargs)
     assert rel_err(got, want) < 1e-2
     if lengths != "full":
         empty = torch.tensor(lengths, device="cuda") == 0
@@ -80,8 +82,18 @@ def test_decode_kernel_bf16_matches_float64(case):
 
 def small_model(pos_emb="learned", kv_heads=1, dtype=torch.bfloat16, **overrides):
     torch.manual_seed(0)
-    config = MQAConfig(vocab_size=1000, max_seq_len=256, n_layers=4, d_model=256, heads=8, kv_heads=kv_heads,
-                       attn_impl="torch", pos_emb=pos_emb, init_std=0.05, **overrides)
+    config = MQAConfig(
+        vocab_size=1000,
+        max_seq_len=256,
+        n_layers=4,
+        d_model=256,
+        heads=8,
+        kv_heads=kv_heads,
+        attn_impl="torch",
+        pos_emb=pos_emb,
+        init_std=0.05,
+        **overrides,
+    )
     # Relative error bounds of 3e-2 on logits: bf16 rounds every op; a cache, mask or position bug
     # moves logits by O(1).
     return MQATransformer(config).cuda().to(dtype).eval()
@@ -111,7 +123,9 @@ def test_engine_bf16_logits_match_full_forwards(pos_emb, attention):
 
 
 @pytest.mark.parametrize("attention", ["triton", "sdpa"])
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=40)])
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=40)]
+)
 def test_cuda_graph_replay_equals_eager(attention, sampling):
     model = small_model("rope", kv_heads=1)
     idx, mask = prompts(4, 12, lengths=[12, 5, 9, 1])

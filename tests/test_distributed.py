@@ -37,12 +37,22 @@ def env() -> dict[str, str]:
 
 def run_args(base: Path, run_dir: Path) -> list[str]:
     return [
-        "data=text", f"data.paths=[{base / 'corpus.txt'}]", "data.tokenizer=char", f"data.block_size={BLOCK}",
-        f"data.batch_size={MICRO}", "data.val_batches=2", f"data.cache_dir={base / 'cache'}",
+        "data=text",
+        f"data.paths=[{base / 'corpus.txt'}]",
+        "data.tokenizer=char",
+        f"data.block_size={BLOCK}",
+        f"data.batch_size={MICRO}",
+        "data.val_batches=2",
+        f"data.cache_dir={base / 'cache'}",
         *(f"model.{k}={v}" for k, v in MODEL.items()),
-        f"trainer.max_steps={STEPS}", "trainer.val_check_interval=6", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false", "optim.warmup_steps=3", "callbacks=[model_checkpoint,rng_state,preemption]",
-        f"hydra.run.dir={run_dir}", "sample.max_new_tokens=0",
+        f"trainer.max_steps={STEPS}",
+        "trainer.val_check_interval=6",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "optim.warmup_steps=3",
+        "callbacks=[model_checkpoint,rng_state,preemption]",
+        f"hydra.run.dir={run_dir}",
+        "sample.max_new_tokens=0",
     ]
 
 
@@ -56,8 +66,15 @@ def base(tmp_path_factory) -> Path:
 def reference_weights(base: Path, ranks: list[int]) -> dict[str, torch.Tensor]:
     """A plain PyTorch loop: each step averages the loss over the micro-batches that ``ranks`` draw,
     i.e. what DDP's gradient all-reduce over those ranks must compute."""
-    dm = TextDataModule(paths=[str(base / "corpus.txt")], tokenizer="char", block_size=BLOCK, batch_size=MICRO,
-                        val_batches=2, seed=SEED, cache_dir=str(base / "cache"))
+    dm = TextDataModule(
+        paths=[str(base / "corpus.txt")],
+        tokenizer="char",
+        block_size=BLOCK,
+        batch_size=MICRO,
+        val_batches=2,
+        seed=SEED,
+        cache_dir=str(base / "cache"),
+    )
     dm.prepare_data()
     dm.setup("fit")
     cfg = compose_with_hydra(run_args(base, base / "unused"))  # the model and optim settings of the run
@@ -90,9 +107,19 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base):
     run_dir = base / "ddp"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *run_args(base, run_dir), "trainer=ddp", "trainer.accelerator=cpu",
-         "trainer.devices=2", "trainer.precision=32-true"],
-        env=env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *run_args(base, run_dir),
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
@@ -109,12 +136,27 @@ def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base)
 
 def test_local_multirun_with_subprocess_ddp_is_refused(base, tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", *run_args(base, tmp_path / "unused"), "trainer=ddp",
-         "trainer.accelerator=cpu", "trainer.devices=2", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        env=env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            *run_args(base, tmp_path / "unused"),
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "seed=1,2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "a local -m sweep cannot use trainer.strategy=lightning.pytorch.strategies.DDPStrategy on 2 devices" in done.stderr
+    assert (
+        "a local -m sweep cannot use trainer.strategy=lightning.pytorch.strategies.DDPStrategy on 2 devices"
+        in done.stderr
+    )
     assert "Use trainer=ddp_spawn for local sweeps" in done.stderr
     assert not list((tmp_path / "sweep").rglob("*.ckpt"))
 
@@ -128,11 +170,20 @@ def compose_with_hydra(overrides: list[str]):
 def test_slurm_launcher_config_renders_a_valid_sbatch_job(tmp_path, monkeypatch):
     import submitit
 
-    cfg = compose_with_hydra([
-        "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-        "hydra.launcher.partition=gpu", "hydra.launcher.account=lm", "hydra.launcher.constraint=h100",
-        "hydra.launcher.timeout_min=120", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.job.name=train",
-    ])
+    cfg = compose_with_hydra(
+        [
+            "hydra/launcher=slurm",
+            "trainer=ddp",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.account=lm",
+            "hydra.launcher.constraint=h100",
+            "hydra.launcher.timeout_min=120",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            "hydra.job.name=train",
+        ]
+    )
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert params["_target_"].endswith("SlurmLauncher")
     assert (params["nodes"], params["gpus_per_node"], params["tasks_per_node"]) == (2, 4, 4)
@@ -144,23 +195,50 @@ def test_slurm_launcher_config_renders_a_valid_sbatch_job(tmp_path, monkeypatch)
     (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     params.pop("_target_")
-    executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
-    base_keys = {"timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
-                 "stderr_to_stdout"}
+    executor = submitit.AutoExecutor(
+        folder=params.pop("submitit_folder"), cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    base_keys = {
+        "timeout_min",
+        "cpus_per_task",
+        "gpus_per_node",
+        "tasks_per_node",
+        "mem_gb",
+        "nodes",
+        "name",
+        "stderr_to_stdout",
+    }
     executor.update_parameters(**{k if k in base_keys else f"slurm_{k}": v for k, v in params.items()})
     text = executor._executor._make_submission_file_text("python train.py", "uid")
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=lm", "#SBATCH --constraint=h100",
-                 "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --time=120", "#SBATCH --signal=USR2@90", "#SBATCH --job-name=train"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lm",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --time=120",
+        "#SBATCH --signal=USR2@90",
+        "#SBATCH --job-name=train",
+    ):
         assert line in text, f"{line!r} not in:\n{text}"
 
 
 def test_slurm_launcher_needs_a_device_count(base, tmp_path):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=auto",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        env=env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "hydra/launcher=slurm",
+            "trainer=ddp",
+            "trainer.devices=auto",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode != 0
     assert "trainer.devices" in done.stdout + done.stderr
@@ -170,9 +248,21 @@ def test_a_run_launched_through_submitit_local_executor_trains(base, tmp_path):
     sweep = tmp_path / "sweep"
     args = [a for a in run_args(base, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-         "hydra.launcher.gpus_per_node=0", "trainer=cpu", f"hydra.sweep.dir={sweep}", *args],
-        env=env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=5",
+            "hydra.launcher.gpus_per_node=0",
+            "trainer=cpu",
+            f"hydra.sweep.dir={sweep}",
+            *args,
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ckpt = sweep / "0" / "checkpoints" / "last.ckpt"
@@ -187,8 +277,13 @@ def test_fsdp_config_wraps_each_block(checkpointing, state_dict_type):
 
     from mqa_lm.model import Block
 
-    cfg = compose_with_hydra(["trainer=fsdp", f"trainer.strategy.activation_checkpointing={checkpointing}",
-                              f"trainer.strategy.state_dict_type={state_dict_type}"])
+    cfg = compose_with_hydra(
+        [
+            "trainer=fsdp",
+            f"trainer.strategy.activation_checkpointing={checkpointing}",
+            f"trainer.strategy.state_dict_type={state_dict_type}",
+        ]
+    )
     assert cfg.trainer.precision == "bf16-mixed"
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)

@@ -44,16 +44,34 @@ def shared(tmp_path_factory) -> Path:
 def command(base: Path, run_dir: Path) -> list[str]:
     """One CPU run: dropout on (so RNG restore matters), deterministic, checkpoints every EVERY steps."""
     return [
-        sys.executable, str(ROOT / "train.py"),
-        "data=text", f"data.paths=[{base / 'corpus.txt'}]", "data.tokenizer=char", "data.block_size=16",
-        "data.batch_size=4", "data.val_batches=2", f"data.cache_dir={base / 'cache'}",
-        "model.max_seq_len=16", "model.n_layers=2", "model.d_model=32", "model.heads=4",
-        "model.resid_pdrop=0.1", "model.emb_pdrop=0.1", "model.attn_pdrop=0.1",
-        "trainer=cpu", f"trainer.max_steps={MAX_STEPS}", "trainer.val_check_interval=50",
-        "trainer.deterministic=true", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "optim.warmup_steps=10", "callbacks=[model_checkpoint,rng_state,preemption]",
-        f"callbacks.recovery_checkpoint.every_n_train_steps={EVERY}", "logger=csv",
-        f"hydra.run.dir={run_dir}", "sample.max_new_tokens=0",
+        sys.executable,
+        str(ROOT / "train.py"),
+        "data=text",
+        f"data.paths=[{base / 'corpus.txt'}]",
+        "data.tokenizer=char",
+        "data.block_size=16",
+        "data.batch_size=4",
+        "data.val_batches=2",
+        f"data.cache_dir={base / 'cache'}",
+        "model.max_seq_len=16",
+        "model.n_layers=2",
+        "model.d_model=32",
+        "model.heads=4",
+        "model.resid_pdrop=0.1",
+        "model.emb_pdrop=0.1",
+        "model.attn_pdrop=0.1",
+        "trainer=cpu",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.val_check_interval=50",
+        "trainer.deterministic=true",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "optim.warmup_steps=10",
+        "callbacks=[model_checkpoint,rng_state,preemption]",
+        f"callbacks.recovery_checkpoint.every_n_train_steps={EVERY}",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+        "sample.max_new_tokens=0",
     ]
 
 
@@ -77,8 +95,9 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 def straight(shared) -> subprocess.Popen:
     """The uninterrupted run, started once and shared (runs alongside the interrupted ones)."""
     run_dir = shared / "straight"
-    proc = subprocess.Popen(command(shared, run_dir), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        command(shared, run_dir), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     proc.run_dir = run_dir  # type: ignore[attr-defined]
     yield proc
     if proc.poll() is None:
@@ -110,8 +129,9 @@ def wait_for_checkpoints(proc: subprocess.Popen, ckpt_dir: Path, count: int, tim
 
 def interrupt(base: Path, run_dir: Path, signum: int, **extra_env: str) -> tuple[int, str]:
     """Start a run, send ``signum`` at a random moment after its first checkpoint; (returncode, output)."""
-    proc = subprocess.Popen(command(base, run_dir), env=env(**extra_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command(base, run_dir), env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     rng = random.Random()
     wait_for_checkpoints(proc, run_dir / "checkpoints", rng.randint(1, 3))
     time.sleep(rng.uniform(0.0, 0.3))
@@ -172,9 +192,17 @@ def test_slurm_sigusr1_saves_requeues_and_the_requeued_job_resumes(shared, strai
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(0o755)
-    slurm = dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="mqa", SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0",
-                 SLURM_NODEID="0", SLURM_NODELIST="localhost", SLURM_NTASKS_PER_NODE="1",
-                 PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    slurm = dict(
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="mqa",
+        SLURM_NTASKS="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NODELIST="localhost",
+        SLURM_NTASKS_PER_NODE="1",
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )
     run_dir = shared / "slurm-4242"
     code, out = interrupt(shared, run_dir, signal.SIGUSR1, **slurm)
     assert code == 128 + signal.SIGUSR1, out[-3000:]
@@ -192,14 +220,20 @@ def test_ddp_ranks_agree_on_a_checked_step_then_resume(shared, tmp_path):
     """Two gloo ranks: SIGTERM is acted on at the next multiple of check_every_n_steps (the only steps
     with a collective), the checkpoint is saved once, and the same command resumes from it."""
     run_dir = tmp_path / "ddp-terminated"
-    extra = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "callbacks.preemption.check_every_n_steps=7"]
+    extra = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "callbacks.preemption.check_every_n_steps=7",
+    ]
 
     def ddp_command(base: Path, rd: Path) -> list[str]:
         cmd = [a for a in command(base, rd) if not a.startswith("trainer=")]
         return cmd[:2] + extra + cmd[2:]
 
-    proc = subprocess.Popen(ddp_command(shared, run_dir), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ddp_command(shared, run_dir), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for_checkpoints(proc, run_dir / "checkpoints", 1, timeout=180)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
@@ -242,7 +276,9 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
     os.utime(newest, ns=(10**18 + 5 * 10**9,) * 2)
-    with pytest.warns(UserWarning, match=r"skipping checkpoint: checkpoint .*recovery-step000020.ckpt.*trying the previous"):
+    with pytest.warns(
+        UserWarning, match=r"skipping checkpoint: checkpoint .*recovery-step000020.ckpt.*trying the previous"
+    ):
         assert find_resume_checkpoint([ckpts]) == older.resolve()
 
 
@@ -326,7 +362,7 @@ def test_interrupted_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path):
     io.save_checkpoint(fake_checkpoint(1), path)
     before = path.read_bytes()
     # A tensor is written before the lambda fails to pickle: the write dies half-way.
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, TypeError)):  # pickle refuses the lambda
         io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "global_step": 2, "bad": lambda: 0}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

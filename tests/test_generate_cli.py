@@ -34,8 +34,17 @@ def _no_triton_interpreter(monkeypatch):
 def export(tmp_path):
     tokenizer = build_char([TEXT])
     torch.manual_seed(0)
-    config = MQAConfig(vocab_size=tokenizer.get_vocab_size(), max_seq_len=64, n_layers=2, d_model=32, heads=4,
-                       kv_heads=1, attn_impl="torch", pos_emb="rope", init_std=0.3)
+    config = MQAConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        max_seq_len=64,
+        n_layers=2,
+        d_model=32,
+        heads=4,
+        kv_heads=1,
+        attn_impl="torch",
+        pos_emb="rope",
+        init_std=0.3,
+    )
     model = MQATransformer(config).eval()
     return save_pretrained(model, tmp_path / "export", tokenizer), model, tokenizer
 
@@ -50,13 +59,20 @@ def run_cli(capsys, *overrides):
 def greedy_text(model, tokenizer, prompt, n):
     idx = torch.tensor([tokenizer.encode(prompt).ids])
     out = model.generate_with_growing_cache(idx, n, temperature=0.0)
-    return tokenizer.decode(out[0, idx.shape[1]:].tolist(), skip_special_tokens=False)
+    return tokenizer.decode(out[0, idx.shape[1] :].tolist(), skip_special_tokens=False)
 
 
 def test_one_prompt_streams_its_greedy_continuation(export, capsys):
     path, model, tokenizer = export
-    out = run_cli(capsys, f"ckpt_path={path}", "prompt=it was the", "max_new_tokens=30", "temperature=0",
-                  "stop_at_eos=false", "device=cpu")
+    out = run_cli(
+        capsys,
+        f"ckpt_path={path}",
+        "prompt=it was the",
+        "max_new_tokens=30",
+        "temperature=0",
+        "stop_at_eos=false",
+        "device=cpu",
+    )
     assert out.out == "it was the" + greedy_text(model, tokenizer, "it was the", 30) + "\n"
     assert "30 tokens" in out.err
 
@@ -66,8 +82,16 @@ def test_prompt_file_batches_prompts_and_samples(export, capsys, tmp_path):
     prompts = ["it was the best", "wis", "the age of"]
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
-    out = run_cli(capsys, f"ckpt_path={path}", f"prompt_file={prompt_file}", "max_new_tokens=12", "temperature=0",
-                  "num_samples=2", "stop_at_eos=false", "device=cpu").out
+    out = run_cli(
+        capsys,
+        f"ckpt_path={path}",
+        f"prompt_file={prompt_file}",
+        "max_new_tokens=12",
+        "temperature=0",
+        "num_samples=2",
+        "stop_at_eos=false",
+        "device=cpu",
+    ).out
     blocks = re.split(r"--- prompt (\d) sample (\d) ---\n", out)[1:]
     assert len(blocks) == 3 * 6  # 3 prompts x 2 samples, (prompt, sample, text) each
     for p, s, text in zip(blocks[0::3], blocks[1::3], blocks[2::3]):
@@ -77,8 +101,16 @@ def test_prompt_file_batches_prompts_and_samples(export, capsys, tmp_path):
 
 def test_sampling_is_seeded(export, capsys):
     path, _, _ = export
-    args = (f"ckpt_path={path}", "prompt=it", "max_new_tokens=20", "temperature=1.0", "top_k=10", "top_p=0.9",
-            "num_samples=3", "device=cpu")
+    args = (
+        f"ckpt_path={path}",
+        "prompt=it",
+        "max_new_tokens=20",
+        "temperature=1.0",
+        "top_k=10",
+        "top_p=0.9",
+        "num_samples=3",
+        "device=cpu",
+    )
     first = run_cli(capsys, *args, "seed=3").out
     assert run_cli(capsys, *args, "seed=3").out == first
     assert run_cli(capsys, *args, "seed=4").out != first
@@ -88,8 +120,15 @@ def test_perplexity_mode(export, capsys, tmp_path):
     path, model, tokenizer = export
     text_file = tmp_path / "eval.txt"
     text_file.write_text(TEXT * 3)
-    out = run_cli(capsys, "mode=perplexity", f"ckpt_path={path}", f"data.paths=[{text_file}]", "data.window=32",
-                  "data.stride=8", "device=cpu").out
+    out = run_cli(
+        capsys,
+        "mode=perplexity",
+        f"ckpt_path={path}",
+        f"data.paths=[{text_file}]",
+        "data.window=32",
+        "data.stride=8",
+        "device=cpu",
+    ).out
     want = perplexity(model, tokenizer, [TEXT * 3], window=32, stride=8)
     values = dict(re.findall(r"(\w+)=([\d.]+)", out))
     assert int(values["tokens"]) == want.tokens == len(TEXT * 3)
@@ -124,12 +163,32 @@ def test_command_line_entry_point(export):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
-        [sys.executable, "generate.py", f"ckpt_path={path}", "prompt=the", "max_new_tokens=10", "temperature=0",
-         "stop_at_eos=false", "device=cpu"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "generate.py",
+            f"ckpt_path={path}",
+            "prompt=the",
+            "max_new_tokens=10",
+            "temperature=0",
+            "stop_at_eos=false",
+            "device=cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == "the" + greedy_text(model, tokenizer, "the", 10) + "\n"
-    bad = subprocess.run([sys.executable, "generate.py", "ckpt_path=/nonexistent"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120, check=False)
+    bad = subprocess.run(
+        [sys.executable, "generate.py", "ckpt_path=/nonexistent"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert bad.returncode == 2 and "config error: ckpt_path='/nonexistent' does not exist" in bad.stderr

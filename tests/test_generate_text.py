@@ -24,8 +24,17 @@ def _no_triton_interpreter(monkeypatch):
 
 def model_for(vocab, max_seq_len=16, seed=0, **overrides):
     torch.manual_seed(seed)
-    config = MQAConfig(vocab_size=vocab, max_seq_len=max_seq_len, n_layers=2, d_model=32, heads=4, kv_heads=1,
-                       attn_impl="torch", init_std=0.3, **overrides)
+    config = MQAConfig(
+        vocab_size=vocab,
+        max_seq_len=max_seq_len,
+        n_layers=2,
+        d_model=32,
+        heads=4,
+        kv_heads=1,
+        attn_impl="torch",
+        init_std=0.3,
+        **overrides,
+    )
     return MQATransformer(config).double().eval()
 
 
@@ -49,7 +58,7 @@ def test_rows_of_different_lengths_equal_each_row_alone(pos_emb):
     assert got == streamed
     for row, new in zip(rows, got):
         idx = torch.tensor([row])
-        assert new == model.generate_with_growing_cache(idx, 20, temperature=0.0)[0, len(row):].tolist()
+        assert new == model.generate_with_growing_cache(idx, 20, temperature=0.0)[0, len(row) :].tolist()
 
 
 def test_rows_stop_at_eos_and_long_rows_slide():
@@ -66,7 +75,9 @@ def test_rows_stop_at_eos_and_long_rows_slide():
     # 3 + 20 tokens exceed max_seq_len=16: rows run alone through generate, which slides.
     long = generate_ids(model, rows, 20, temperature=0.0)
     for row, new in zip(rows, long):
-        assert new == model.generate_with_growing_cache(torch.tensor([row]), 20, temperature=0.0)[0, len(row):].tolist()
+        assert (
+            new == model.generate_with_growing_cache(torch.tensor([row]), 20, temperature=0.0)[0, len(row) :].tolist()
+        )
 
 
 def test_streamer_never_prints_half_a_character():

@@ -18,10 +18,10 @@ import warnings
 
 import pytest
 import torch
+from mqa_reference import press_alibi_slopes, ref_block, ref_model_logits
 
 import mqa_lm.kernels.flash as flash_module
 from mqa_lm import MQAConfig, MQATransformer, MultiQueryAttention
-from mqa_reference import press_alibi_slopes, ref_block, ref_model_logits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -198,8 +198,17 @@ def test_attention_dropout_on_gpu(flash_generation, impl):
 @pytest.mark.parametrize("pos_emb", ["learned", "rope", "alibi", "none"])
 @pytest.mark.parametrize("impl", ["torch", "flash"])
 def test_model_bf16_parity_and_incremental_decoding(flash_generation, impl, pos_emb):
-    config = MQAConfig(vocab_size=4096, max_seq_len=1024, n_layers=2, d_model=DIM, heads=8, kv_heads=1,
-                       attn_impl=impl, pos_emb=pos_emb, init_std=0.05)
+    config = MQAConfig(
+        vocab_size=4096,
+        max_seq_len=1024,
+        n_layers=2,
+        d_model=DIM,
+        heads=8,
+        kv_heads=1,
+        attn_impl=impl,
+        pos_emb=pos_emb,
+        init_std=0.05,
+    )
     torch.manual_seed(0)
     model = MQATransformer(config).to(DEV, torch.bfloat16).eval()
     idx = torch.randint(0, 4096, (2, 512), device=DEV, generator=torch.Generator(DEV).manual_seed(2))

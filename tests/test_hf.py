@@ -22,7 +22,9 @@ LLAMA = {"pos_emb": "rope", "mlp_type": "swiglu", "norm_type": "rmsnorm", "rope_
 FAMILIES = {
     "gpt_bigcode_mqa": ({**GPT_BIGCODE, "kv_heads": 1}, "GPTBigCodeForCausalLM"),
     "gpt_bigcode_mha_untied_nobias": (
-        {**GPT_BIGCODE, "kv_heads": 4, "bias": False, "tie_embeddings": False, "mlp_hidden": 48}, "GPTBigCodeForCausalLM"),
+        {**GPT_BIGCODE, "kv_heads": 4, "bias": False, "tie_embeddings": False, "mlp_hidden": 48},
+        "GPTBigCodeForCausalLM",
+    ),
     "llama_gqa": ({**LLAMA, "kv_heads": 2, "bias": False}, "LlamaForCausalLM"),
     "llama_mqa_bias_untied": ({**LLAMA, "kv_heads": 1, "bias": True, "tie_embeddings": False}, "LlamaForCausalLM"),
 }
@@ -110,16 +112,22 @@ def test_each_blocking_option_is_named(tmp_path, fields, family, named):
 
 
 def test_one_error_lists_every_blocking_option(tmp_path):
-    model = perturbed(**{**GPT_BIGCODE, "kv_heads": 2, "qk_ln": True, "clip_qkv": 4.0, "mlp_type": "swiglu",
-                         "softmax_scale": 1.0})
+    model = perturbed(
+        **{**GPT_BIGCODE, "kv_heads": 2, "qk_ln": True, "clip_qkv": 4.0, "mlp_type": "swiglu", "softmax_scale": 1.0}
+    )
     with pytest.raises(HFExportError) as err:
         export_hf(model, tmp_path / "hf")
     message = str(err.value)
-    for named in ("model.kv_heads=2", "model.qk_ln=true", "model.clip_qkv=4.0", "model.mlp_type='swiglu'",
-                  "model.softmax_scale=1.0"):
+    for named in (
+        "model.kv_heads=2",
+        "model.qk_ln=true",
+        "model.clip_qkv=4.0",
+        "model.mlp_type='swiglu'",
+        "model.softmax_scale=1.0",
+    ):
         assert named in message
     # A scale written out that equals the default is no obstacle.
-    export_hf(perturbed(**GPT_BIGCODE, softmax_scale=8 ** -0.5), tmp_path / "ok")
+    export_hf(perturbed(**GPT_BIGCODE, softmax_scale=8**-0.5), tmp_path / "ok")
 
 
 def test_cli_exports_a_saved_model_and_refuses_to_overwrite(tmp_path, tokenizer, capsys):
@@ -145,13 +153,22 @@ def test_cli_exports_a_saved_model_and_refuses_to_overwrite(tmp_path, tokenizer,
 def test_from_hf_matches_a_random_transformers_model(tmp_path, family):
     """A model transformers itself initialised and saved (not one we exported)."""
     if family == "gpt_bigcode":
-        config = transformers.GPTBigCodeConfig(vocab_size=97, n_positions=40, n_embd=48, n_layer=2, n_head=6,
-                                               multi_query=True, n_inner=80)
+        config = transformers.GPTBigCodeConfig(
+            vocab_size=97, n_positions=40, n_embd=48, n_layer=2, n_head=6, multi_query=True, n_inner=80
+        )
     else:
-        config = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
-                                          num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=40,
-                                          rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                          rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+        config = transformers.LlamaConfig(
+            vocab_size=97,
+            hidden_size=48,
+            intermediate_size=72,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            max_position_embeddings=40,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+        )
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -169,8 +186,15 @@ def test_from_hf_matches_a_random_transformers_model(tmp_path, family):
 
 
 def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, rms_norm_eps=1e-6, hidden_act="gelu")
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        rms_norm_eps=1e-6,
+        hidden_act="gelu",
+    )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama")
     with pytest.raises(HFImportError) as err:
         from_hf(tmp_path / "llama")

@@ -29,8 +29,9 @@ def _no_triton_interpreter(monkeypatch):
 
 def tiny_model(dtype=torch.float32, seed=0, **overrides) -> MQATransformer:
     # init_std well above GPT-2's so attention (and so the cache and positions) drives the logits.
-    values = dict(vocab_size=64, max_seq_len=48, n_layers=2, d_model=32, heads=4, kv_heads=2, attn_impl="torch",
-                  init_std=0.3)
+    values = dict(
+        vocab_size=64, max_seq_len=48, n_layers=2, d_model=32, heads=4, kv_heads=2, attn_impl="torch", init_std=0.3
+    )
     values.update(overrides)
     torch.manual_seed(seed)
     model = MQATransformer(MQAConfig(**values)).to(dtype).eval()
@@ -61,8 +62,10 @@ def test_greedy_tokens_equal_the_growing_cache_path(pos_emb, kv_heads):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(pos_emb="rope", qk_ln=True, clip_qkv=0.8, norm_type="rmsnorm", mlp_type="swiglu", bias=False),
-     dict(pos_emb="alibi", heads=8, kv_heads=2, softmax_scale=0.3, tie_embeddings=False)],
+    [
+        dict(pos_emb="rope", qk_ln=True, clip_qkv=0.8, norm_type="rmsnorm", mlp_type="swiglu", bias=False),
+        dict(pos_emb="alibi", heads=8, kv_heads=2, softmax_scale=0.3, tie_embeddings=False),
+    ],
     ids=["rope_qkln_clip_swiglu", "alibi_h8_scale_untied"],
 )
 def test_engine_logits_equal_full_forwards_of_the_generated_text(overrides):
@@ -117,8 +120,14 @@ def test_sampling_is_reproducible_and_follows_the_generator():
     model = tiny_model()
     idx = tokens(2, 3)
     engine = InferenceEngine(model, batch_size=2, max_len=32)
-    run = lambda seed: engine.generate(idx, 12, temperature=0.9, top_k=10, top_p=0.9,  # noqa: E731
-                                       generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: engine.generate(
+        idx,
+        12,
+        temperature=0.9,
+        top_k=10,
+        top_p=0.9,  # noqa: E731
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
 
@@ -138,7 +147,9 @@ def _filtered_probs64(logits, temperature, top_k, top_p):
     return kept / kept.sum()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 3, None), (1.3, None, 0.6), (1.0, 4, 0.8)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, None, None), (0.7, 3, None), (1.3, None, 0.6), (1.0, 4, 0.8)]
+)
 def test_device_sampling_matches_the_filtered_distribution(temperature, top_k, top_p):
     torch.manual_seed(0)
     logits = torch.randn(1, 7) * 1.5
@@ -193,9 +204,13 @@ def test_generate_falls_back_where_the_engine_does_not_apply(monkeypatch):
     model = tiny_model(torch.float64, max_seq_len=12)
     idx = tokens(2, 5)
     # 5 + 20 tokens slide past max_seq_len=12: the growing-cache path's cropping semantics.
-    assert torch.equal(model.generate(idx, 20, temperature=0.0), model.generate_with_growing_cache(idx, 20, temperature=0.0))
+    assert torch.equal(
+        model.generate(idx, 20, temperature=0.0), model.generate_with_growing_cache(idx, 20, temperature=0.0)
+    )
     monkeypatch.setenv("MQA_LM_GENERATE_ENGINE", "0")
-    assert torch.equal(model.generate(idx, 6, temperature=0.0), model.generate_with_growing_cache(idx, 6, temperature=0.0))
+    assert torch.equal(
+        model.generate(idx, 6, temperature=0.0), model.generate_with_growing_cache(idx, 6, temperature=0.0)
+    )
 
 
 def test_cache_length_buckets():
@@ -208,10 +223,18 @@ def test_cache_length_buckets():
 
 @pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
 def test_decode_kernel_and_engine_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/triton_decode_cases.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mqa_lm import MQAConfig, MQATransformer
 from model_helpers import attention_weights
 from mqa_reference import press_alibi_slopes, ref_alibi, ref_attention, ref_model_logits, ref_norm, ref_qkv
+
+from mqa_lm import MQAConfig, MQATransformer
 
 POS_EMBS = ["learned", "rope", "alibi", "none"]
 
@@ -24,8 +24,9 @@ def _no_triton_interpreter(monkeypatch):
 def tiny_config(**overrides) -> MQAConfig:
     # init_std well above GPT-2's 0.02 so attention, not just the current token's embedding, drives
     # the logits: a cache or position bug then moves them visibly and flips greedy tokens.
-    values = dict(vocab_size=64, max_seq_len=16, n_layers=2, d_model=32, heads=4, kv_heads=2, attn_impl="torch",
-                  init_std=0.2)
+    values = dict(
+        vocab_size=64, max_seq_len=16, n_layers=2, d_model=32, heads=4, kv_heads=2, attn_impl="torch", init_std=0.2
+    )
     values.update(overrides)
     return MQAConfig(**values)
 
@@ -171,8 +172,18 @@ def test_weights_are_tied_by_default_and_untied_on_request():
 
 def test_gpt2_init_statistics():
     n_layers, std = 4, 0.02
-    model = MQATransformer(MQAConfig(vocab_size=2048, max_seq_len=256, n_layers=n_layers, d_model=256, heads=4,
-                                     kv_heads=1, attn_impl="torch", init_std=std))
+    model = MQATransformer(
+        MQAConfig(
+            vocab_size=2048,
+            max_seq_len=256,
+            n_layers=n_layers,
+            d_model=256,
+            heads=4,
+            kv_heads=1,
+            attn_impl="torch",
+            init_std=std,
+        )
+    )
     residual_std = std / math.sqrt(2 * n_layers)
     for block in model.blocks:
         for w in (block.attn.out_proj.weight, block.mlp.down_proj.weight):
@@ -196,7 +207,7 @@ def _expected_params(c: MQAConfig) -> tuple[int, int]:
     qkv_out = d + 2 * c.kv_heads * hd
     hidden = c.mlp_hidden or 4 * d
     up_out = 2 * hidden if c.mlp_type == "swiglu" else hidden
-    per_layer = (2 * norm + d * qkv_out + qkv_out + d * d + d + d * up_out + up_out + hidden * d + d)
+    per_layer = 2 * norm + d * qkv_out + qkv_out + d * d + d + d * up_out + up_out + hidden * d + d
     wte = c.vocab_size * d
     wpe = c.max_seq_len * d if c.pos_emb == "learned" else 0
     head = 0 if c.tie_embeddings else c.vocab_size * d
@@ -338,20 +349,32 @@ def test_generate_rejects_bad_arguments(kwargs, pattern):
         (dict(d_model=30), ValueError, r"model.d_model=30 is not divisible by model.heads=4"),
         (dict(d_model=0), ValueError, r"model.d_model must be a positive integer, got 0"),
         (dict(heads=4, kv_heads=3), ValueError, r"model.heads=4 is not divisible by model.kv_heads=3"),
-        (dict(attn_impl="fast"), ValueError,
-         r"unknown model.attn_impl 'fast'; valid choices are: auto, flash, torch, triton"),
-        (dict(norm_type="bn"), ValueError,
-         r"unknown model.norm_type 'bn'; valid choices are: layernorm, low_precision_layernorm, "
-         r"low_precision_rmsnorm, rmsnorm"),
+        (
+            dict(attn_impl="fast"),
+            ValueError,
+            r"unknown model.attn_impl 'fast'; valid choices are: auto, flash, torch, triton",
+        ),
+        (
+            dict(norm_type="bn"),
+            ValueError,
+            r"unknown model.norm_type 'bn'; valid choices are: layernorm, low_precision_layernorm, "
+            r"low_precision_rmsnorm, rmsnorm",
+        ),
         (dict(fc_type="x"), ValueError, r"unknown model.fc_type 'x'; valid choices are: te, torch"),
         (dict(clip_qkv=0.0), ValueError, r"model.clip_qkv must be > 0.*got 0.0"),
         (dict(attn_pdrop=1.0), ValueError, r"model.attn_pdrop must be in \[0, 1\), got 1.0"),
         (dict(resid_pdrop=-0.1), ValueError, r"model.resid_pdrop must be in \[0, 1\), got -0.1"),
         (dict(emb_pdrop=1.0), ValueError, r"model.emb_pdrop must be in \[0, 1\), got 1.0"),
-        (dict(pos_emb="sinusoidal"), ValueError,
-         r"unknown model.pos_emb 'sinusoidal'; valid choices are: learned, rope, alibi, none"),
-        (dict(pos_emb="rope", d_model=36, heads=4), ValueError,
-         r"pos_emb='rope' needs an even head_dim, got d_model/heads = 9"),
+        (
+            dict(pos_emb="sinusoidal"),
+            ValueError,
+            r"unknown model.pos_emb 'sinusoidal'; valid choices are: learned, rope, alibi, none",
+        ),
+        (
+            dict(pos_emb="rope", d_model=36, heads=4),
+            ValueError,
+            r"pos_emb='rope' needs an even head_dim, got d_model/heads = 9",
+        ),
         (dict(rope_theta=0.0), ValueError, r"model.rope_theta must be > 0, got 0.0"),
         (dict(mlp_type="relu"), ValueError, r"unknown model.mlp_type 'relu'; valid choices are: gelu, swiglu"),
         (dict(mlp_hidden=0), ValueError, r"model.mlp_hidden must be positive.*got 0"),
@@ -379,7 +402,9 @@ def test_token_ids_outside_the_vocabulary_name_its_size():
     vocab = model.config.vocab_size
     bad = tokens(2, 3, vocab)
     bad[1, 2] = vocab
-    message = rf"token ids must be in \[0, {vocab}\) for this model \(model.vocab_size={vocab}\), got ids from \d+ to {vocab}"
+    message = (
+        rf"token ids must be in \[0, {vocab}\) for this model \(model.vocab_size={vocab}\), got ids from \d+ to {vocab}"
+    )
     with pytest.raises(ValueError, match=message):
         model(bad)
     with pytest.raises(ValueError, match=message):
@@ -393,7 +418,9 @@ def test_token_ids_outside_the_vocabulary_name_its_size():
 def test_fp16_hidden_states_into_an_fp32_block_name_both_dtypes():
     model = tiny_model()  # low_precision_layernorm keeps the input's dtype: the attention sees fp16
     x = torch.randn(1, 3, model.config.d_model, dtype=torch.float16)
-    with pytest.raises(TypeError, match=r"x has dtype torch.float16 but this MultiQueryAttention's weights are torch.float32"):
+    with pytest.raises(
+        TypeError, match=r"x has dtype torch.float16 but this MultiQueryAttention's weights are torch.float32"
+    ):
         model.blocks[0](x)
 
 

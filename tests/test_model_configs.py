@@ -38,7 +38,9 @@ def test_model_config_composes_to_every_field(name):
         else:
             assert model[f.name] == f.default, f.name
     for key in own:
-        assert own[key] != {f.name: f.default for f in fields(MQAConfig)}[key], f"{name}.yaml repeats the default of {key}"
+        assert own[key] != {f.name: f.default for f in fields(MQAConfig)}[key], (
+            f"{name}.yaml repeats the default of {key}"
+        )
     config = MQAConfig.from_dict({**model, "vocab_size": 100})
     assert config.attn_impl == "auto" and config.loss_impl == "torch"
 
@@ -56,7 +58,11 @@ def test_the_recipes_still_compose_to_the_values_they_trained_with():
         model = composed_model([f"model={name}"])
         assert {k: model[k] for k in values} == values
         assert (model["kv_heads"], model["pos_emb"], model["norm_type"], model["mlp_type"]) == (
-            1, "learned", "low_precision_layernorm", "gelu")
+            1,
+            "learned",
+            "low_precision_layernorm",
+            "gelu",
+        )
         assert (model["bias"], model["tie_embeddings"], model["init_std"]) == (True, True, 0.02)
 
 

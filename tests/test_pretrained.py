@@ -147,9 +147,20 @@ def test_a_training_run_is_self_contained(tmp_path):
     corpus.write_text(CORPUS, encoding="utf-8")
     # A learning rate this high makes the second validation far worse than the first (3.49 -> 4.45),
     # so the best checkpoint is not the last one.
-    metrics = train(compose_cfg(small_run(tmp_path, corpus, "trainer.max_steps=4", "trainer.val_check_interval=2",
-                                "optim.lr=0.1", "optim.min_lr=0.1", "optim.warmup_steps=2",
-                                "sample.max_new_tokens=0")))
+    metrics = train(
+        compose_cfg(
+            small_run(
+                tmp_path,
+                corpus,
+                "trainer.max_steps=4",
+                "trainer.val_check_interval=2",
+                "optim.lr=0.1",
+                "optim.min_lr=0.1",
+                "optim.warmup_steps=2",
+                "sample.max_new_tokens=0",
+            )
+        )
+    )
     run = tmp_path / "run"
     ckpt_dir = run / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -210,10 +221,25 @@ def test_init_from_starts_training_from_pretrained_weights(tmp_path, kind):
     second = tmp_path / "second"
     # model.* asks for another architecture and data.tokenizer for BPE: init_from overrides both. A
     # learning rate of 1e-12 keeps the one step from moving the weights measurably.
-    train(compose_cfg(small_run(second, corpus, f"init_from={spec}", "model.d_model=64", "model.n_layers=1",
-                                "data.tokenizer=bpe", "data.vocab_size=300", "trainer.max_steps=1",
-                                "optim.lr=1e-12", "optim.min_lr=0", "optim.warmup_steps=0",
-                                "trainer.val_check_interval=1", "sample.max_new_tokens=0")))
+    train(
+        compose_cfg(
+            small_run(
+                second,
+                corpus,
+                f"init_from={spec}",
+                "model.d_model=64",
+                "model.n_layers=1",
+                "data.tokenizer=bpe",
+                "data.vocab_size=300",
+                "trainer.max_steps=1",
+                "optim.lr=1e-12",
+                "optim.min_lr=0",
+                "optim.warmup_steps=0",
+                "trainer.val_check_interval=1",
+                "sample.max_new_tokens=0",
+            )
+        )
+    )
     started, tok = load_pretrained(second / "run" / "checkpoints" / "last.ckpt")
     # Runtime fields (attn_impl, dropouts, ...) keep the run's model.* values; the rest is the source's.
     from mqa_lm.init_from import RUNTIME_FIELDS

@@ -30,12 +30,27 @@ def test_fsdp_run_exports_the_best_weights(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
     env["PYTHONPATH"] = str(ROOT)
     cmd = [
-        sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.devices=2", "trainer.max_steps=8",
-        "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "data=text",
-        f"data.paths=[{tmp_path / 'corpus.txt'}]", "data.tokenizer=char", "data.block_size=16", "data.batch_size=4",
-        "data.val_batches=2", f"data.cache_dir={tmp_path / 'cache'}", "model.max_seq_len=16", "model.n_layers=2",
-        "model.d_model=64", "model.heads=4", "callbacks=[model_checkpoint,pretrained_export]",
-        f"hydra.run.dir={run}", "sample.max_new_tokens=0",
+        sys.executable,
+        str(ROOT / "train.py"),
+        "trainer=fsdp",
+        "trainer.devices=2",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "trainer.enable_progress_bar=false",
+        "data=text",
+        f"data.paths=[{tmp_path / 'corpus.txt'}]",
+        "data.tokenizer=char",
+        "data.block_size=16",
+        "data.batch_size=4",
+        "data.val_batches=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.max_seq_len=16",
+        "model.n_layers=2",
+        "model.d_model=64",
+        "model.heads=4",
+        "callbacks=[model_checkpoint,pretrained_export]",
+        f"hydra.run.dir={run}",
+        "sample.max_new_tokens=0",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

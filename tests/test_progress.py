@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-
 from test_training import compose_cfg, corpus, small_run  # noqa: F401  (corpus is a fixture)
 
 from mqa_lm.training import train
@@ -23,8 +22,9 @@ def _val_losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_each_validation_prints_one_line_with_the_logged_loss(tmp_path, corpus, capsys):  # noqa: F811
-    cfg = compose_cfg(small_run(tmp_path, corpus, "trainer.max_steps=12", "trainer.val_check_interval=4",
-                                "sample.max_new_tokens=0"))
+    cfg = compose_cfg(
+        small_run(tmp_path, corpus, "trainer.max_steps=12", "trainer.val_check_interval=4", "sample.max_new_tokens=0")
+    )
     train(cfg)
     lines = re.findall(r"^step (\d+): val/loss ([\d.]+) \(([\d.]+) s\)$", capsys.readouterr().out, re.M)
     assert [int(step) for step, _, _ in lines] == [4, 8, 12]
@@ -46,9 +46,18 @@ def test_the_report_names_the_command_that_samples_from_the_run(tmp_path, corpus
 def test_early_stopping_ends_the_run_before_max_steps(tmp_path, corpus, capsys):  # noqa: F811
     # min_delta larger than any possible improvement: the first validation sets the best, the
     # next `patience` ones cannot beat it, and training stops there.
-    cfg = compose_cfg(small_run(tmp_path, corpus, "callbacks=[default,early_stopping]", "trainer.max_steps=40",
-                                "trainer.val_check_interval=4", "callbacks.early_stopping.patience=2",
-                                "callbacks.early_stopping.min_delta=100", "sample.max_new_tokens=0"))
+    cfg = compose_cfg(
+        small_run(
+            tmp_path,
+            corpus,
+            "callbacks=[default,early_stopping]",
+            "trainer.max_steps=40",
+            "trainer.val_check_interval=4",
+            "callbacks.early_stopping.patience=2",
+            "callbacks.early_stopping.min_delta=100",
+            "sample.max_new_tokens=0",
+        )
+    )
     train(cfg)
     steps = [int(s) for s in re.findall(r"^step (\d+): val/loss", capsys.readouterr().out, re.M)]
     assert steps == [4, 8, 12]
@@ -57,14 +66,16 @@ def test_early_stopping_ends_the_run_before_max_steps(tmp_path, corpus, capsys):
 def test_train_py_output_is_free_of_known_noise(tmp_path, corpus):  # noqa: F811
     """The entry point as a user runs it (bar and summary on, output to a file): no litlogger advert,
     no LeafSpec deprecation, no `Total FLOPs: 0`, no `Epoch 0/-2`; our summary line instead."""
-    from test_training import CORPUS, ROOT
-
     from lightning.pytorch.utilities.model_summary import get_human_readable_count
+    from test_training import CORPUS, ROOT
 
     from mqa_lm import MQAConfig, MQATransformer
 
-    overrides = [o for o in small_run(tmp_path, corpus, "trainer.max_steps=4", "trainer.val_check_interval=4")
-                 if not o.startswith(("paths.output_dir", "trainer.enable_"))]
+    overrides = [
+        o
+        for o in small_run(tmp_path, corpus, "trainer.max_steps=4", "trainer.val_check_interval=4")
+        if not o.startswith(("paths.output_dir", "trainer.enable_"))
+    ]
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -74,8 +85,10 @@ def test_train_py_output_is_free_of_known_noise(tmp_path, corpus):  # noqa: F811
     model = MQATransformer(MQAConfig(vocab_size=len(set(CORPUS)) + 2, max_seq_len=16, n_layers=2, d_model=32, heads=4))
     params = get_human_readable_count(model.num_params())
     flops = get_human_readable_count(int(model.flops_per_token()))
-    line = (f"model: MQATransformer, {params} parameters ({params} trainable), {flops} FLOPs per token to train "
-            "at sequence length 16")
+    line = (
+        f"model: MQATransformer, {params} parameters ({params} trainable), {flops} FLOPs per token to train "
+        "at sequence length 16"
+    )
     assert line in proc.stdout.splitlines(), proc.stdout[-3000:]
     assert "step 4: val/loss" in proc.stdout  # the validation line stays
 
@@ -90,9 +103,18 @@ def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, corpus):  # 
     bar = TokensPerSecondBar(console_kwargs={"file": screen, "force_terminal": True, "width": 160})
     dm = TextDataModule(str(corpus), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
     module = MQALitModule(MQAConfig(vocab_size=64, n_layers=1, d_model=32, heads=4, max_seq_len=16))
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, accumulate_grad_batches=2, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                        use_distributed_sampler=False, callbacks=[bar], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[bar],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm)
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
     assert "step" in text and "6/6" in text, text[-2000:]

@@ -23,8 +23,11 @@ CORPUS = (
 
 
 def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC", "GROUP_RANK"))}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC", "GROUP_RANK"))
+    }
     e.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return e
 
@@ -35,10 +38,23 @@ def tiny(base: Path, *extra: str) -> list[str]:
     if not corpus.exists():
         corpus.write_text(CORPUS, encoding="utf-8")
     return [
-        sys.executable, str(ROOT / "train.py"), "data=text", f"data.paths=[{corpus}]", "data.tokenizer=char",
-        "data.block_size=16", "data.batch_size=4", "data.val_batches=2", f"data.cache_dir={base / 'cache'}",
-        "model.max_seq_len=16", "model.n_layers=1", "model.d_model=32", "model.heads=4", "trainer=cpu",
-        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "sample.max_new_tokens=0",
+        sys.executable,
+        str(ROOT / "train.py"),
+        "data=text",
+        f"data.paths=[{corpus}]",
+        "data.tokenizer=char",
+        "data.block_size=16",
+        "data.batch_size=4",
+        "data.val_batches=2",
+        f"data.cache_dir={base / 'cache'}",
+        "model.max_seq_len=16",
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.heads=4",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "sample.max_new_tokens=0",
         *extra,
     ]
 
@@ -52,8 +68,10 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     subprocess.run(cmd + ["trainer.max_steps=1"], cwd=tmp_path, env=env(), capture_output=True, timeout=240)
     for p in run_dirs(tmp_path):  # the data cache is ready; start the two runs together
         subprocess.run(["rm", "-rf", str(p)], check=True)
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     dirs = run_dirs(tmp_path)
@@ -65,18 +83,33 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
 def test_a_live_run_directory_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mqa_lm.run_dir import RunDirLock; "
-         f"RunDirLock({str(run_dir)!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
-        env=env(), stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from mqa_lm.run_dir import RunDirLock; "
+            f"RunDirLock({str(run_dir)!r}).acquire(); print('locked', flush=True); time.sleep(120)",
+        ],
+        env=env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        done = subprocess.run(tiny(tmp_path, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"), cwd=tmp_path,
-                              env=env(), capture_output=True, text=True, timeout=240)
+        done = subprocess.run(
+            tiny(tmp_path, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"),
+            cwd=tmp_path,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
         lines = done.stderr.strip().splitlines()
-        assert lines == [f"error: run directory {run_dir} is in use by another run (pid {holder.pid} on host "
-                         f"{os.uname().nodename}, since {lines[0].split('since ')[1].split(')')[0]}); wait for it to "
-                         f"finish or choose another hydra.run.dir (if no run is using it, delete {run_dir / LOCK_NAME})"]
+        assert lines == [
+            f"error: run directory {run_dir} is in use by another run (pid {holder.pid} on host "
+            f"{os.uname().nodename}, since {lines[0].split('since ')[1].split(')')[0]}); wait for it to "
+            f"finish or choose another hydra.run.dir (if no run is using it, delete {run_dir / LOCK_NAME})"
+        ]
         assert not (run_dir / "checkpoints").exists()
     finally:
         holder.kill()
@@ -89,18 +122,30 @@ def test_a_live_run_directory_is_refused_and_a_stale_lock_is_taken_over(tmp_path
 
 
 def test_a_config_error_leaves_no_run_directory(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "model.heads=7", "model.d_model=512"],
-                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "model.heads=7", "model.d_model=512"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "config error: model.d_model=512 is not divisible by model.heads=7; pick model.heads that divides model.d_model"]
+        "config error: model.d_model=512 is not divisible by model.heads=7; pick model.heads that divides model.d_model"
+    ]
     assert list((tmp_path / "outputs").glob("*")) == []
 
 
 def test_ctrl_c_saves_a_checkpoint_and_prints_a_command_that_resumes(tmp_path):
-    cmd = tiny(tmp_path, "trainer.max_steps=100000", "trainer.val_check_interval=1000",
-               "callbacks=[model_checkpoint,rng_state,preemption]", "logger=csv",
-               "callbacks.recovery_checkpoint.every_n_train_steps=5")
+    cmd = tiny(
+        tmp_path,
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=1000",
+        "callbacks=[model_checkpoint,rng_state,preemption]",
+        "logger=csv",
+        "callbacks.recovery_checkpoint.every_n_train_steps=5",
+    )
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     # A recovery checkpoint means the training loop runs (the handler is installed at its start).
@@ -119,8 +164,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_a_command_that_resumes(tmp_path):
     resume = shlex.split(line.split("resume with: ")[1])
     assert resume[-1] == f"hydra.run.dir={run_dir.resolve()}"
     # The printed command, run with a reachable end, continues from the checkpoint in the same directory.
-    done = subprocess.run([sys.executable, *resume[1:], f"trainer.max_steps={step + 3}"], cwd=tmp_path, env=env(),
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, *resume[1:], f"trainer.max_steps={step + 3}"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resuming from {hpc}" in done.stdout
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step + 3
@@ -142,21 +193,33 @@ def test_disk_full_while_checkpointing_is_one_line_and_the_previous_checkpoints_
     """d_model=48, 2 layers: ~0.7 MB per checkpoint with AdamW state, so the first fits the 1 MiB disk
     and the second does not."""
     ckpt_dir = small_fs / "checkpoints"
-    cmd = tiny(tmp_path, "model.d_model=48", "model.n_layers=2", "trainer.max_steps=6",
-               "trainer.val_check_interval=100", "callbacks=[model_checkpoint]", "logger=csv",
-               "callbacks.model_checkpoint.save_last=false", "callbacks.recovery_checkpoint.every_n_train_steps=2",
-               "callbacks.recovery_checkpoint.save_top_k=-1", f"paths.checkpoint_dir={ckpt_dir}",
-               f"hydra.run.dir={tmp_path / 'run'}")
+    cmd = tiny(
+        tmp_path,
+        "model.d_model=48",
+        "model.n_layers=2",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=100",
+        "callbacks=[model_checkpoint]",
+        "logger=csv",
+        "callbacks.model_checkpoint.save_last=false",
+        "callbacks.recovery_checkpoint.every_n_train_steps=2",
+        "callbacks.recovery_checkpoint.save_top_k=-1",
+        f"paths.checkpoint_dir={ckpt_dir}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     done = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
-    assert errors == [f"error: checkpoint recovery-step000004.ckpt could not be written to {ckpt_dir}: no space "
-                      "left on device; the checkpoints already there are intact (nothing was overwritten): free "
-                      "space and run the same command in the same run directory to resume from the newest"]
+    assert errors == [
+        f"error: checkpoint recovery-step000004.ckpt could not be written to {ckpt_dir}: no space "
+        "left on device; the checkpoints already there are intact (nothing was overwritten): free "
+        "space and run the same command in the same run directory to resume from the newest"
+    ]
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["recovery-step000002.ckpt"]  # no temp file left
-    resumed = subprocess.run(cmd + ["trainer.max_steps=3"], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                             timeout=240)
+    resumed = subprocess.run(
+        cmd + ["trainer.max_steps=3"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from {ckpt_dir / 'recovery-step000002.ckpt'}" in resumed.stdout, resumed.stderr[-3000:]
 

@@ -70,7 +70,11 @@ def group_options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in ("model", "trainer", "logger", "callbacks", "optim", "module", "debug", "experiment", "data") for o in group_options(g)],
+    [
+        (g, o)
+        for g in ("model", "trainer", "logger", "callbacks", "optim", "module", "debug", "experiment", "data")
+        for o in group_options(g)
+    ],
 )
 def test_every_config_option_composes_and_instantiates(tmp_path, corpus, group, option):
     overrides = [f"{group}={option}", f"paths.output_dir={tmp_path}"]
@@ -97,7 +101,13 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
     assert (gpu.data.block_size, gpu.data.batch_size, gpu.model.resid_pdrop, gpu.optim.lr) == (256, 64, 0.2, 1e-3)
     assert gpu.trainer.max_steps == 5000
     cpu = compose_cfg(["experiment=shakespeare_char_cpu", f"data.paths=[{corpus}]"])
-    assert (cpu.model.n_layers, cpu.model.d_model, cpu.model.heads, cpu.data.block_size, cpu.data.batch_size) == (4, 128, 4, 64, 12)
+    assert (cpu.model.n_layers, cpu.model.d_model, cpu.model.heads, cpu.data.block_size, cpu.data.batch_size) == (
+        4,
+        128,
+        4,
+        64,
+        12,
+    )
     assert (cpu.trainer.max_steps, cpu.model.resid_pdrop) == (2000, 0.0)
     # MQA parameter-matched to nanoGPT's MHA model: the MLP takes what K/V no longer use.
     from mqa_lm import MQAConfig, MQATransformer
@@ -105,7 +115,9 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
     for cfg in (gpu, cpu):
         fields = {k: v for k, v in cfg.model.items()}
         mqa = MQATransformer(MQAConfig(**{**fields, "vocab_size": 65})).num_params()
-        mha = MQATransformer(MQAConfig(**{**fields, "vocab_size": 65, "kv_heads": fields["heads"], "mlp_hidden": None})).num_params()
+        mha = MQATransformer(
+            MQAConfig(**{**fields, "vocab_size": 65, "kv_heads": fields["heads"], "mlp_hidden": None})
+        ).num_params()
         assert mqa == mha
 
 
@@ -201,8 +213,11 @@ def test_compile_auto_follows_the_accelerator():
 
 
 def test_callbacks_none_trains_without_checkpoints_or_fault_tolerance(tmp_path, corpus):
-    metrics = train(compose_cfg(small_run(tmp_path, corpus, "callbacks=none", "trainer.max_steps=4",
-                                          "trainer.val_check_interval=4")))
+    metrics = train(
+        compose_cfg(
+            small_run(tmp_path, corpus, "callbacks=none", "trainer.max_steps=4", "trainer.val_check_interval=4")
+        )
+    )
     assert metrics["val/loss"] > 0
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -219,8 +234,13 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_reaches_the_weights_of_an_uninterrupted_run(tmp_path, corpus):
-    common = ["optim.decay_steps=16", "optim.warmup_steps=4", "trainer.val_check_interval=8",
-              "trainer.deterministic=true", "sample.max_new_tokens=0"]
+    common = [
+        "optim.decay_steps=16",
+        "optim.warmup_steps=4",
+        "trainer.val_check_interval=8",
+        "trainer.deterministic=true",
+        "sample.max_new_tokens=0",
+    ]
     straight = tmp_path / "straight"
     train(compose_cfg(small_run(straight, corpus, "trainer.max_steps=16", *common)))
     first = tmp_path / "first"
@@ -254,9 +274,15 @@ def test_checkpoint_hyperparameters_are_plain_and_rebuild_the_model(tmp_path, co
 def test_train_py_fast_dev_run_of_the_default_prints_a_sample(tmp_path):
     """The real entry point on the embedded default corpus (capped so the test stays quick)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), "debug=fdr", "data.max_chars=200000",
-           f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}",
-           "trainer.enable_progress_bar=false"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "debug=fdr",
+        "data.max_chars=200000",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.enable_progress_bar=false",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sample (" in proc.stdout
@@ -276,8 +302,10 @@ def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         ("trainer.precision=foo", "config error: trainer.precision='foo' is not one of auto,"),
         ("seed=abc", "config error: seed must be an integer, got 'abc'"),
         ("trainer.max_steps=abc", "config error: trainer.max_steps must be an integer, got 'abc'"),
-        ("callbacks.preemption.check_every_n_steps=0",
-         "config error: callbacks.preemption.check_every_n_steps must be an integer >= 1, got 0"),
+        (
+            "callbacks.preemption.check_every_n_steps=0",
+            "config error: callbacks.preemption.check_every_n_steps must be an integer >= 1, got 0",
+        ),
     ],
 )
 def test_train_py_bad_values_give_one_line_and_exit_2(tmp_path, override, line):
@@ -290,7 +318,13 @@ def test_train_py_bad_values_give_one_line_and_exit_2(tmp_path, override, line):
 
 
 def test_train_py_reports_a_config_error_and_exits_2(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), "model.heads=7", "model.d_model=512", f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "model.heads=7",
+        "model.d_model=512",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "config error: model.d_model=512 is not divisible by model.heads=7" in proc.stderr
@@ -319,11 +353,20 @@ def test_fused_adamw_under_bf16_mixed_clips_gradients():
             def post_step(optimizer, args, kwargs):
                 grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
                 seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
             trainer.optimizers[0].register_step_post_hook(post_step)
 
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[RecordNorm()])
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=1e-3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RecordNorm()],
+    )
     trainer.fit(module, loader)
     assert trainer.optimizers[0].param_groups[0]["fused"]
     assert len(seen) == 2 and all(n <= 1e-3 * 1.01 for n in seen), seen
@@ -377,29 +420,58 @@ def test_compile_scope_blocks_compiles_each_block_in_place():
 
 def test_resume_target_past_max_steps_or_of_another_shape_stops_before_training(tmp_path, corpus, capsys):
     first = tmp_path / "first"
-    train(compose_cfg(small_run(first, corpus, "trainer.max_steps=8", "trainer.val_check_interval=8",
-                                "sample.max_new_tokens=0")))
+    train(
+        compose_cfg(
+            small_run(first, corpus, "trainer.max_steps=8", "trainer.val_check_interval=8", "sample.max_new_tokens=0")
+        )
+    )
     last = first / "run" / "checkpoints" / "last.ckpt"
     second = tmp_path / "second"
     with pytest.raises(ConfigError) as err:
         train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=4")))
-    assert str(err.value).startswith(f"the checkpoint {last} is at step 8, already past trainer.max_steps=4, "
-                                     "so nothing would be trained; raise trainer.max_steps above 8")
+    assert str(err.value).startswith(
+        f"the checkpoint {last} is at step 8, already past trainer.max_steps=4, "
+        "so nothing would be trained; raise trainer.max_steps above 8"
+    )
     with pytest.raises(ConfigError, match="already at trainer.max_steps=8"):
         train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=8")))
     # small_run has model.d_model=32, model.n_layers=2; Hydra keeps the last override of a key.
     with pytest.raises(ConfigError) as err:
-        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=16",
-                                    "model.d_model=64", "model.n_layers=1", "model.resid_pdrop=0.1")))
-    assert str(err.value).startswith(f"the checkpoint {last} was trained with model.n_layers=2, model.d_model=32; "
-                                     "this command has model.n_layers=1, model.d_model=64; use the checkpoint's")
+        train(
+            compose_cfg(
+                small_run(
+                    second,
+                    corpus,
+                    f"ckpt_path={last}",
+                    "trainer.max_steps=16",
+                    "model.d_model=64",
+                    "model.n_layers=1",
+                    "model.resid_pdrop=0.1",
+                )
+            )
+        )
+    assert str(err.value).startswith(
+        f"the checkpoint {last} was trained with model.n_layers=2, model.d_model=32; "
+        "this command has model.n_layers=1, model.d_model=64; use the checkpoint's"
+    )
     assert not (second / "run" / "checkpoints").exists()
     # Dropout and the attention kernel may change on resume. No validation runs, so there is no best
     # score: the first run's best path (all Lightning restores from another directory) is not reported.
     capsys.readouterr()
-    train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=9",
-                                "trainer.val_check_interval=100", "model.resid_pdrop=0.1", "model.attn_impl=torch",
-                                "sample.max_new_tokens=0")))
+    train(
+        compose_cfg(
+            small_run(
+                second,
+                corpus,
+                f"ckpt_path={last}",
+                "trainer.max_steps=9",
+                "trainer.val_check_interval=100",
+                "model.resid_pdrop=0.1",
+                "model.attn_impl=torch",
+                "sample.max_new_tokens=0",
+            )
+        )
+    )
     out = capsys.readouterr().out
     assert "final metrics: {'train/loss'" in out and "best checkpoint" not in out, out
 
@@ -415,16 +487,24 @@ def test_resume_rotates_out_old_recovery_files_and_drops_replayed_csv_rows(tmp_p
     """An attempt that ran to step 8 is continued from its step-4 recovery checkpoint (as after a kill -9
     whose newest files were damaged): the recovery files of the first attempt, the resumed one included,
     are rotated out, and metrics.csv holds each step once, as an uninterrupted run logs them."""
-    common = ["trainer.val_check_interval=4", "trainer.log_every_n_steps=1", "logger=csv",
-              "callbacks.recovery_checkpoint.every_n_train_steps=4", "sample.max_new_tokens=0"]
+    common = [
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        "callbacks.recovery_checkpoint.every_n_train_steps=4",
+        "sample.max_new_tokens=0",
+    ]
     straight = tmp_path / "straight"
     train(compose_cfg(small_run(straight, corpus, "trainer.max_steps=16", *common)))
     run = tmp_path / "resumed"
     train(compose_cfg(small_run(run, corpus, "trainer.max_steps=8", *common)))
     ckpts = run / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000004.ckpt", "recovery-step000008.ckpt"]
-    train(compose_cfg(small_run(run, corpus, "trainer.max_steps=16", f"ckpt_path={ckpts / 'recovery-step000004.ckpt'}",
-                                *common)))
+    train(
+        compose_cfg(
+            small_run(run, corpus, "trainer.max_steps=16", f"ckpt_path={ckpts / 'recovery-step000004.ckpt'}", *common)
+        )
+    )
     assert sorted(p.name for p in ckpts.glob("recovery-*")) == ["recovery-step000012.ckpt", "recovery-step000016.ckpt"]
     assert _csv_steps(run / "run") == _csv_steps(straight / "run")
 
@@ -443,10 +523,22 @@ def _closed_port_url() -> str:
     "name,content,message",
     [
         ("empty.txt", b"", "data.paths: {path} is empty; remove it from data.paths or add text"),
-        ("latin1.txt", "caf\u00e9 au lait ".encode("latin-1") * 50, "{path} is not valid UTF-8: invalid continuation byte at byte 3"),
+        (
+            "latin1.txt",
+            "caf\u00e9 au lait ".encode("latin-1") * 50,
+            "{path} is not valid UTF-8: invalid continuation byte at byte 3",
+        ),
         ("binary.bin", bytes(range(256)) * 8, "{path} is not valid UTF-8: invalid start byte at byte 128"),
-        ("ten.txt", b"0123456789", "the train split has 9 tokens but one window needs data.block_size + 1 = 17; add text"),
-        ("records.jsonl", b'{"body": "hello"}\n' * 20, "{path}:1 has no 'text' field (it has: ['body']); set data.jsonl_field"),
+        (
+            "ten.txt",
+            b"0123456789",
+            "the train split has 9 tokens but one window needs data.block_size + 1 = 17; add text",
+        ),
+        (
+            "records.jsonl",
+            b'{"body": "hello"}\n' * 20,
+            "{path}:1 has no 'text' field (it has: ['body']); set data.jsonl_field",
+        ),
     ],
 )
 def test_unusable_sources_are_one_data_error_before_the_trainer(tmp_path, name, content, message):
@@ -472,15 +564,28 @@ def test_silent_url_is_one_data_error(tmp_path, monkeypatch):
 
 def test_model_vocab_below_the_tokenizer_is_a_config_error_before_the_trainer(tmp_path, corpus):
     vocab = len(set(CORPUS)) + 2  # the char tokenizer: its characters, <unk> and <|endoftext|>
-    with pytest.raises(ConfigError, match=(
-        f"model.vocab_size=10 is smaller than the tokenizer's vocabulary of {vocab} ids; raise model.vocab_size "
-        f"to at least {vocab}, or set model.vocab_size=null to take the tokenizer's size"
-    )):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            f"model.vocab_size=10 is smaller than the tokenizer's vocabulary of {vocab} ids; raise model.vocab_size "
+            f"to at least {vocab}, or set model.vocab_size=null to take the tokenizer's size"
+        ),
+    ):
         train(compose_cfg(small_run(tmp_path, corpus, "model.vocab_size=10")))
     assert not (tmp_path / "run").exists()
     # exactly the tokenizer's size is enough
-    metrics = train(compose_cfg(small_run(tmp_path, corpus, f"model.vocab_size={vocab}", "callbacks=none",
-                                          "trainer.max_steps=1", "trainer.val_check_interval=1")))
+    metrics = train(
+        compose_cfg(
+            small_run(
+                tmp_path,
+                corpus,
+                f"model.vocab_size={vocab}",
+                "callbacks=none",
+                "trainer.max_steps=1",
+                "trainer.val_check_interval=1",
+            )
+        )
+    )
     assert metrics["val/loss"] > 0
 
 
@@ -494,9 +599,19 @@ def test_module_refuses_a_tokenizer_larger_than_its_vocabulary(tmp_path, corpus)
 
     dm = TextDataModule(str(corpus), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
     module = MQALitModule(MQAConfig(vocab_size=10, n_layers=1, d_model=32, heads=4, max_seq_len=16))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match=f"model.vocab_size=10 is smaller than the tokenizer's vocabulary of {len(set(CORPUS)) + 2} ids"):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(
+        ValueError,
+        match=f"model.vocab_size=10 is smaller than the tokenizer's vocabulary of {len(set(CORPUS)) + 2} ids",
+    ):
         trainer.fit(module, datamodule=dm)
 
 
@@ -508,7 +623,10 @@ def test_train_py_data_and_vocab_errors_are_one_line_and_exit_2(tmp_path, corpus
     overrides, line = {
         "empty": ([f"data.paths=[{empty}]"], f"data error: data.paths: {empty} is empty; remove it from data.paths"),
         "refused_url": ([f"data.paths=[{url}]"], f"data error: could not download {url}: "),
-        "vocab": (["model.vocab_size=10"], "config error: model.vocab_size=10 is smaller than the tokenizer's vocabulary"),
+        "vocab": (
+            ["model.vocab_size=10"],
+            "config error: model.vocab_size=10 is smaller than the tokenizer's vocabulary",
+        ),
     }[case]
     small = [o for o in small_run(tmp_path, corpus) if not o.startswith("paths.output_dir")]
     proc = _train_py(tmp_path, *small, *overrides)

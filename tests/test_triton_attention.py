@@ -22,17 +22,27 @@ needs_triton = pytest.mark.skipif(not triton_importable(), reason="Triton is not
 
 @needs_triton
 def test_kernels_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/triton_interpret_cases.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
 def _qk(dtype=torch.float32, device="cpu", head_dim=16):
-    return torch.randn(1, 4, 5, head_dim, dtype=dtype, device=device), torch.randn(1, 1, 5, head_dim, dtype=dtype, device=device)
+    return torch.randn(1, 4, 5, head_dim, dtype=dtype, device=device), torch.randn(
+        1, 1, 5, head_dim, dtype=dtype, device=device
+    )
 
 
 def _reason(q, k, **overrides):

@@ -56,7 +56,9 @@ def poisoned(shape, dtype, transpose=False):
     return t.transpose(1, 2) if transpose else t
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}{}".format(*c[:6], "c" if c[6] else "", c[7]))
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}{}".format(*c[:6], "c" if c[6] else "", c[7])
+)
 def test_bf16_matches_float64_and_writes_every_element(case):
     from mqa_lm.kernels.triton_attention import attention_backward, attention_forward
 
@@ -94,8 +96,20 @@ def test_bf16_matches_float64_and_writes_every_element(case):
         dk = poisoned((batch, kv_heads, k_len, head_dim), dt)
         dv = poisoned((batch, kv_heads, k_len, head_dim), dt)
         attention_backward(
-            grad, q, k, v, out, lse, softmax_scale=scale, causal=causal, bias=bias, key_padding_mask=mask,
-            dq=dq, dk=dk, dv=dv, kv_splits=kv_splits,
+            grad,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            softmax_scale=scale,
+            causal=causal,
+            bias=bias,
+            key_padding_mask=mask,
+            dq=dq,
+            dk=dk,
+            dv=dv,
+            kv_splits=kv_splits,
         )
         for name, got, ref in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
             assert torch.isfinite(got).all(), f"{name} (kv_splits={kv_splits}) has unwritten elements"
@@ -147,8 +161,11 @@ def test_repeated_calls_on_fused_qkv_views_match_float64(causal, masked):
         leaf64 = qkv.detach().double().requires_grad_()
         q64, k64, v64 = leaf64.split([heads * head_dim, head_dim, head_dim], dim=-1)
         want = reference64(
-            q64.view(batch, seq, heads, head_dim).transpose(1, 2), k64.view(batch, seq, 1, head_dim).transpose(1, 2),
-            v64.view(batch, seq, 1, head_dim).transpose(1, 2), scale=head_dim**-0.5, causal=causal,
+            q64.view(batch, seq, heads, head_dim).transpose(1, 2),
+            k64.view(batch, seq, 1, head_dim).transpose(1, 2),
+            v64.view(batch, seq, 1, head_dim).transpose(1, 2),
+            scale=head_dim**-0.5,
+            causal=causal,
             key_padding_mask=mask,
         )
         want.backward(grad.double())

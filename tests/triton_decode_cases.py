@@ -91,7 +91,7 @@ def test_split_sizes(split_size):
     got = run(q, k, v, lengths=lengths, bias=bias, split_size=split_size)
     size, n_splits, _ = split_plan(2, 2, 8, 157, q.device, split_size)
     assert size % 16 == 0 and n_splits == math.ceil(157 / size)
-    assert rel_err(got, reference64(q, k, v, scale=32 ** -0.5, lengths=lengths, bias=bias)) < 1e-5
+    assert rel_err(got, reference64(q, k, v, scale=32**-0.5, lengths=lengths, bias=bias)) < 1e-5
 
 
 def test_rows_with_no_key_are_zero_and_strided_inputs_work():
@@ -110,7 +110,7 @@ def test_rows_with_no_key_are_zero_and_strided_inputs_work():
 def test_fp16_and_head_dim_padding():
     q, k, v = inputs(2, 4, 2, 77, 40, dtype=torch.float16, seed=5)
     got = run(q, k, v, lengths=torch.tensor([77, 50]))
-    assert rel_err(got, reference64(q, k, v, scale=40 ** -0.5, lengths=torch.tensor([77, 50]))) < 2e-3
+    assert rel_err(got, reference64(q, k, v, scale=40**-0.5, lengths=torch.tensor([77, 50]))) < 2e-3
 
 
 def test_bad_inputs():
@@ -132,8 +132,19 @@ def test_bad_inputs():
 @pytest.mark.parametrize("pos_emb,kv_heads", [("alibi", 1), ("rope", 2), ("learned", 4)])
 def test_engine_on_the_kernel_equals_engine_on_sdpa(pos_emb, kv_heads):
     torch.manual_seed(0)
-    model = MQATransformer(MQAConfig(vocab_size=64, max_seq_len=64, n_layers=2, d_model=32, heads=4,
-                                     kv_heads=kv_heads, attn_impl="torch", pos_emb=pos_emb, init_std=0.3)).eval()
+    model = MQATransformer(
+        MQAConfig(
+            vocab_size=64,
+            max_seq_len=64,
+            n_layers=2,
+            d_model=32,
+            heads=4,
+            kv_heads=kv_heads,
+            attn_impl="torch",
+            pos_emb=pos_emb,
+            init_std=0.3,
+        )
+    ).eval()
     idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, :3] = False  # a left-padded row

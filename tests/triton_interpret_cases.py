@@ -80,7 +80,16 @@ def check_against_reference(q, k, v, bias, mask, *, causal, scale=None, kv_split
     grad = torch.randn(batch, q_len, heads, 2 * head_dim)[..., ::2].transpose(1, 2).to(q.dtype)
     assert not grad.is_contiguous()
     dq, dk, dv = attention_backward(
-        grad, q, k, v, out, lse, softmax_scale=scale, causal=causal, bias=bias, key_padding_mask=mask,
+        grad,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        softmax_scale=scale,
+        causal=causal,
+        bias=bias,
+        key_padding_mask=mask,
         kv_splits=kv_splits,
     )
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
@@ -102,7 +111,9 @@ def test_matches_float64_fp32(heads, kv_heads, causal, extra):
     check_against_reference(q, k, v, bias, mask, causal=causal)
 
 
-@pytest.mark.parametrize("heads,kv_heads,causal,extra", [(4, 1, True, "mask"), (6, 2, False, "alibi"), (4, 1, True, "")])
+@pytest.mark.parametrize(
+    "heads,kv_heads,causal,extra", [(4, 1, True, "mask"), (6, 2, False, "alibi"), (4, 1, True, "")]
+)
 def test_matches_float64_fp16(heads, kv_heads, causal, extra):
     q, k, v, bias, mask = make_inputs(2, heads, kv_heads, 37, 53, 32, torch.float16, extra, seed=1)
     check_against_reference(q, k, v, bias, mask, causal=causal)
@@ -161,7 +172,8 @@ def test_custom_op_registrations_pass_opcheck():
     q, k, v, bias, mask = make_inputs(1, 4, 2, 9, 11, 16, torch.float32, "mask", seed=7)
     q.requires_grad_()
     torch.library.opcheck(
-        ta._fwd_op, (q, k, v, None, mask, 0.25, True),
+        ta._fwd_op,
+        (q, k, v, None, mask, 0.25, True),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
@@ -233,8 +245,9 @@ def test_model_compiles_as_one_graph_with_triton(pos_emb):
     from mqa_lm.model import MQAConfig, MQATransformer
 
     torch.manual_seed(0)
-    config = MQAConfig(vocab_size=61, max_seq_len=24, n_layers=2, d_model=32, heads=4, kv_heads=1,
-                       attn_impl="triton", pos_emb=pos_emb)
+    config = MQAConfig(
+        vocab_size=61, max_seq_len=24, n_layers=2, d_model=32, heads=4, kv_heads=1, attn_impl="triton", pos_emb=pos_emb
+    )
     model = MQATransformer(config)
     x = torch.randint(0, 61, (2, 19))
     y = torch.randint(0, 61, (2, 19))

@@ -11,8 +11,24 @@ from mqa_lm.callbacks.throughput import PEAK_FLOPS, GradNormMonitor, TokenThroug
 from mqa_lm.callbacks.tracking import RunMetadata, RunWandbLogger, log_resolved_config, scrub_secrets
 
 __all__ = [
-    "AttentionMapLogger", "GradNormMonitor", "ModelSizeSummary", "PEAK_FLOPS", "PretrainedExport", "RunMetadata",
-    "RunWandbLogger", "SampleLogger", "TokenThroughputMonitor", "TokensPerSecondBar", "ValidationLine",
-    "attention_entropy", "attention_stats", "log_resolved_config", "model_summary", "peak_flops", "progress_bar",
-    "render_heatmap", "scrub_secrets", "to_uint8",
+    "AttentionMapLogger",
+    "GradNormMonitor",
+    "ModelSizeSummary",
+    "PEAK_FLOPS",
+    "PretrainedExport",
+    "RunMetadata",
+    "RunWandbLogger",
+    "SampleLogger",
+    "TokenThroughputMonitor",
+    "TokensPerSecondBar",
+    "ValidationLine",
+    "attention_entropy",
+    "attention_stats",
+    "log_resolved_config",
+    "model_summary",
+    "peak_flops",
+    "progress_bar",
+    "render_heatmap",
+    "scrub_secrets",
+    "to_uint8",
 ]

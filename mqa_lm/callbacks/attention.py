@@ -92,8 +92,12 @@ class AttentionMapLogger(L.Callback):
         dirpath: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value, low in (("every_n_steps", every_n_steps, 1), ("window", window, 2),
-                                 ("max_heads", max_heads, 1), ("label_tokens", label_tokens, 0)):
+        for name, value, low in (
+            ("every_n_steps", every_n_steps, 1),
+            ("window", window, 2),
+            ("max_heads", max_heads, 1),
+            ("label_tokens", label_tokens, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"callbacks.attention_maps.{name} must be an integer >= {low}, got {value!r}")
         if not 0 < gamma <= 1:
@@ -120,8 +124,9 @@ class AttentionMapLogger(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self.probe(trainer, pl_module)
@@ -131,9 +136,11 @@ class AttentionMapLogger(L.Callback):
             self.probe(trainer, pl_module)
         if trainer.is_global_zero and self.calls:
             fit_seconds = time.perf_counter() - self._fit_start
-            print(f"attention logging: {self.total_seconds:.2f} s in {self.calls} calls, "
-                  f"{100 * self.total_seconds / max(fit_seconds, 1e-9):.2f}% of {fit_seconds:.1f} s of training",
-                  flush=True)
+            print(
+                f"attention logging: {self.total_seconds:.2f} s in {self.calls} calls, "
+                f"{100 * self.total_seconds / max(fit_seconds, 1e-9):.2f}% of {fit_seconds:.1f} s of training",
+                flush=True,
+            )
 
     # ---- the probe ----------------------------------------------------------------------------
 
@@ -211,8 +218,9 @@ class AttentionMapLogger(L.Callback):
         scalars["attention/max_logit/max"] = float(table[:, 1].max())
         return scalars
 
-    def _pictures(self, trainer: L.Trainer, weights: list[torch.Tensor], ids: list[int],
-                  step: int) -> dict[str, list[tuple[str, Path, Image.Image]]]:
+    def _pictures(
+        self, trainer: L.Trainer, weights: list[torch.Tensor], ids: list[int], step: int
+    ) -> dict[str, list[tuple[str, Path, Image.Image]]]:
         """{``attention/layer_LL``: [(caption, PNG path, image), ...]}; each PNG is encoded once."""
         n = len(ids)
         tokens = None
@@ -243,15 +251,23 @@ class AttentionMapLogger(L.Callback):
         return pictures
 
     @staticmethod
-    def _log(trainer: L.Trainer, scalars: dict[str, float],
-             pictures: dict[str, list[tuple[str, Path, Image.Image]]], step: int) -> None:
+    def _log(
+        trainer: L.Trainer,
+        scalars: dict[str, float],
+        pictures: dict[str, list[tuple[str, Path, Image.Image]]],
+        step: int,
+    ) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             if isinstance(logger, WandbLogger):
                 # A path, not pixels: W&B copies the PNG instead of encoding it again.
                 for key, items in pictures.items():
-                    logger.log_image(key=key, images=[str(path) for _, path, _ in items], step=step,
-                                     caption=[caption for caption, _, _ in items])
+                    logger.log_image(
+                        key=key,
+                        images=[str(path) for _, path, _ in items],
+                        step=step,
+                        caption=[caption for caption, _, _ in items],
+                    )
             elif isinstance(logger, TensorBoardLogger):
                 for key, items in pictures.items():
                     for caption, _, image in items:

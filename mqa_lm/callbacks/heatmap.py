@@ -19,9 +19,13 @@ BACKGROUND = (255, 255, 255)
 # Anchors of a perceptually ordered dark-blue -> teal -> yellow map (viridis-like); none is white,
 # so a masked cell never looks like a value.
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-COLORMAP = np.stack(
-    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c]) for c in range(3)], axis=1
-).round().astype(np.uint8)
+COLORMAP = (
+    np.stack(
+        [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c]) for c in range(3)], axis=1
+    )
+    .round()
+    .astype(np.uint8)
+)
 
 
 def to_uint8(probs: torch.Tensor | np.ndarray, gamma: float = 0.5) -> np.ndarray:
@@ -103,8 +107,9 @@ class HeatmapRenderer:
                 strip = strip.rotate(90, expand=True)
                 self.frame.paste(strip, (left + _column_offset(i, cell, strip.width), top - label_px - 1))
 
-    def render(self, probs: torch.Tensor | np.ndarray, allowed: np.ndarray | None = None,
-               title: str | None = None) -> Image.Image:
+    def render(
+        self, probs: torch.Tensor | np.ndarray, allowed: np.ndarray | None = None, title: str | None = None
+    ) -> Image.Image:
         """The picture of one map; ``allowed`` (bool [n, n]) marks the cells a query may attend,
         the others get the background colour."""
         levels = to_uint8(probs, self.gamma)

@@ -32,8 +32,9 @@ class TokensPerSecondBar(RichProgressBar):
     def _get_train_description(self, current_epoch: int) -> str:
         return "step" if self._counts_steps() else f"epoch {current_epoch}"
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._counts_steps():
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
@@ -46,7 +47,7 @@ class TokensPerSecondBar(RichProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Trainer.callbacks is set in __init__
             if isinstance(callback, TokenThroughputMonitor):
                 rate = callback.last_metrics.get("throughput/tokens_per_sec")
                 if rate is not None:
@@ -102,8 +103,10 @@ class ModelSizeSummary(ModelSummary):
         summary = self._summary(trainer, pl_module)
         model = getattr(pl_module, "model", None)
         name = type(model).__name__ if model is not None else type(pl_module).__name__
-        line = (f"model: {name}, {get_human_readable_count(summary.total_parameters)} parameters "
-                f"({get_human_readable_count(summary.trainable_parameters)} trainable)")
+        line = (
+            f"model: {name}, {get_human_readable_count(summary.total_parameters)} parameters "
+            f"({get_human_readable_count(summary.trainable_parameters)} trainable)"
+        )
         flops = getattr(model, "flops_per_token", None)
         if model is not None and callable(flops):
             seq = model.config.max_seq_len

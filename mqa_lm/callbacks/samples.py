@@ -27,12 +27,23 @@ class SampleLogger(L.Callback):
         filename: appended to under ``trainer.default_root_dir`` (rank 0).
     """
 
-    def __init__(self, prompts: list[str] | None = None, num_samples: int = 2, prompt_tokens: int = 16,
-                 max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50, seed: int = 0,
-                 filename: str = "samples.txt") -> None:
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        num_samples: int = 2,
+        prompt_tokens: int = 16,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int = 0,
+        filename: str = "samples.txt",
+    ) -> None:
         super().__init__()
-        for name, value, low in (("num_samples", num_samples, 1), ("prompt_tokens", prompt_tokens, 1),
-                                 ("max_new_tokens", max_new_tokens, 1)):
+        for name, value, low in (
+            ("num_samples", num_samples, 1),
+            ("prompt_tokens", prompt_tokens, 1),
+            ("max_new_tokens", max_new_tokens, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"callbacks.samples.{name} must be an integer >= {low}, got {value!r}")
         if not temperature >= 0:
@@ -66,9 +77,10 @@ class SampleLogger(L.Callback):
         module = cast("MQALitModule", pl_module)  # the only module this callback is attached to
         rows = []
         for i, prompt in enumerate(self._prompt_ids(trainer)):
-            ids = module.sample(prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                                   seed=self.seed + i)
-            rows.append([step, datamodule.decode(prompt), datamodule.decode(ids[len(prompt):])])
+            ids = module.sample(
+                prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed + i
+            )
+            rows.append([step, datamodule.decode(prompt), datamodule.decode(ids[len(prompt) :])])
         text = "\n".join(f"--- sample {i} (step {step}) ---\n{p}|>>|{c}" for i, (_, p, c) in enumerate(rows))
         print(f"\nsamples at step {step} (prompt|>>|continuation):\n{text}\n", flush=True)
         path = Path(trainer.default_root_dir) / self.filename

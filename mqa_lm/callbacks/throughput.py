@@ -123,8 +123,9 @@ class TokenThroughputMonitor(ThroughputMonitor):
             throughput.available_flops = peak
 
     @rank_zero_only
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         stage = cast("RunningStage", trainer.state.stage)  # TRAINING inside this hook
         self._batches[stage] += 1
         self._samples[stage] += batch_samples(batch)
@@ -137,9 +138,13 @@ class TokenThroughputMonitor(ThroughputMonitor):
             torch.cuda.synchronize(trainer.strategy.root_device)
         throughput = self._throughputs[stage]
         # Lightning annotates flops as int; it only sums and divides them, and ours are a float sum.
-        throughput.update(time=time.perf_counter() - self._t0s[stage], batches=self._batches[stage],
-                          samples=self._samples[stage], lengths=self._lengths[stage],
-                          flops=self._pending_flops)  # type: ignore[arg-type]
+        throughput.update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=self._pending_flops,  # type: ignore[arg-type]
+        )
         self._pending_flops = 0.0
         self._log(trainer, throughput.compute(), throughput.world_size)
 

@@ -84,7 +84,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         full = _device_full(err) if isinstance(err, Exception) else None
         if full is not None:
             raise CheckpointWriteError(
-                f"checkpoint {path.name} could not be written to {path.parent}: {os.strerror(full.errno or 0).lower()}; "
+                f"checkpoint {path.name} could not be written to {path.parent}: "
+                f"{os.strerror(full.errno or 0).lower()}; "
                 "the checkpoints already there are intact (nothing was overwritten): free space and run the same "
                 "command in the same run directory to resume from the newest"
             ) from None
@@ -147,7 +148,9 @@ def load_weights_only(path: Path, mmap: bool) -> Any:
     except CheckpointError:
         raise
     except Exception as err:  # torch raises RuntimeError/EOFError/... for damaged files
-        raise CorruptCheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
 
 def verify_checkpoint(path: str | Path) -> None:

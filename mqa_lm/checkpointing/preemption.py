@@ -10,8 +10,9 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from types import FrameType
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -31,9 +32,7 @@ def _signum(name: str | int) -> signal.Signals:
     key = str(name).upper()
     key = key if key.startswith("SIG") else f"SIG{key}"
     if not hasattr(signal, key):
-        raise ValueError(
-            f"unknown signal {name!r} in callbacks.preemption; use names like SIGTERM, SIGUSR1"
-        )
+        raise ValueError(f"unknown signal {name!r} in callbacks.preemption; use names like SIGTERM, SIGUSR1")
     return signal.Signals(getattr(signal, key))
 
 
@@ -71,8 +70,12 @@ class PreemptionCallback(L.Callback):
             whether a signal arrived; the save then happens at the next multiple of it.
     """
 
-    def __init__(self, signals: Sequence[str | int] = DEFAULT_SIGNALS,
-                 requeue_signals: Sequence[str | int] = DEFAULT_REQUEUE_SIGNALS, check_every_n_steps: int = 10) -> None:
+    def __init__(
+        self,
+        signals: Sequence[str | int] = DEFAULT_SIGNALS,
+        requeue_signals: Sequence[str | int] = DEFAULT_REQUEUE_SIGNALS,
+        check_every_n_steps: int = 10,
+    ) -> None:
         if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
             raise ValueError(
                 f"callbacks.preemption.check_every_n_steps must be an integer >= 1, got {check_every_n_steps!r}"
@@ -112,16 +115,23 @@ class PreemptionCallback(L.Callback):
             return
         self._received = signum
         hint = " (Ctrl-C again stops at once, without one)" if signum == signal.SIGINT else ""
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after the current optimizer step, "
-              f"then stopping{hint}", file=sys.stderr, flush=True)
+        print(
+            f"received {signal.Signals(signum).name}: saving a checkpoint after the current optimizer step, "
+            f"then stopping{hint}",
+            file=sys.stderr,
+            flush=True,
+        )
         # A terminal's Ctrl-C reaches every process of its group, the DDP ranks included: passing
         # SIGINT on would be their second one. The ranks agree on stopping by any-reduce anyway.
         if launcher is not None and hasattr(launcher, "kill") and signum != signal.SIGINT:
             launcher.kill(signum)  # ranks started by `trainer=ddp` are our children: pass it on
 
     def _abort(self, launcher: Any) -> None:
-        print("received SIGINT again: stopping now, without a checkpoint (the last saved one is kept)",
-              file=sys.stderr, flush=True)
+        print(
+            "received SIGINT again: stopping now, without a checkpoint (the last saved one is kept)",
+            file=sys.stderr,
+            flush=True,
+        )
         if launcher is not None and hasattr(launcher, "kill"):
             launcher.kill(signal.SIGKILL)
         from mqa_lm.run_dir import release_held_locks
@@ -129,8 +139,9 @@ class PreemptionCallback(L.Callback):
         release_held_locks()
         os._exit(128 + signal.SIGINT)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self._step_seen:
             return  # mid-accumulation: gradients of this step are not in any checkpoint
         self._step_seen = trainer.global_step
@@ -149,8 +160,12 @@ class PreemptionCallback(L.Callback):
             requeued = self._requeue()
         if trainer.is_global_zero:
             what = "interrupted" if signum == signal.SIGINT else "preempted"
-            print(f"{what} at step {trainer.global_step}: checkpoint {path}{requeued}; resume with: "
-                  f"{resume_command(trainer.default_root_dir)}", file=sys.stderr, flush=True)
+            print(
+                f"{what} at step {trainer.global_step}: checkpoint {path}{requeued}; resume with: "
+                f"{resume_command(trainer.default_root_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
         raise Preempted(signum, path, trainer.global_step)
 
     @staticmethod

@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from mqa_lm.checkpointing.io import HPC_PATTERN, CorruptCheckpointError, load_weights_only, verify_checkpoint
 
@@ -84,8 +85,9 @@ def check_resume_mode(resume: str | bool | None) -> str:
     return mode
 
 
-def resume_checkpoint(ckpt_path: str | None, resume: str, checkpoint_dirs: Sequence[str | Path],
-                      hpc_dirs: Sequence[str | Path] = ()) -> str | None:
+def resume_checkpoint(
+    ckpt_path: str | None, resume: str, checkpoint_dirs: Sequence[str | Path], hpc_dirs: Sequence[str | Path] = ()
+) -> str | None:
     """The checkpoint ``trainer.fit`` should start from, or None for a fresh run.
 
     An explicit ``ckpt_path`` wins (and is verified, with no fallback); else ``resume="auto"`` looks

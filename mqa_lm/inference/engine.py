@@ -161,7 +161,8 @@ class InferenceEngine:
         self.key_pos = torch.arange(max_len, device=device, dtype=torch.float32)
         self.step_logits = (
             torch.zeros(max_len, batch_size, config.vocab_size, device=device, dtype=torch.float32)
-            if keep_logits else None
+            if keep_logits
+            else None
         )
         self.slopes = alibi_slopes(config.heads).to(device) if config.pos_emb == "alibi" else None
         # The engine keeps the rotary tables it reads: a captured graph holds their addresses.
@@ -171,8 +172,9 @@ class InferenceEngine:
         ]
         self._step_impl = self._decode_step
         if compile:
-            self._step_impl = torch.compile(self._decode_step, backend="inductor" if compile is True else compile,
-                                            dynamic=False)
+            self._step_impl = torch.compile(
+                self._decode_step, backend="inductor" if compile is True else compile, dynamic=False
+            )
         self._graphs: dict[Settings, torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.fingerprint = parameter_fingerprint(model)
@@ -255,11 +257,23 @@ class InferenceEngine:
     def _decode_attention(self, attn: MultiQueryAttention, q, k_cache, v_cache, lengths, bias) -> torch.Tensor:
         if self.attention == "triton":
             return _triton_decode(
-                q, k_cache, v_cache, lengths=lengths, key_mask=self.key_mask, bias=bias,
-                softmax_scale=attn.softmax_scale, split_size=self.split_size, check=False,
+                q,
+                k_cache,
+                v_cache,
+                lengths=lengths,
+                key_mask=self.key_mask,
+                bias=bias,
+                softmax_scale=attn.softmax_scale,
+                split_size=self.split_size,
+                check=False,
             )
         return sdpa_attention(
-            q, k_cache, v_cache, softmax_scale=attn.softmax_scale, causal=False, bias=bias,
+            q,
+            k_cache,
+            v_cache,
+            softmax_scale=attn.softmax_scale,
+            causal=False,
+            bias=bias,
             key_padding_mask=self.key_mask,
         )
 
@@ -451,10 +465,19 @@ class InferenceEngine:
         """``idx`` followed by the new tokens, as :meth:`MQATransformer.generate` returns them:
         when every row has emitted ``eos_token_id`` the result ends at the step where the last
         row did."""
-        pieces = list(self.stream(
-            idx, max_new_tokens, prompt_mask=prompt_mask, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_token_id=eos_token_id, generator=generator, chunk=chunk,
-        ))
+        pieces = list(
+            self.stream(
+                idx,
+                max_new_tokens,
+                prompt_mask=prompt_mask,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=eos_token_id,
+                generator=generator,
+                chunk=chunk,
+            )
+        )
         if not pieces:
             return idx
         new = torch.cat(pieces, dim=1)
@@ -540,7 +563,12 @@ def engine_generate(
         engine = InferenceEngine(model, batch, key[2])
         engines[key] = engine
     return engine.generate(
-        idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
         generator=generator,
     )
 

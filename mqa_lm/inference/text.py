@@ -38,8 +38,8 @@ def left_pad(rows: list[list[int]], device: torch.device | str) -> tuple[torch.T
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = True
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = True
     return ids.to(device), mask.to(device)
 
 
@@ -58,13 +58,13 @@ class TextStreamer:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
         if text.endswith("\ufffd"):
             return
-        self.out.write(text[self.printed:])
+        self.out.write(text[self.printed :])
         self.out.flush()
         self.printed = len(text)
 
     def end(self) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        self.out.write(text[self.printed:] + "\n")
+        self.out.write(text[self.printed :] + "\n")
         self.out.flush()
 
 
@@ -97,18 +97,35 @@ def generate_ids(
         results = []
         for row in rows:
             idx = torch.tensor([row], dtype=torch.long, device=device)
-            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 eos_token_id=eos_token_id, generator=generator)[0, len(row):].tolist()
+            out = model.generate(
+                idx,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=eos_token_id,
+                generator=generator,
+            )[0, len(row) :].tolist()
             results.append(out)
             if on_tokens is not None:
                 on_tokens([out])
         return [_cut_at(r, eos_token_id) for r in results]
     ids, mask = left_pad(rows, device)
-    engine = InferenceEngine(model, len(rows), cache_length(longest + max_new_tokens - 1, limit),
-                             attention=attention, cuda_graph=cuda_graph)
+    engine = InferenceEngine(
+        model, len(rows), cache_length(longest + max_new_tokens - 1, limit), attention=attention, cuda_graph=cuda_graph
+    )
     results = [[] for _ in rows]
-    for piece in engine.stream(ids, max_new_tokens, prompt_mask=mask, temperature=temperature, top_k=top_k,
-                               top_p=top_p, eos_token_id=eos_token_id, generator=generator, chunk=chunk):
+    for piece in engine.stream(
+        ids,
+        max_new_tokens,
+        prompt_mask=mask,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        generator=generator,
+        chunk=chunk,
+    ):
         new = piece.tolist()
         fresh = []
         for row, tokens in zip(results, new):
@@ -183,8 +200,7 @@ def perplexity(
             targets[i, : len(y)] = torch.tensor(y)
         logits, _ = model(inputs.to(device))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
-                               reduction="sum")
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="sum")
         total.nll += float(loss)
         pending.clear()
 

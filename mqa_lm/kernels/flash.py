@@ -102,8 +102,12 @@ class FlashBackend(AttentionBackend):
             return out.transpose(1, 2)
         if fa2 is not None:
             out = fa2(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                dropout_p=dropout_p,
+                softmax_scale=softmax_scale,
+                causal=causal,
             )
             out = out[0] if isinstance(out, tuple) else out
             return out.transpose(1, 2)
@@ -111,6 +115,11 @@ class FlashBackend(AttentionBackend):
 
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=causal, scale=softmax_scale,
+                q,
+                k,
+                v,
+                dropout_p=dropout_p,
+                is_causal=causal,
+                scale=softmax_scale,
                 enable_gqa=k.shape[1] != q.shape[1],
             )

@@ -67,6 +67,12 @@ class TorchBackend(AttentionBackend):
 
     def __call__(self, q, k, v, *, softmax_scale, causal, bias, key_padding_mask, dropout_p):  # type: ignore[override]
         return sdpa_attention(
-            q, k, v, softmax_scale=softmax_scale, causal=causal, bias=bias,
-            key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+            q,
+            k,
+            v,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            bias=bias,
+            key_padding_mask=key_padding_mask,
+            dropout_p=dropout_p,
         )

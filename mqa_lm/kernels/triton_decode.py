@@ -34,17 +34,42 @@ MAX_SPLITS = 128
 
 @triton.jit
 def _decode_split(
-    Q, K, V, Bias, KeyMask, Lengths, PartAcc, PartMax, PartSum,
+    Q,
+    K,
+    V,
+    Bias,
+    KeyMask,
+    Lengths,
+    PartAcc,
+    PartMax,
+    PartSum,
     qk_scale,
-    stride_qb, stride_qh,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_bb, stride_bh, stride_bn,
-    stride_mb, stride_lb,
-    heads, kv_heads, k_len, split_size, n_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_bb,
+    stride_bh,
+    stride_bn,
+    stride_mb,
+    stride_lb,
+    heads,
+    kv_heads,
+    k_len,
+    split_size,
+    n_splits,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
 ):
     split = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -78,7 +103,9 @@ def _decode_split(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         key_ok = keys < end
-        k = tl.load(k_base + keys[:, None] * stride_kn + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # noqa: E501 (jit body left as verified on the GPU)
+        k = tl.load(
+            k_base + keys[:, None] * stride_kn + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0
+        )  # noqa: E501 (jit body left as verified on the GPU)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         if HAS_BIAS:
             b_ptrs = Bias + b * stride_bb + head[:, None] * stride_bh + keys[None, :] * stride_bn
@@ -95,7 +122,9 @@ def _decode_split(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # noqa: E501 (jit body left as verified on the GPU)
+        v = tl.load(
+            v_base + keys[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0
+        )  # noqa: E501 (jit body left as verified on the GPU)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
@@ -109,10 +138,22 @@ def _decode_split(
 
 @triton.jit
 def _decode_combine(
-    PartAcc, PartMax, PartSum, Lengths, Out,
-    stride_ob, stride_oh, stride_lb,
-    heads, k_len, split_size, n_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    PartAcc,
+    PartMax,
+    PartSum,
+    Lengths,
+    Out,
+    stride_ob,
+    stride_oh,
+    stride_lb,
+    heads,
+    k_len,
+    split_size,
+    n_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
 ):
     pid = tl.program_id(0)  # batch * heads + head
     b = pid // heads
@@ -132,7 +173,9 @@ def _decode_combine(
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.math.exp2(m - m_safe)  # 0 for splits that saw no key
     total = tl.sum(l * w, 0)
-    acc = tl.load(PartAcc + (base + offs_s[:, None]) * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # noqa: E501 (jit body left as verified on the GPU)
+    acc = tl.load(
+        PartAcc + (base + offs_s[:, None]) * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+    )  # noqa: E501 (jit body left as verified on the GPU)
     out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
@@ -158,8 +201,9 @@ def _block_n(block_d: int) -> int:
     return 32 if block_d > 128 else 64
 
 
-def split_plan(batch: int, kv_heads: int, heads: int, max_len: int, device: torch.device,
-               split_size: int | None = None) -> tuple[int, int, int]:
+def split_plan(
+    batch: int, kv_heads: int, heads: int, max_len: int, device: torch.device, split_size: int | None = None
+) -> tuple[int, int, int]:
     """(split_size, n_splits, block_m) for a cache of ``max_len`` keys.
 
     The plan depends on the shapes only, never on the current length, so one CUDA graph serves a
@@ -297,7 +341,7 @@ def decode_attention(
     part_sum = torch.empty_like(part_max)
     mask = None
     if key_mask is not None:
-        mask = (key_mask if key_mask.dtype == torch.bool else key_mask != 0)
+        mask = key_mask if key_mask.dtype == torch.bool else key_mask != 0
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
         mask = mask.view(torch.uint8)
@@ -310,23 +354,59 @@ def decode_attention(
     block_n = _block_n(block_d)
     grid = (n_splits, batch * kv_heads, triton.cdiv(group, block_m))
     _decode_split[grid](
-        q, k_cache, v_cache, bias, mask, lengths, part_acc, part_max, part_sum,
+        q,
+        k_cache,
+        v_cache,
+        bias,
+        mask,
+        lengths,
+        part_acc,
+        part_max,
+        part_sum,
         softmax_scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         *bias_strides,
-        mask.stride(0) if mask is not None else 0, lengths_stride,
-        heads, kv_heads, max_len, size, n_splits,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_LENGTHS=lengths is not None,
-        num_warps=1 if interpreting else 4, num_stages=1 if interpreting else 3,
+        mask.stride(0) if mask is not None else 0,
+        lengths_stride,
+        heads,
+        kv_heads,
+        max_len,
+        size,
+        n_splits,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_BIAS=bias is not None,
+        HAS_MASK=mask is not None,
+        HAS_LENGTHS=lengths is not None,
+        num_warps=1 if interpreting else 4,
+        num_stages=1 if interpreting else 3,
     )
     _decode_combine[(batch * heads,)](
-        part_acc, part_max, part_sum, lengths, out,
-        out.stride(0), out.stride(1), lengths_stride,
-        heads, max_len, size, n_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+        part_acc,
+        part_max,
+        part_sum,
+        lengths,
+        out,
+        out.stride(0),
+        out.stride(1),
+        lengths_stride,
+        heads,
+        max_len,
+        size,
+        n_splits,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
         HAS_LENGTHS=lengths is not None,
         num_warps=1 if interpreting else (4 if n_splits * block_d <= 8192 else 8),
     )

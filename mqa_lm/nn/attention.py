@@ -86,14 +86,33 @@ class MultiQueryAttention(nn.Module):
         bias: bool = True,
     ) -> None:
         check_attention_args(
-            dim=dim, heads=heads, kv_heads=kv_heads, attn_impl=attn_impl, clip_qkv=clip_qkv,
-            softmax_scale=softmax_scale, attn_pdrop=attn_pdrop, norm_type=norm_type, fc_type=fc_type,
-            verbose=verbose, rope_theta=rope_theta,
+            dim=dim,
+            heads=heads,
+            kv_heads=kv_heads,
+            attn_impl=attn_impl,
+            clip_qkv=clip_qkv,
+            softmax_scale=softmax_scale,
+            attn_pdrop=attn_pdrop,
+            norm_type=norm_type,
+            fc_type=fc_type,
+            verbose=verbose,
+            rope_theta=rope_theta,
         )
         self._build(
-            dim=dim, heads=heads, attn_impl=attn_impl, clip_qkv=clip_qkv, qk_ln=qk_ln,
-            softmax_scale=softmax_scale, attn_pdrop=attn_pdrop, norm_type=norm_type, fc_type=fc_type,
-            verbose=verbose, device=device, kv_heads=kv_heads, rope_theta=rope_theta, bias=bias,
+            dim=dim,
+            heads=heads,
+            attn_impl=attn_impl,
+            clip_qkv=clip_qkv,
+            qk_ln=qk_ln,
+            softmax_scale=softmax_scale,
+            attn_pdrop=attn_pdrop,
+            norm_type=norm_type,
+            fc_type=fc_type,
+            verbose=verbose,
+            device=device,
+            kv_heads=kv_heads,
+            rope_theta=rope_theta,
+            bias=bias,
         )
 
     @classmethod
@@ -273,8 +292,14 @@ class MultiQueryAttention(nn.Module):
         if needs_weights:
             self._note(f"attn_impl={self._attn_impl!r}: needs_weights=True runs on the reference math path")
             context, weights = reference_attention(
-                q, k, v, softmax_scale=self.softmax_scale, causal=causal, bias=bias,
-                key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                q,
+                k,
+                v,
+                softmax_scale=self.softmax_scale,
+                causal=causal,
+                bias=bias,
+                key_padding_mask=key_padding_mask,
+                dropout_p=dropout_p,
             )
             if needs_max_logit:
                 max_logit = max_attention_logit(
@@ -297,8 +322,14 @@ class MultiQueryAttention(nn.Module):
                     self._note(f"attn_impl={self._attn_impl!r} falls back to 'torch': {reason}")
                     used, fn = "torch", _TORCH
             context = fn(
-                q, k, v, softmax_scale=self.softmax_scale, causal=causal, bias=bias,
-                key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                q,
+                k,
+                v,
+                softmax_scale=self.softmax_scale,
+                causal=causal,
+                bias=bias,
+                key_padding_mask=key_padding_mask,
+                dropout_p=dropout_p,
             )
         if self.verbose >= 2:
             log.info("MultiQueryAttention: %s kernel, q_len=%d k_len=%d dtype=%s", used, q_len, k_len, q.dtype)
@@ -322,8 +353,12 @@ class MultiQueryAttention(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         # Host-side attribute reads only. Under autocast the matmuls cast their inputs themselves.
         weight = getattr(self.Wqkv, "weight", None)
-        if (isinstance(weight, torch.Tensor) and x.dtype != weight.dtype and weight.is_floating_point()
-                and not torch.is_autocast_enabled(x.device.type)):
+        if (
+            isinstance(weight, torch.Tensor)
+            and x.dtype != weight.dtype
+            and weight.is_floating_point()
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
             raise TypeError(
                 f"x has dtype {x.dtype} but this MultiQueryAttention's weights are {weight.dtype}; pass "
                 f"x.to({weight.dtype}), convert the module with .to({x.dtype}), or run under torch.autocast"
@@ -350,7 +385,9 @@ class MultiQueryAttention(nn.Module):
             raise ValueError(f"past key {list(key.shape)} and value {list(value.shape)} shapes differ")
         return key.shape[2]
 
-    def _check_mask(self, mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+    def _check_mask(
+        self, mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device
+    ) -> torch.Tensor | None:
         if mask is None:
             return None
         if mask.is_floating_point() or mask.is_complex():
@@ -375,7 +412,12 @@ class MultiQueryAttention(nn.Module):
             raise ValueError(f"bias must be broadcastable to [batch, heads, queries, keys], got {shape}")
         bias = bias.reshape([1] * (4 - bias.dim()) + shape)
         b, h, rows, cols = bias.shape
-        if b not in (1, batch) or h not in (1, self.heads) or (rows != 1 and rows < q_len) or (cols != 1 and cols < k_len):
+        if (
+            b not in (1, batch)
+            or h not in (1, self.heads)
+            or (rows != 1 and rows < q_len)
+            or (cols != 1 and cols < k_len)
+        ):
             raise ValueError(
                 f"bias of shape {shape} does not broadcast to [batch={batch}, heads={self.heads}, "
                 f"queries={q_len}, keys={k_len}] (longer query/key dims are cropped to the last entries)"

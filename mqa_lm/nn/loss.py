@@ -40,8 +40,12 @@ def linear_cross_entropy(
         raise ValueError(f"hidden must be a floating-point [N, d] tensor, got {_describe(hidden)}")
     if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == hidden.shape[1]):
         raise ValueError(f"weight must be [V, d={hidden.shape[1]}], got {_describe(weight)}")
-    if not (isinstance(targets, torch.Tensor) and targets.dim() == 1 and targets.shape[0] == hidden.shape[0]
-            and not targets.is_floating_point()):
+    if not (
+        isinstance(targets, torch.Tensor)
+        and targets.dim() == 1
+        and targets.shape[0] == hidden.shape[0]
+        and not targets.is_floating_point()
+    ):
         raise ValueError(f"targets must be integer class ids [N={hidden.shape[0]}], got {_describe(targets)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")

@@ -13,7 +13,12 @@ class MLP(nn.Module):
     """``gelu``: down(gelu(up(x))); ``swiglu``: down(silu(gate(x)) * up(x)) with a fused gate/up."""
 
     def __init__(
-        self, dim: int, hidden: int, mlp_type: str = "gelu", fc_type: str = "torch", bias: bool = True,
+        self,
+        dim: int,
+        hidden: int,
+        mlp_type: str = "gelu",
+        fc_type: str = "torch",
+        bias: bool = True,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
