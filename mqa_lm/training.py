@@ -129,9 +129,12 @@ def resolve_precision(trainer_cfg: DictConfig) -> str | int:
 
 
 def resolve_compile(setting: str | bool, trainer: L.Trainer) -> bool:
-    """``module.compile``: ``auto`` is on when ``trainer`` runs on CUDA, off elsewhere; booleans force it."""
+    """``module.compile``: ``auto`` is on when ``trainer`` runs on CUDA, except under FSDP (Dynamo
+    fails on the FSDP-wrapped blocks there: measured on 2x H200, torch 2.11); booleans force it."""
     if setting == "auto":
-        return isinstance(trainer.accelerator, CUDAAccelerator)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return isinstance(trainer.accelerator, CUDAAccelerator) and not isinstance(trainer.strategy, FSDPStrategy)
     return bool(setting)
 
 

@@ -31,7 +31,7 @@ MODEL = dict(n_layers=2, d_model=32, heads=4, max_seq_len=BLOCK)
 
 def env() -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    e.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    e.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     return e
 
 

@@ -160,7 +160,7 @@ def test_bad_options_fail_before_loading(export, capsys, overrides, message):
 
 def test_command_line_entry_point(export):
     path, model, tokenizer = export
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
         [

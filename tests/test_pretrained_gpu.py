@@ -28,7 +28,7 @@ def test_fsdp_run_exports_the_best_weights(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
