@@ -1,8 +1,9 @@
 """``DataConfig``: every setting of :class:`~mqa_lm.data.TextDataModule`, validated on construction.
 
 Errors name the config key (``data.block_size must be >= 1, got 0``). The checks here touch nothing
-but a ``tokenizer.json`` given with ``tokenizer=file``; whether the sources exist is checked when
-the datamodule resolves them (still before any work).
+but a ``tokenizer.json`` given with ``tokenizer=file`` and, with ``data.name`` (``data=hf``), the
+dataset's split and columns (opened without converting or downloading its data); whether the files
+of ``data.paths`` exist is checked when the datamodule resolves them (still before any work).
 """
 
 from __future__ import annotations

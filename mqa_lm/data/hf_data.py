@@ -226,6 +226,7 @@ def open_dataset(name: str, subset: str | None, split: str, streaming: bool, cac
     return _load(name, subset, split, bool(streaming), str(cache_root), stamp)
 
 
+@lru_cache(maxsize=8)  # asked at construction, prepare_data and setup: once per process is enough
 def _hub_revision(name: str, subset: str | None) -> str | None:
     """The Hub dataset's current revision, or None when it cannot be looked up (offline: reuse what is cached)."""
     datasets = require_datasets()
