@@ -3,7 +3,9 @@ throughput and the gradient norm, checked in the files a real ``python train.py`
 
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
 import io
 import json
 import math
@@ -21,7 +23,7 @@ from PIL import Image
 from mqa_lm.callbacks import AttentionMapLogger, TokenThroughputMonitor, attention_stats, render_heatmap, scrub_secrets, to_uint8
 from mqa_lm.callbacks.heatmap import BACKGROUND
 from mqa_lm.callbacks.throughput import chip_key, compute_dtype, PEAK_FLOPS
-from mqa_lm.callbacks.tracking import RUN_ID_FILE, resolve_mode
+from mqa_lm.callbacks.tracking import RUN_ID_FILE, RunWandbLogger, resolve_mode
 from mqa_lm.model import MQAConfig, MQATransformer
 from model_helpers import attention_weights
 
@@ -173,6 +175,8 @@ def test_bad_callback_arguments_name_the_key():
         TokenThroughputMonitor(window_size=1)
     with pytest.raises(ValueError, match="callbacks.throughput.peak_flops"):
         TokenThroughputMonitor(peak_flops=-1.0)
+    with pytest.raises(ValueError, match="logger.wandb.log_model must be true, false or all, got 'best'"):
+        RunWandbLogger(save_dir=".", mode="disabled", log_model="best")
 
 
 # ---- one real run ---------------------------------------------------------------------------------
@@ -228,11 +232,11 @@ def offline_run(tmp_path_factory):
     env.update(WANDB_MODE="offline", WANDB_API_KEY=FAKE_KEY, WANDB_DIR=str(tmp / "wandb_dir"),
                WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
                WANDB_DATA_DIR=str(tmp / "wandb_data"), PROJECT_ROOT=str(ROOT), NETRC=str(tmp / "no_netrc"))
-    first = run_train(tmp, env, "trainer.max_steps=12")
+    first = run_train(tmp, env, "trainer.max_steps=12", "logger.wandb.log_model=true")
     run_dir = tmp / "run"
     (wandb_run,) = sorted((run_dir / "wandb").glob("offline-run-*"))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    second = run_train(tmp, env, "trainer.max_steps=16", f"ckpt_path={ckpt}")
+    second = run_train(tmp, env, "trainer.max_steps=16", f"ckpt_path={ckpt}", "logger.wandb.log_model=true")
     return {"tmp": tmp, "run": run_dir, "wandb": wandb_run, "out": [first, second]}
 
 
@@ -274,6 +278,46 @@ def test_wandb_offline_run_holds_images_stats_samples_and_config(offline_run):
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["step", "prompt", "continuation"]
     assert len(table["data"]) == 2 and all(row[1] and row[2] for row in table["data"])
+
+
+def test_offline_run_keeps_the_best_checkpoint_and_the_export_as_artifacts(offline_run):
+    from mqa_lm.pretrained import load_pretrained
+
+    wandb_run, run_id = offline_run["wandb"], (offline_run["run"] / RUN_ID_FILE).read_text().strip()
+    (wandb_file,) = wandb_run.glob("run-*.wandb")
+    records = read_wandb_records(wandb_file)
+    artifacts = {r.artifact.name: r.artifact for r in records
+                 if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"}
+    assert set(artifacts) == {f"model-{run_id}", f"pretrained-{run_id}"}
+    staged: dict[str, dict[str, Path]] = {}
+    for name, artifact in artifacts.items():
+        assert "best" in artifact.aliases
+        staged[name] = {}
+        for entry in artifact.manifest.contents:
+            local = Path(entry.local_path)
+            # Kept in the offline run directory itself, byte for byte what the manifest promises.
+            assert local.is_relative_to(wandb_run / "artifacts" / name)
+            assert base64.b64encode(hashlib.md5(local.read_bytes()).digest()).decode() == entry.digest
+            assert entry.size == local.stat().st_size
+            staged[name][entry.path] = local
+    assert set(staged[f"pretrained-{run_id}"]) == {"model.safetensors", "config.json", "tokenizer.json"}
+    assert set(staged[f"model-{run_id}"]) == {"model.ckpt"}
+
+    # The export is the best checkpoint's model: same weights, and it loads on its own.
+    model, tokenizer = load_pretrained(staged[f"pretrained-{run_id}"]["model.safetensors"].parent)
+    checkpoint = torch.load(staged[f"model-{run_id}"]["model.ckpt"], map_location="cpu", weights_only=True)
+    weights = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    exported = model.state_dict()
+    assert exported.keys() == weights.keys()
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
+    assert tokenizer is not None and tokenizer.get_vocab_size() > 0
+
+    val_losses = [json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
+                  for item in r.history.item if (item.key or "/".join(item.nested_key)) == "val/loss"]
+    metadata = json.loads(artifacts[f"model-{run_id}"].metadata)
+    assert len(val_losses) == 2 and metadata["score"] == pytest.approx(min(val_losses))
+    assert json.loads(artifacts[f"pretrained-{run_id}"].metadata)["config"]["n_layers"] == LAYERS
+    assert f"W&B artifacts: model-{run_id}, pretrained-{run_id}" in offline_run["out"][0].stdout
 
 
 def test_no_secret_in_any_file_or_output(offline_run):

@@ -78,7 +78,9 @@ def group_options(group: str) -> list[str]:
 )
 def test_every_config_option_composes_and_instantiates(tmp_path, corpus, group, option):
     overrides = [f"{group}={option}", f"paths.output_dir={tmp_path}"]
-    if group == "data" or group == "experiment":
+    if (group, option) == ("data", "hf"):  # a local .txt file is a datasets "text" dataset (a line per record)
+        overrides += [f"data.name={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
+    elif group == "data" or group == "experiment":
         overrides += [f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = compose_cfg(overrides)
     validate_config(cfg)

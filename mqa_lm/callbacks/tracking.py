@@ -20,6 +20,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mqa_lm.callbacks.lit_model import lit_model
+from mqa_lm.callbacks.wandb_artifacts import CHECKPOINT_FILE, best_checkpoint, export_files, export_metadata, log_files
 
 RUN_ID_FILE = "wandb_run_id.txt"
 REDACTED = "<redacted>"
@@ -139,21 +141,30 @@ class RunWandbLogger(WandbLogger):
         project, entity, group, tags, name, job_type, notes: passed to ``wandb.init``.
         mode: ``online``, ``offline``, ``disabled`` or ``None`` (auto, see :func:`resolve_mode`).
         id: force a run id (default: the one stored in ``<save_dir>/wandb_run_id.txt``).
-        log_model: upload checkpoints as artifacts (needs online mode): ``True`` at the end of
-            training, ``"all"`` as they are written.
+        log_model: ``True``: when training ends successfully, the best checkpoint (of the
+            ``ModelCheckpoint`` that monitors a metric; recovery checkpoints are left out) goes up as
+            artifact ``model-<run id>`` and the model export (``export_dir``) as ``pretrained-<run id>``.
+            ``"all"``: Lightning's behaviour, every checkpoint as it is written. Offline runs keep the
+            artifacts in the offline run directory until ``wandb sync``.
+        export_dir: the run's model export (``<run>/model``, see ``callbacks.pretrained_export``);
+            None or a directory without ``model.safetensors``: no export artifact.
     """
 
     def __init__(self, save_dir: str, project: str = "mqa-lm", entity: str | None = None, group: str | None = None,
                  tags: list[str] | None = None, name: str | None = None, job_type: str | None = "train",
                  notes: str | None = None, mode: str | None = None, id: str | None = None,
-                 log_model: bool | Literal["all"] = False, **kwargs: Any) -> None:
+                 log_model: bool | Literal["all"] = False, export_dir: str | None = None, **kwargs: Any) -> None:
+        if not (isinstance(log_model, bool) or log_model == "all"):
+            raise ValueError(f"logger.wandb.log_model must be true, false or all, got {log_model!r}")
         resolved, self.mode_reason = resolve_mode(mode)
-        if resolved == "offline" and log_model:
-            log_model = False  # nothing can be uploaded offline; the checkpoints stay on disk
         extra: dict[str, Any] = {"mode": resolved} if resolved else {}
+        # log_model=True is handled here (best checkpoint + export, offline too); Lightning keeps "all".
         super().__init__(name=name, save_dir=save_dir, id=id or stable_run_id(save_dir), project=project,
-                         log_model=log_model, entity=entity, group=group, tags=list(tags or []),
-                         job_type=job_type, notes=notes, **extra, **kwargs)
+                         log_model="all" if log_model == "all" else False, entity=entity, group=group,
+                         tags=list(tags or []), job_type=job_type, notes=notes, **extra, **kwargs)
+        self._log_best = log_model is True
+        self.export_dir = Path(export_dir) if export_dir else None
+        self._scored_checkpoint: ModelCheckpoint | None = None
         self._announced = False
 
     @property
@@ -185,9 +196,41 @@ class RunWandbLogger(WandbLogger):
         params = params if isinstance(params, dict) else vars(params)
         super().log_hyperparams(scrub_secrets(dict(params)))
 
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        # The callback that keeps the best model by a metric; RecoveryCheckpoint's "step" is no score.
+        from mqa_lm.checkpointing import RecoveryCheckpoint
+
+        if checkpoint_callback.monitor and not isinstance(checkpoint_callback, RecoveryCheckpoint):
+            self._scored_checkpoint = checkpoint_callback
+        super().after_save_checkpoint(checkpoint_callback)
+
+    def log_run_artifacts(self) -> list[str]:
+        """Log the best checkpoint and the model export as artifacts now; returns their names."""
+        run = self.experiment
+        logged = []
+        checkpoint = None if self._scored_checkpoint is None else best_checkpoint(self._scored_checkpoint)
+        if checkpoint is not None:
+            path, aliases, metadata = checkpoint
+            name = f"model-{run.id}"
+            log_files(run, name, {CHECKPOINT_FILE: path}, metadata, aliases)
+            logged.append(name)
+        files = None if self.export_dir is None else export_files(self.export_dir)
+        if files is not None:
+            name = f"pretrained-{run.id}"
+            metadata = export_metadata(files)
+            if checkpoint is not None:
+                metadata["score"] = checkpoint[2]["score"]
+            log_files(run, name, files, metadata, ["best", "latest"])
+            logged.append(name)
+        return logged
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
+        if status == "success" and self._log_best and self._experiment is not None:
+            names = self.log_run_artifacts()
+            if names:
+                print(f"W&B artifacts: {', '.join(names)}", flush=True)
         hint = self.sync_hint()
         if hint:
             print(f"W&B ran offline; upload it with: {hint}", flush=True)

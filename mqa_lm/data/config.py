@@ -1,8 +1,9 @@
 """``DataConfig``: every setting of :class:`~mqa_lm.data.TextDataModule`, validated on construction.
 
 Errors name the config key (``data.block_size must be >= 1, got 0``). The checks here touch nothing
-but a ``tokenizer.json`` given with ``tokenizer=file``; whether the sources exist is checked when
-the datamodule resolves them (still before any work).
+but a ``tokenizer.json`` given with ``tokenizer=file`` and, with ``data.name`` (``data=hf``), the
+dataset's split and columns (opened without converting or downloading its data); whether the files
+of ``data.paths`` exist is checked when the datamodule resolves them (still before any work).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class DataConfig(DictRoundTrip):
         cache_dir: prepared data goes to ``<cache_dir>/<name>-<key>/``, downloads to
             ``<cache_dir>/downloads/``.
         max_chars: use only the first ``max_chars`` characters of the corpus (e.g. a fast CPU run).
+        name: a Hugging Face dataset instead of ``paths`` (``data=hf``): a Hub name, a ``save_to_disk``
+            directory, or a local ``.parquet``/``.arrow``/``.json(l)``/``.csv``/``.txt`` file or directory of
+            them (see :mod:`mqa_lm.data.hf_data`). Checked here: it opens, has ``split`` and ``text_field``.
+        subset: the Hub dataset's configuration (``load_dataset(name, subset)``), e.g. ``wikitext-2-raw-v1``.
+        split: the dataset split to read (default ``train``); ``val_fraction`` of it becomes validation.
+        text_field: the column that holds the text (default ``text``).
+        streaming: read the Hub dataset (or local files) as a stream instead of caching it as Arrow first;
+            each pass over the data (scan, tokenizer, tokens) streams it again, so pair it with ``max_chars``.
     """
 
     config_group: ClassVar[str] = "data"
@@ -68,6 +77,11 @@ class DataConfig(DictRoundTrip):
     num_workers: int = 0
     cache_dir: str = "data"
     max_chars: int | None = None
+    name: str | None = None
+    subset: str | None = None
+    split: str | None = None
+    text_field: str | None = None
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZER_KINDS:
@@ -104,13 +118,55 @@ class DataConfig(DictRoundTrip):
         if not isinstance(self.cache_dir, (str, Path)) or not str(self.cache_dir):
             raise ValueError(f"data.cache_dir must be a directory path, got {self.cache_dir!r}")
         self.cache_dir = str(self.cache_dir)
-        self.paths = normalize_paths(self.paths)
+        if self.name is None:
+            self._check_unused_hf_fields()
+            self.paths = normalize_paths(self.paths)
+        else:
+            self._check_hf_fields()
         self.block_size = _check_int("block_size", self.block_size, 1)
         self.batch_size = _check_int("batch_size", self.batch_size, 1)
         self.val_batches = _check_int("val_batches", self.val_batches, 1)
         self.num_workers = _check_int("num_workers", self.num_workers, 0)
         if isinstance(self.sha256, Mapping):  # an OmegaConf DictConfig -> a plain dict (checkpointable)
             self.sha256 = dict(self.sha256)
+
+    def _check_unused_hf_fields(self) -> None:
+        if self.paths is None and (self.split is not None or self.text_field is not None):
+            raise ValueError("data=hf needs data.name=<Hub dataset name, save_to_disk directory or data file>")
+        for key in ("subset", "split", "text_field"):
+            if getattr(self, key) is not None:
+                fix = "; for .jsonl/.parquet files in data.paths use data.jsonl_field" if key == "text_field" else ""
+                raise ValueError(
+                    f"data.{key}={getattr(self, key)!r} is only used with a Hugging Face dataset "
+                    f"(data=hf data.name=...){fix}"
+                )
+        if self.streaming is not False:
+            raise ValueError(f"data.streaming={self.streaming!r} is only used with data=hf data.name=...")
+
+    def _check_hf_fields(self) -> None:
+        from mqa_lm.data.hf_data import check_dataset, require_datasets
+
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"data.name must be a dataset name or a local path, got {self.name!r}")
+        if self.paths not in (None, []):
+            raise ValueError(
+                f"data.paths={self.paths!r} and data.name={self.name!r} both name the data; "
+                "use data=text data.paths=... or data=hf data.name=..., not both"
+            )
+        self.paths = []
+        self.split = "train" if self.split is None else self.split
+        self.text_field = "text" if self.text_field is None else self.text_field
+        for key in ("split", "text_field"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"data.{key} must be a non-empty string, got {value!r}")
+        if self.subset is not None and (not isinstance(self.subset, str) or not self.subset):
+            raise ValueError(f"data.subset must be a configuration name or null, got {self.subset!r}")
+        if not isinstance(self.streaming, bool):
+            raise TypeError(f"data.streaming must be true or false, got {self.streaming!r}")
+        require_datasets()
+        check_dataset(self.name, self.subset, self.split, self.text_field,
+                      str(Path(self.cache_dir).expanduser().resolve()))
 
     @classmethod
     def coerce(cls, config: DataConfig | str | Sequence[str] | None, fields: Mapping[str, Any]) -> DataConfig:

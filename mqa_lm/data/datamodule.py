@@ -76,6 +76,10 @@ class TextDataModule(pl.LightningDataModule):
     # -- preparation -----------------------------------------------------------------------------
 
     def _resolve(self) -> list[SourceFile]:
+        if self.config.name is not None:  # data=hf: one Hugging Face dataset split (mqa_lm.data.hf_data)
+            from mqa_lm.data.hf_data import resolve_hf_source
+
+            return [resolve_hf_source(self.config, self.cache_root)]
         return resolve_sources(self.paths, self.cache_root, self.sha256)
 
     def _locate(self) -> tuple[Path, str]:

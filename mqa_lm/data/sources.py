@@ -4,7 +4,8 @@ downloads, and streaming reads that never hold a whole file, let alone the corpu
 An entry is one of:
 
 * a file: one document of UTF-8 text (``.txt``, ``.md``, ``.py``, anything), or, when it ends in
-  ``.jsonl``, one JSON object per line whose ``jsonl_field`` string is one document;
+  ``.jsonl``, one JSON object per line whose ``jsonl_field`` string is one document, or, when it ends
+  in ``.parquet``, a table whose ``jsonl_field`` column holds one document per row (needs pyarrow);
 * a directory: walked recursively; hidden entries and ``__pycache__`` are skipped;
 * a glob (``*``, ``?``, ``[``; ``**`` recurses), matched from the current directory;
 * an ``http(s)://`` URL: downloaded once into ``<cache_dir>/downloads/`` (see :func:`download`);
@@ -84,6 +85,16 @@ class SourceFile:
 
     def describe(self) -> str:
         return self.url or str(self.path)
+
+    def record_texts(self, field: str) -> Iterator[str] | None:
+        """The documents of a record file (``.jsonl``, ``.parquet``): its ``field`` strings; None for text."""
+        if self.is_jsonl:
+            return _jsonl_texts(self.path, field)
+        if self.path.suffix.lower() == ".parquet":
+            from mqa_lm.data.hf_data import parquet_texts
+
+            return parquet_texts(self.path, field)
+        return None
 
 
 def normalize_paths(paths: Any) -> list[str]:
@@ -375,8 +386,9 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
 
 def iter_documents(src: SourceFile, jsonl_field: str) -> Iterator[tuple[bool, str]]:
     """Stream one file as ``(starts_document, piece)`` pairs; a JSONL record is one document."""
-    if src.is_jsonl:
-        for text in _jsonl_texts(src.path, jsonl_field):
+    texts = src.record_texts(jsonl_field)
+    if texts is not None:
+        for text in texts:
             for i, piece in enumerate(_pieces([text])):
                 yield i == 0, piece
     else:
