@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 
-from lightning.pytorch.loggers import CSVLogger
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricExperimentWriter
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 

@@ -313,7 +313,7 @@ def read_checkpoint(path: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], Tok
             "pass a checkpoint written by python train.py"
         )
     config = config_from_dict(model_fields, f"{path} hyper_parameters['model']")
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     tokenizer = None
     saved = ckpt.get(CHECKPOINT_TOKENIZER_KEY)
     if saved is not None:
@@ -360,7 +360,8 @@ def load_weights(model: MQATransformer, state: Mapping[str, torch.Tensor], sourc
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [
         f"{k} has shape {list(state[k].shape)}, the config needs {list(v.shape)}"
-        for k, v in expected.items() if k in state and state[k].shape != v.shape
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
     ]
     if config.tie_embeddings and TIED_HEAD in state and not torch.equal(state[TIED_HEAD], state["wte.weight"]):
         problems.append("lm_head.weight differs from wte.weight though tie_embeddings is true")

@@ -379,8 +379,10 @@ def test_changed_source_is_rebuilt(tmp_path):
 @pytest.mark.parametrize(
     "damage, reason",
     [
-        (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-3]),
-         "token file .* has .* bytes, sidecar says"),
+        (
+            lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-3]),
+            "token file .* has .* bytes, sidecar says",
+        ),
         (lambda d: (d / "train.json").write_text("{not json"), "is not valid JSON"),
         (lambda d: (d / "train.bin").unlink(), "token file .* is missing"),
     ],
@@ -425,11 +427,17 @@ def test_unloadable_tokenizer_is_rebuilt_with_everything_after_it(tmp_path):
         (dict(paths=[3]), TypeError, "data.paths entries must be strings"),
         (dict(paths="nope/missing.txt"), ValueError, "'nope/missing.txt' does not exist"),
         (dict(paths="nope/*.txt"), ValueError, "the glob 'nope/\\*.txt' matches no file"),
-        (dict(tokenizer="wordpiece"), ValueError,
-         "unknown data.tokenizer 'wordpiece'; valid choices are: bpe, char, file"),
+        (
+            dict(tokenizer="wordpiece"),
+            ValueError,
+            "unknown data.tokenizer 'wordpiece'; valid choices are: bpe, char, file",
+        ),
         (dict(tokenizer="file"), ValueError, "data.tokenizer=file needs data.tokenizer_path"),
-        (dict(tokenizer="file", tokenizer_path="no/tok.json"), ValueError,
-         "tokenizer_path 'no/tok.json' does not exist"),
+        (
+            dict(tokenizer="file", tokenizer_path="no/tok.json"),
+            ValueError,
+            "tokenizer_path 'no/tok.json' does not exist",
+        ),
         (dict(tokenizer_path="tok.json"), ValueError, "only used with data.tokenizer=file"),
         (dict(vocab_size=100), ValueError, "data.vocab_size=100 does not fit byte-level BPE: it needs at least 257"),
         (dict(block_size=0), ValueError, "data.block_size must be >= 1, got 0"),
@@ -439,11 +447,17 @@ def test_unloadable_tokenizer_is_rebuilt_with_everything_after_it(tmp_path):
         (dict(max_chars=0), ValueError, "data.max_chars must be >= 1"),
         (dict(jsonl_field=""), ValueError, "data.jsonl_field must be a non-empty string"),
         (dict(sha256="abc"), ValueError, "data.sha256 is a single hash but data.paths has 0 URLs"),
-        (dict(paths=["http://h/a", "http://h/b"], sha256="f" * 64), ValueError,
-         "single hash but data.paths has 2 URLs"),
+        (
+            dict(paths=["http://h/a", "http://h/b"], sha256="f" * 64),
+            ValueError,
+            "single hash but data.paths has 2 URLs",
+        ),
         (dict(paths="http://h/a", sha256="xyz"), ValueError, "data.sha256 for http://h/a must be 64 hex characters"),
-        (dict(paths="http://h/a", sha256={"http://h/b": "f" * 64}), ValueError,
-         "not in data.paths: \\['http://h/b'\\]"),
+        (
+            dict(paths="http://h/a", sha256={"http://h/b": "f" * 64}),
+            ValueError,
+            "not in data.paths: \\['http://h/b'\\]",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(tmp_path, monkeypatch, kwargs, error, message):
@@ -465,11 +479,17 @@ def test_malformed_tokenizer_file(tmp_path):
     "name, content, message",
     [
         ("empty.txt", b"", "empty.txt is empty; remove it from data.paths"),
-        ("latin1.txt", "caf\u00e9 au lait".encode("latin-1"),
-         "latin1.txt is not valid UTF-8: invalid continuation byte at byte 3"),
+        (
+            "latin1.txt",
+            "caf\u00e9 au lait".encode("latin-1"),
+            "latin1.txt is not valid UTF-8: invalid continuation byte at byte 3",
+        ),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": broken}\n', "bad.jsonl:2 is not valid JSON"),
-        ("field.jsonl", b'{"body": "hello"}\n',
-         "field.jsonl:1 has no 'text' field \\(it has: \\['body'\\]\\); set data.jsonl_field"),
+        (
+            "field.jsonl",
+            b'{"body": "hello"}\n',
+            "field.jsonl:1 has no 'text' field \\(it has: \\['body'\\]\\); set data.jsonl_field",
+        ),
         ("number.jsonl", b'{"text": 5}\n', "number.jsonl:1: field 'text' is a int, not a string"),
         ("blank.jsonl", b"\n\n", "blank.jsonl holds no non-empty text records"),
         ("tiny.txt", b"a", "only 1 characters, too few to split with data.val_fraction=0.1"),
@@ -483,8 +503,10 @@ def test_bad_explicit_files_fail_in_prepare(tmp_path, name, content, message):
 
 def test_corpus_too_short_for_a_window(tmp_path):
     dm = make_dm(str(write(tmp_path / "c.txt", sample_text(40))), tmp_path, block_size=200)
-    message = (r"the val split has \d+ tokens but one window needs data.block_size \+ 1 = 201; "
-               r"add text to data.paths or lower data.block_size, or raise data.val_fraction")
+    message = (
+        r"the val split has \d+ tokens but one window needs data.block_size \+ 1 = 201; "
+        r"add text to data.paths or lower data.block_size, or raise data.val_fraction"
+    )
     with pytest.raises(ValueError, match=message):
         dm.prepare_data()
 
@@ -507,7 +529,7 @@ def test_unusable_discovered_files_are_skipped_with_a_warning(tmp_path):
 def test_use_before_prepare_is_a_clear_error(tmp_path):
     dm = make_dm(str(write(tmp_path / "c.txt", sample_text())), tmp_path)
     with pytest.raises(RuntimeError, match="call prepare_data"):
-        dm.vocab_size
+        _ = dm.vocab_size
     with pytest.raises(RuntimeError, match="call prepare_data"):
         dm.setup("fit")
     with pytest.raises(RuntimeError, match="call prepare_data\\(\\) and setup\\(\\)"):
@@ -613,9 +635,19 @@ class Recorder(pl.LightningModule):
 def fit(dm: TextDataModule, root: Path, ckpt_path: str | None = None, callbacks=()) -> Recorder:
     model = Recorder(dm.vocab_size)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=6, accumulate_grad_batches=2, use_distributed_sampler=False,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        val_check_interval=4, limit_val_batches=2, default_root_dir=str(root), callbacks=list(callbacks),
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        accumulate_grad_batches=2,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=4,
+        limit_val_batches=2,
+        default_root_dir=str(root),
+        callbacks=list(callbacks),
         enable_checkpointing=bool(callbacks),
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
@@ -685,7 +717,12 @@ def test_data_configs_instantiate(tmp_path):
         dm = instantiate(cfg)
         assert isinstance(dm, TextDataModule)
     shakespeare = compose_data(["data=shakespeare_char", "seed=42"]).data
-    assert (shakespeare.tokenizer, shakespeare.batch_size, shakespeare.block_size, shakespeare.seed) == ("char", 64, 256, 42)
+    assert (shakespeare.tokenizer, shakespeare.batch_size, shakespeare.block_size, shakespeare.seed) == (
+        "char",
+        64,
+        256,
+        42,
+    )
     stdlib = compose_data(["data=stdlib"]).data
     assert (stdlib.paths, stdlib.vocab_size, stdlib.block_size, stdlib.batch_size) == ("stdlib", 2048, 128, 16)
     from hydra.core.override_parser.overrides_parser import OverridesParser

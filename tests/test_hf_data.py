@@ -73,10 +73,12 @@ def mtimes(directory: Path) -> dict[str, int]:
 def saved(tmp_path: Path) -> tuple[Path, dict[str, list[str]]]:
     """A DatasetDict saved with save_to_disk: two splits, a text column, a body column and a number."""
     splits = {"train": documents(120, 0), "validation": documents(60, 1)}
-    DatasetDict({
-        name: Dataset.from_dict({"text": docs, "body": [d.upper() for d in docs], "n": list(range(len(docs)))})
-        for name, docs in splits.items()
-    }).save_to_disk(str(tmp_path / "saved"))
+    DatasetDict(
+        {
+            name: Dataset.from_dict({"text": docs, "body": [d.upper() for d in docs], "n": list(range(len(docs)))})
+            for name, docs in splits.items()
+        }
+    ).save_to_disk(str(tmp_path / "saved"))
     return tmp_path / "saved", splits
 
 
@@ -183,11 +185,26 @@ def test_bad_hf_settings_are_one_clear_error(tmp_path, saved, monkeypatch):
 
 
 def run_overrides(tmp_path: Path, *data: str) -> list[str]:
-    return [*data, "data.tokenizer=char", "data.block_size=16", "data.batch_size=4", "data.val_batches=2",
-            f"data.cache_dir={tmp_path / 'cache'}", "model.max_seq_len=16", "model.n_layers=1", "model.d_model=32",
-            "model.heads=4", "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "trainer.max_steps=3", "trainer.val_check_interval=3", "callbacks=none",
-            f"paths.output_dir={tmp_path / 'run'}", "sample.max_new_tokens=4"]
+    return [
+        *data,
+        "data.tokenizer=char",
+        "data.block_size=16",
+        "data.batch_size=4",
+        "data.val_batches=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.max_seq_len=16",
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.heads=4",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "callbacks=none",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "sample.max_new_tokens=4",
+    ]
 
 
 def compose(overrides: list[str]):
@@ -204,8 +221,13 @@ def test_train_a_few_steps_from_parquet_and_from_a_saved_dataset(tmp_path, saved
     path, _ = saved
     Dataset.from_dict({"text": documents(120, 4)}).to_parquet(str(tmp_path / "train.parquet"))
     parquet = train(compose(run_overrides(tmp_path, "data=text", f"data.paths=[{tmp_path / 'train.parquet'}]")))
-    hf = train(compose(run_overrides(tmp_path / "hf", "data=hf", f"data.name={path}", "data.split=validation",
-                                     "data.text_field=body")))
+    hf = train(
+        compose(
+            run_overrides(
+                tmp_path / "hf", "data=hf", f"data.name={path}", "data.split=validation", "data.text_field=body"
+            )
+        )
+    )
     for metrics in (parquet, hf):
         assert np.isfinite(float(metrics["val/loss"])) and float(metrics["val/loss"]) > 0
     with pytest.raises(ConfigError, match="data=hf needs data.name="):

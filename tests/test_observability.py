@@ -18,14 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_helpers import attention_weights
 from PIL import Image
 
-from mqa_lm.callbacks import AttentionMapLogger, TokenThroughputMonitor, attention_stats, render_heatmap, scrub_secrets, to_uint8
+from mqa_lm.callbacks import (
+    AttentionMapLogger,
+    TokenThroughputMonitor,
+    attention_stats,
+    render_heatmap,
+    scrub_secrets,
+    to_uint8,
+)
 from mqa_lm.callbacks.heatmap import BACKGROUND
-from mqa_lm.callbacks.throughput import chip_key, compute_dtype, PEAK_FLOPS
+from mqa_lm.callbacks.throughput import PEAK_FLOPS, chip_key, compute_dtype
 from mqa_lm.callbacks.tracking import RUN_ID_FILE, RunWandbLogger, resolve_mode
 from mqa_lm.model import MQAConfig, MQATransformer
-from model_helpers import attention_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_KEY = "fake0wandb0key0" + "d3adbeef" * 4  # 40 characters, like a real W&B key
@@ -68,13 +75,25 @@ def test_attention_stats_match_float64_math():
 
 @pytest.mark.parametrize("kv_heads,clip_qkv,pos_emb", [(1, None, "learned"), (2, 0.3, "alibi")])
 def test_probe_max_logit_matches_scores_recomputed_from_the_qkv_projection(kv_heads, clip_qkv, pos_emb):
-    config = MQAConfig(vocab_size=50, max_seq_len=12, n_layers=2, d_model=32, heads=4, kv_heads=kv_heads,
-                       clip_qkv=clip_qkv, pos_emb=pos_emb, init_std=0.3, attn_impl="torch")
+    config = MQAConfig(
+        vocab_size=50,
+        max_seq_len=12,
+        n_layers=2,
+        d_model=32,
+        heads=4,
+        kv_heads=kv_heads,
+        clip_qkv=clip_qkv,
+        pos_emb=pos_emb,
+        init_std=0.3,
+        attn_impl="torch",
+    )
     torch.manual_seed(0)
     model = MQATransformer(config).eval()
     captured = []
-    hooks = [blk.attn.Wqkv.register_forward_hook(lambda m, i, o: captured.append(o.detach().double()))
-             for blk in model.blocks]
+    hooks = [
+        blk.attn.Wqkv.register_forward_hook(lambda m, i, o: captured.append(o.detach().double()))
+        for blk in model.blocks
+    ]
     idx = torch.randint(0, 50, (2, 10))
     logits_before, _ = model(idx)
     weights, max_logits = model.attention_probe(idx)
@@ -116,7 +135,7 @@ def test_heatmap_has_contrast_and_an_empty_causal_triangle():
     levels = to_uint8(uniform, gamma=0.5)
     want = np.rint(255 * np.sqrt(uniform.numpy() / uniform.numpy().max()))
     assert np.abs(levels.astype(int) - want).max() <= 1
-    assert levels[-1, : t].min() >= 30  # the longest row (p = 1/48) is still visibly lit
+    assert levels[-1, :t].min() >= 30  # the longest row (p = 1/48) is still visibly lit
 
     tokens = [chr(ord("a") + i % 26) for i in range(t)]
     image, layout = render_heatmap(uniform, causal, tokens, title="layer 0 head 0")
@@ -210,16 +229,33 @@ def read_wandb_records(path: Path) -> list:
 
 def run_train(tmp: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
     args = [
-        "data=text", f"data.paths=[{tmp / 'corpus.txt'}]", "data.tokenizer=char", "data.block_size=16",
-        "data.batch_size=4", "data.val_batches=2", f"data.cache_dir={tmp / 'cache'}",
-        "model.max_seq_len=16", f"model.n_layers={LAYERS}", "model.d_model=32", f"model.heads={HEADS}",
-        "trainer=cpu", "trainer.val_check_interval=6", "trainer.log_every_n_steps=2",
-        "trainer.enable_model_summary=false", "callbacks.attention_maps.every_n_steps=6",
-        "callbacks.throughput.window_size=2", "logger=many", "task_name=obs_test", "sample.max_new_tokens=8",
-        f"paths.output_dir={tmp / 'run'}", f"hydra.run.dir={tmp / 'run'}", *extra,
+        "data=text",
+        f"data.paths=[{tmp / 'corpus.txt'}]",
+        "data.tokenizer=char",
+        "data.block_size=16",
+        "data.batch_size=4",
+        "data.val_batches=2",
+        f"data.cache_dir={tmp / 'cache'}",
+        "model.max_seq_len=16",
+        f"model.n_layers={LAYERS}",
+        "model.d_model=32",
+        f"model.heads={HEADS}",
+        "trainer=cpu",
+        "trainer.val_check_interval=6",
+        "trainer.log_every_n_steps=2",
+        "trainer.enable_model_summary=false",
+        "callbacks.attention_maps.every_n_steps=6",
+        "callbacks.throughput.window_size=2",
+        "logger=many",
+        "task_name=obs_test",
+        "sample.max_new_tokens=8",
+        f"paths.output_dir={tmp / 'run'}",
+        f"hydra.run.dir={tmp / 'run'}",
+        *extra,
     ]
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -229,9 +265,16 @@ def offline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("obs")
     (tmp / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_MODE="offline", WANDB_API_KEY=FAKE_KEY, WANDB_DIR=str(tmp / "wandb_dir"),
-               WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
-               WANDB_DATA_DIR=str(tmp / "wandb_data"), PROJECT_ROOT=str(ROOT), NETRC=str(tmp / "no_netrc"))
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_API_KEY=FAKE_KEY,
+        WANDB_DIR=str(tmp / "wandb_dir"),
+        WANDB_CONFIG_DIR=str(tmp / "wandb_config"),
+        WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
+        WANDB_DATA_DIR=str(tmp / "wandb_data"),
+        PROJECT_ROOT=str(ROOT),
+        NETRC=str(tmp / "no_netrc"),
+    )
     first = run_train(tmp, env, "trainer.max_steps=12", "logger.wandb.log_model=true")
     run_dir = tmp / "run"
     (wandb_run,) = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -286,8 +329,11 @@ def test_offline_run_keeps_the_best_checkpoint_and_the_export_as_artifacts(offli
     wandb_run, run_id = offline_run["wandb"], (offline_run["run"] / RUN_ID_FILE).read_text().strip()
     (wandb_file,) = wandb_run.glob("run-*.wandb")
     records = read_wandb_records(wandb_file)
-    artifacts = {r.artifact.name: r.artifact for r in records
-                 if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"}
+    artifacts = {
+        r.artifact.name: r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"
+    }
     assert set(artifacts) == {f"model-{run_id}", f"pretrained-{run_id}"}
     staged: dict[str, dict[str, Path]] = {}
     for name, artifact in artifacts.items():
@@ -312,8 +358,13 @@ def test_offline_run_keeps_the_best_checkpoint_and_the_export_as_artifacts(offli
     assert all(torch.equal(exported[k], weights[k]) for k in weights)
     assert tokenizer is not None and tokenizer.get_vocab_size() > 0
 
-    val_losses = [json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
-                  for item in r.history.item if (item.key or "/".join(item.nested_key)) == "val/loss"]
+    val_losses = [
+        json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
+        if (item.key or "/".join(item.nested_key)) == "val/loss"
+    ]
     metadata = json.loads(artifacts[f"model-{run_id}"].metadata)
     assert len(val_losses) == 2 and metadata["score"] == pytest.approx(min(val_losses))
     assert json.loads(artifacts[f"pretrained-{run_id}"].metadata)["config"]["n_layers"] == LAYERS
@@ -345,7 +396,11 @@ def test_png_heatmaps_show_the_causal_triangle(offline_run):
     for step in (6, 12, 16):  # every 6 optimizer steps, and the end of each run
         folder = offline_run["run"] / "attention" / f"step_{step:06d}"
         names = {p.name for p in folder.glob("*.png")}
-        want = {f"layer{l:02d}_{h}.png" for l in range(LAYERS) for h in ["mean", *(f"head{i:02d}" for i in range(HEADS))]}
+        want = {
+            f"layer{layer:02d}_{h}.png"
+            for layer in range(LAYERS)
+            for h in ["mean", *(f"head{i:02d}" for i in range(HEADS))]
+        }
         assert names == want
     image = Image.open(offline_run["run"] / "attention" / "step_000012" / "layer01_head02.png")
     left, top, cell, rows, cols = map(int, image.text["grid"].split(","))

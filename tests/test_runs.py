@@ -28,7 +28,9 @@ def env() -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC", "GROUP_RANK"))
     }
-    e.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.update(
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+    )
     return e
 
 

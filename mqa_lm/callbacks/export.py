@@ -36,8 +36,9 @@ class PretrainedExport(L.Callback):
         monitor, mode: the metric that decides "best", as in ``ModelCheckpoint``.
     """
 
-    def __init__(self, dirpath: str, tokenizer_file: str | None = None, monitor: str = "val/loss",
-                 mode: str = "min") -> None:
+    def __init__(
+        self, dirpath: str, tokenizer_file: str | None = None, monitor: str = "val/loss", mode: str = "min"
+    ) -> None:
         super().__init__()
         if mode not in ("min", "max"):
             raise ValueError(f"callbacks.pretrained_export.mode must be 'min' or 'max', got {mode!r}")
@@ -98,12 +99,13 @@ class PretrainedExport(L.Callback):
                 full = wrapped.state_dict()
             if not trainer.is_global_zero:
                 return None
-            return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            return {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
         if not self._sharded_warned:
             self._sharded_warned = True
             warnings.warn(
                 f"{type(self).__name__}: {type(trainer.strategy).__name__} shards the weights and is not supported; "
-                f"no {self.dirpath / MODEL_FILE} is written (load the run's checkpoint instead)", stacklevel=2
+                f"no {self.dirpath / MODEL_FILE} is written (load the run's checkpoint instead)",
+                stacklevel=2,
             )
         return None
 

@@ -50,8 +50,11 @@ def scrub_secrets(value: Any, secrets: list[str] | None = None) -> Any:
     secrets = _env_secrets() if secrets is None else secrets
     if isinstance(value, dict):
         return {
-            k: (REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) and isinstance(v, str) and v
-                else scrub_secrets(v, secrets))
+            k: (
+                REDACTED
+                if isinstance(k, str) and _SECRET_NAME.search(k) and isinstance(v, str) and v
+                else scrub_secrets(v, secrets)
+            )
             for k, v in value.items()
         }
     if isinstance(value, (list, tuple)):
@@ -150,18 +153,41 @@ class RunWandbLogger(WandbLogger):
             None or a directory without ``model.safetensors``: no export artifact.
     """
 
-    def __init__(self, save_dir: str, project: str = "mqa-lm", entity: str | None = None, group: str | None = None,
-                 tags: list[str] | None = None, name: str | None = None, job_type: str | None = "train",
-                 notes: str | None = None, mode: str | None = None, id: str | None = None,
-                 log_model: bool | Literal["all"] = False, export_dir: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        project: str = "mqa-lm",
+        entity: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        name: str | None = None,
+        job_type: str | None = "train",
+        notes: str | None = None,
+        mode: str | None = None,
+        id: str | None = None,
+        log_model: bool | Literal["all"] = False,
+        export_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not (isinstance(log_model, bool) or log_model == "all"):
             raise ValueError(f"logger.wandb.log_model must be true, false or all, got {log_model!r}")
         resolved, self.mode_reason = resolve_mode(mode)
         extra: dict[str, Any] = {"mode": resolved} if resolved else {}
         # log_model=True is handled here (best checkpoint + export, offline too); Lightning keeps "all".
-        super().__init__(name=name, save_dir=save_dir, id=id or stable_run_id(save_dir), project=project,
-                         log_model="all" if log_model == "all" else False, entity=entity, group=group,
-                         tags=list(tags or []), job_type=job_type, notes=notes, **extra, **kwargs)
+        super().__init__(
+            name=name,
+            save_dir=save_dir,
+            id=id or stable_run_id(save_dir),
+            project=project,
+            log_model="all" if log_model == "all" else False,
+            entity=entity,
+            group=group,
+            tags=list(tags or []),
+            job_type=job_type,
+            notes=notes,
+            **extra,
+            **kwargs,
+        )
         self._log_best = log_model is True
         self.export_dir = Path(export_dir) if export_dir else None
         self._scored_checkpoint: ModelCheckpoint | None = None
@@ -246,8 +272,13 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -63,8 +63,7 @@ def export_metadata(files: Mapping[str, Path]) -> dict[str, Any]:
         return {}
 
 
-def log_files(run: Any, name: str, files: Mapping[str, Path], metadata: dict[str, Any],
-              aliases: list[str]) -> Any:
+def log_files(run: Any, name: str, files: Mapping[str, Path], metadata: dict[str, Any], aliases: list[str]) -> Any:
     """Log ``files`` (artifact path -> local file) as one ``model`` artifact of ``run``; returns it.
 
     Offline the files are copied into the offline run directory first (see the module docstring).

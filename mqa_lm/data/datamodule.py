@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -48,7 +48,7 @@ class TextDataModule(pl.LightningDataModule):
     def __init__(self, config: DataConfig | str | Sequence[str] | None = None, /, **fields: Any) -> None:
         super().__init__()
         self.config = DataConfig.coerce(config, fields)
-        self.paths: list[str] = list(self.config.paths)
+        self.paths: list[str] = list(cast(list[str], self.config.paths))  # normalized by DataConfig
         self.block_size = self.config.block_size
         self.batch_size = self.config.batch_size
         self.val_batches = self.config.val_batches
@@ -100,6 +100,8 @@ class TextDataModule(pl.LightningDataModule):
         directory, key = prepare(files, self.settings, self.cache_root, announce_reuse=not quiet)
         for split in SPLITS:
             meta = read_json(split_paths(directory, split)[1])
+            if meta is None:
+                raise ValueError(f"the {split} token file in {directory} has no readable sidecar; delete {directory}")
             self._check_long_enough(split, meta["num_tokens"])
         if directory != self._dir:  # the sources changed since the last setup(): forget what it opened
             self._splits, self._tokenizer, self._tokenizer_sha256 = {}, None, None
@@ -266,10 +268,11 @@ class TextDataModule(pl.LightningDataModule):
         saved = self._resumed_state or {}
         self._resumed_state = None
         theirs = saved.get("tokenizer_sha256")
-        if theirs is not None and theirs != self._tokenizer_sha256:
+        ours = self._tokenizer_sha256 or "?"
+        if theirs is not None and theirs != ours:
             raise ValueError(
                 f"the checkpoint was trained with tokenizer sha256 {theirs[:12]}... but the prepared data in "
-                f"{self._dir} uses {self._tokenizer_sha256[:12]}...: its token ids mean different text. Resume "
+                f"{self._dir} uses {ours[:12]}...: its token ids mean different text. Resume "
                 "with the original data settings (data.paths, data.tokenizer, data.vocab_size, ...) or start a new run"
             )
         changed = [

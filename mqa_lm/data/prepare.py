@@ -53,6 +53,13 @@ class DataSettings:
     max_chars: int | None
 
 
+def tokenizer_file(settings: DataSettings) -> Path:
+    """The user's tokenizer file of ``data.tokenizer=file`` (DataConfig requires the path then)."""
+    if settings.tokenizer_path is None:
+        raise ValueError("data.tokenizer=file needs data.tokenizer_path=<tokenizer.json>")
+    return Path(settings.tokenizer_path).expanduser()
+
+
 def data_key(files: list[SourceFile], settings: DataSettings) -> str:
     """sha256 over the sources' identities and the settings: equal keys mean equal prepared data."""
     parts = asdict(settings)
@@ -60,7 +67,7 @@ def data_key(files: list[SourceFile], settings: DataSettings) -> str:
         parts["vocab_size"] = None  # only BPE uses it; other kinds must not rebuild when it changes
     if settings.tokenizer == "file":
         # The file's content, not its path, decides the tokens.
-        parts["tokenizer_path"] = file_sha256(Path(settings.tokenizer_path).expanduser())
+        parts["tokenizer_path"] = file_sha256(tokenizer_file(settings))
     blob = json.dumps({"format": FORMAT_VERSION, "settings": parts, "sources": [f.identity() for f in files]})
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -89,7 +96,7 @@ def _build_tokenizer(settings: DataSettings, corpus: Corpus, cut: int) -> Tokeni
         return train_bpe(_texts(corpus, 0, cut), settings.vocab_size, show_progress=cut >= PROGRESS_CHARS)
     if settings.tokenizer == "char":
         return build_char(_texts(corpus, 0, cut))
-    return load_tokenizer(settings.tokenizer_path)
+    return load_tokenizer(tokenizer_file(settings))
 
 
 def _token_batches(
@@ -176,7 +183,7 @@ def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path,
     directory = prepared_dir(cache_root, files, settings, key)
     tokenizer_path = directory / "tokenizer.json"
     tokenizer = _load_existing(tokenizer_path)
-    reasons = {split: "not prepared yet" for split in SPLITS}
+    reasons: dict[str, str | None] = {split: "not prepared yet" for split in SPLITS}
     if tokenizer is not None:
         sha = file_sha256(tokenizer_path)
         reasons = {split: stale_reason(directory, split, key, sha) for split in SPLITS}
@@ -206,7 +213,7 @@ def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path,
             if settings.tokenizer == "file":
                 # A byte copy, so the prepared tokenizer hashes like the user's file; the original
                 # is only read.
-                shutil.copyfile(Path(settings.tokenizer_path).expanduser(), tmp)
+                shutil.copyfile(tokenizer_file(settings), tmp)
             else:
                 tokenizer.save(str(tmp))
         sha = file_sha256(tokenizer_path)

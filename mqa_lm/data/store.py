@@ -149,4 +149,6 @@ class TokenFile:
         """The token file of a split whose sidecar has been checked with :func:`stale_reason`."""
         bin_path, meta_path = split_paths(directory, split)
         meta = read_json(meta_path)
+        if meta is None:
+            raise ValueError(f"{meta_path} is missing or unreadable; delete {directory} to prepare the data again")
         return cls(bin_path, meta["dtype"], meta["num_tokens"])
