@@ -636,3 +636,25 @@ def test_train_py_data_and_vocab_errors_are_one_line_and_exit_2(tmp_path, corpus
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_last_checkpoint_holds_the_final_weights_when_later_validations_do_not_improve(tmp_path, corpus):
+    """mode=max makes the first validation (the highest loss) the best, so no later one saves a top-k
+    checkpoint; last.ckpt must still follow the run to its final step (10: no validation there)."""
+    train(
+        compose_cfg(
+            small_run(
+                tmp_path,
+                corpus,
+                "trainer.max_steps=10",
+                "trainer.val_check_interval=4",
+                "callbacks.model_checkpoint.mode=max",
+                "sample.max_new_tokens=0",
+            )
+        )
+    )
+    ckpts = tmp_path / "run" / "checkpoints"
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 10
+    best = [p.name for p in ckpts.glob("step*.ckpt")]
+    assert len(best) == 1 and best[0].startswith("step000004-"), best

@@ -18,6 +18,7 @@ from mqa_lm.checkpointing.io import (
     next_hpc_path,
     verify_checkpoint,
 )
+from mqa_lm.checkpointing.last import LastAndBestCheckpoint
 from mqa_lm.checkpointing.preemption import (
     DEFAULT_REQUEUE_SIGNALS,
     DEFAULT_SIGNALS,
@@ -46,6 +47,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "LastAndBestCheckpoint",
     "Preempted",
     "PreemptionCallback",
     "RNGStateCallback",
