@@ -24,7 +24,7 @@ import shutil
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from tokenizers import Tokenizer
@@ -194,59 +194,84 @@ def _deinterleave_mha(t: torch.Tensor, heads: int) -> torch.Tensor:
     return torch.cat([grouped[:, i].reshape(-1, *t.shape[1:]) for i in range(3)], dim=0)
 
 
+# One table per family, read by export and import alike: our module -> its transformers module(s)
+# within a block. Several modules stand for one of ours that stores them fused, in our row order.
+_BLOCK_MODULES: dict[str, dict[str, tuple[str, ...]]] = {
+    "gpt_bigcode": {
+        "norm_1": ("ln_1",),
+        "norm_2": ("ln_2",),
+        "attn.Wqkv": ("attn.c_attn",),
+        "attn.out_proj": ("attn.c_proj",),
+        "mlp.up_proj": ("mlp.c_fc",),
+        "mlp.down_proj": ("mlp.c_proj",),
+    },
+    "llama": {
+        "norm_1": ("input_layernorm",),
+        "norm_2": ("post_attention_layernorm",),
+        "attn.Wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "attn.out_proj": ("self_attn.o_proj",),
+        "mlp.up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+        "mlp.down_proj": ("mlp.down_proj",),
+    },
+}
+_BLOCK_PREFIX = {"gpt_bigcode": "transformer.h", "llama": "model.layers"}
+_TOP_MODULES: dict[str, dict[str, str]] = {
+    "gpt_bigcode": {"wte": "transformer.wte", "wpe": "transformer.wpe", "norm_f": "transformer.ln_f"},
+    "llama": {"wte": "model.embed_tokens", "norm_f": "model.norm"},
+}
+
+
+class _Mapped(NamedTuple):
+    ours: str  # our module, e.g. "blocks.0.attn.Wqkv"
+    theirs: tuple[str, ...]  # its transformers module(s)
+    rows: tuple[int, ...]  # rows of each of ``theirs`` within ours (when there are several)
+    params: tuple[str, ...]  # the tensors the transformers side stores: "weight", maybe "bias"
+    interleave: bool  # GPTBigCode's MHA c_attn orders rows per head as [q_h; k_h; v_h]
+
+
+def _weight_map(config: MQAConfig, family: str) -> list[_Mapped]:
+    """Every module both formats store for ``config`` as ``family``, from the tables above."""
+    gpt = family == "gpt_bigcode"
+    dim, kv_dim, hidden = config.d_model, config.kv_heads * config.head_dim, config.hidden_size
+    rows = {"attn.Wqkv": (dim, kv_dim, kv_dim), "mlp.up_proj": (hidden, hidden)}
+    # GPTBigCode stores every bias (zeros for our bias=False); Llama's RMSNorm has none.
+    top = [
+        _Mapped(ours, (theirs,), (), ("weight", "bias") if gpt and ours == "norm_f" else ("weight",), False)
+        for ours, theirs in _TOP_MODULES[family].items()
+    ]
+    blocks = [
+        _Mapped(
+            f"blocks.{i}.{ours}",
+            tuple(f"{_BLOCK_PREFIX[family]}.{i}.{t}" for t in theirs),
+            rows[ours] if len(theirs) > 1 else (),
+            ("weight", "bias") if gpt or (config.bias and not ours.startswith("norm")) else ("weight",),
+            gpt and ours == "attn.Wqkv" and config.kv_heads != 1,
+        )
+        for i in range(config.n_layers)
+        for ours, theirs in _BLOCK_MODULES[family].items()
+    ]
+    return top + blocks
+
+
 def to_hf_state_dict(config: MQAConfig, state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
     """Our ``MQATransformer`` state dict as the transformers ``*ForCausalLM`` state dict of ``family``."""
     out: dict[str, torch.Tensor] = {}
-    dim, kv_dim, hidden = config.d_model, config.kv_heads * config.head_dim, config.hidden_size
-
-    def bias_of(prefix: str, rows: int, ref: torch.Tensor) -> torch.Tensor:
-        return state.get(f"{prefix}.bias", torch.zeros(rows, dtype=ref.dtype))
-
-    if family == "gpt_bigcode":
-        out["transformer.wte.weight"] = state["wte.weight"]
-        wpe = state.get("wpe.weight")
-        out["transformer.wpe.weight"] = (
-            wpe if wpe is not None else torch.zeros(config.max_seq_len, dim, dtype=state["wte.weight"].dtype)
-        )
-        for i in range(config.n_layers):
-            ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
-            for a, b in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
-                out[f"{theirs}.{b}.weight"] = state[f"{ours}.{a}.weight"]
-                out[f"{theirs}.{b}.bias"] = state[f"{ours}.{a}.bias"]
-            linears = (
-                ("attn.Wqkv", "attn.c_attn"),
-                ("attn.out_proj", "attn.c_proj"),
-                ("mlp.up_proj", "mlp.c_fc"),
-                ("mlp.down_proj", "mlp.c_proj"),
-            )
-            for a, b in linears:
-                weight = state[f"{ours}.{a}.weight"]
-                bias = bias_of(f"{ours}.{a}", weight.shape[0], weight)
-                if a == "attn.Wqkv" and config.kv_heads != 1:
-                    weight, bias = _interleave_mha(weight, config.heads), _interleave_mha(bias, config.heads)
-                out[f"{theirs}.{b}.weight"], out[f"{theirs}.{b}.bias"] = weight, bias
-        out["transformer.ln_f.weight"] = state["norm_f.weight"]
-        out["transformer.ln_f.bias"] = state["norm_f.bias"]
-    else:
-        out["model.embed_tokens.weight"] = state["wte.weight"]
-        for i in range(config.n_layers):
-            ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-            out[f"{theirs}.input_layernorm.weight"] = state[f"{ours}.norm_1.weight"]
-            out[f"{theirs}.post_attention_layernorm.weight"] = state[f"{ours}.norm_2.weight"]
-            splits = {
-                "attn.Wqkv": (("self_attn.q_proj", dim), ("self_attn.k_proj", kv_dim), ("self_attn.v_proj", kv_dim)),
-                "attn.out_proj": (("self_attn.o_proj", dim),),
-                "mlp.up_proj": (("mlp.gate_proj", hidden), ("mlp.up_proj", hidden)),
-                "mlp.down_proj": (("mlp.down_proj", dim),),
-            }
-            for a, parts in splits.items():
-                names, sizes = [p[0] for p in parts], [p[1] for p in parts]
-                for name, w in zip(names, state[f"{ours}.{a}.weight"].split(sizes, dim=0)):
-                    out[f"{theirs}.{name}.weight"] = w
-                if config.bias:
-                    for name, b in zip(names, state[f"{ours}.{a}.bias"].split(sizes, dim=0)):
-                        out[f"{theirs}.{name}.bias"] = b
-        out["model.norm.weight"] = state["norm_f.weight"]
+    dtype = state["wte.weight"].dtype
+    for m in _weight_map(config, family):
+        for param in m.params:
+            key = f"{m.ours}.{param}"
+            # GPTBigCode stores what we may lack (bias=False, pos_emb='none') as zeros.
+            if key not in state and param == "bias":
+                tensor = torch.zeros(state[f"{m.ours}.weight"].shape[0], dtype=dtype)
+            elif key not in state and m.ours == "wpe":
+                tensor = torch.zeros(config.max_seq_len, config.d_model, dtype=dtype)
+            else:
+                tensor = state[key]
+            if m.interleave:
+                tensor = _interleave_mha(tensor, config.heads)
+            parts = tensor.split(m.rows, dim=0) if m.rows else (tensor,)
+            for name, part in zip(m.theirs, parts, strict=True):
+                out[f"{name}.{param}"] = part
     out["lm_head.weight"] = state.get("lm_head.weight", state["wte.weight"])
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -433,49 +458,16 @@ def from_hf_state_dict(config: MQAConfig, hf_state: dict[str, torch.Tensor], fam
     if not any(k.startswith(base) for k in hf_state):
         hf_state = {base + k: v for k, v in hf_state.items()}
     out: dict[str, torch.Tensor] = {}
-    if family == "gpt_bigcode":
-        out["wte.weight"] = hf_state["transformer.wte.weight"]
-        out["wpe.weight"] = hf_state["transformer.wpe.weight"]
-        for i in range(config.n_layers):
-            ours, theirs = f"blocks.{i}", f"transformer.h.{i}"
-            for a, b in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
-                out[f"{ours}.{a}.weight"] = hf_state[f"{theirs}.{b}.weight"]
-                out[f"{ours}.{a}.bias"] = hf_state[f"{theirs}.{b}.bias"]
-            for a, b in (
-                ("attn.Wqkv", "attn.c_attn"),
-                ("attn.out_proj", "attn.c_proj"),
-                ("mlp.up_proj", "mlp.c_fc"),
-                ("mlp.down_proj", "mlp.c_proj"),
-            ):
-                weight, bias = hf_state[f"{theirs}.{b}.weight"], hf_state[f"{theirs}.{b}.bias"]
-                if a == "attn.Wqkv" and config.kv_heads != 1:
-                    weight, bias = _deinterleave_mha(weight, config.heads), _deinterleave_mha(bias, config.heads)
-                out[f"{ours}.{a}.weight"], out[f"{ours}.{a}.bias"] = weight, bias
-        out["norm_f.weight"] = hf_state["transformer.ln_f.weight"]
-        out["norm_f.bias"] = hf_state["transformer.ln_f.bias"]
-    else:
-        out["wte.weight"] = hf_state["model.embed_tokens.weight"]
-        for i in range(config.n_layers):
-            ours, theirs = f"blocks.{i}", f"model.layers.{i}"
-            out[f"{ours}.norm_1.weight"] = hf_state[f"{theirs}.input_layernorm.weight"]
-            out[f"{ours}.norm_2.weight"] = hf_state[f"{theirs}.post_attention_layernorm.weight"]
-            joins = {
-                "attn.Wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                "attn.out_proj": ("self_attn.o_proj",),
-                "mlp.up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-                "mlp.down_proj": ("mlp.down_proj",),
-            }
-            for a, names in joins.items():
-                out[f"{ours}.{a}.weight"] = torch.cat([hf_state[f"{theirs}.{n}.weight"] for n in names], dim=0)
-                if config.bias:
-                    out[f"{ours}.{a}.bias"] = torch.cat([hf_state[f"{theirs}.{n}.bias"] for n in names], dim=0)
-        out["norm_f.weight"] = hf_state["model.norm.weight"]
+    weight_map = _weight_map(config, family)
+    for m in weight_map:
+        for param in m.params:
+            parts = [hf_state[f"{name}.{param}"] for name in m.theirs]
+            tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+            out[f"{m.ours}.{param}"] = _deinterleave_mha(tensor, config.heads) if m.interleave else tensor
     if not config.tie_embeddings:
         out["lm_head.weight"] = hf_state["lm_head.weight"]
     # Every tensor of the checkpoint must have been used: mapping back must give exactly its keys.
-    expected = set(to_hf_state_dict(config, out, family))
-    if config.tie_embeddings:
-        expected.discard("lm_head.weight")
+    expected = {f"{name}.{param}" for m in weight_map for name in m.theirs for param in m.params}
     unused = sorted(set(hf_state) - expected - {"lm_head.weight"})
     if unused:
         raise HFImportError(

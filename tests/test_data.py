@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import compose_cfg
 from hydra.utils import instantiate
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
@@ -691,20 +692,11 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, corpus_file):
 # -- configs and the reference corpus ------------------------------------------------------------------
 
 
-def compose_data(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
 def test_data_configs_instantiate(tmp_path):
     corpus = write(tmp_path / "c.txt", sample_text())
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     for name in ("stdlib", "text", "shakespeare_char"):
-        cfg = compose_data([f"data={name}"]).data
+        cfg = compose_cfg([f"data={name}"]).data
         assert cfg._target_ == "mqa_lm.data.TextDataModule"
         assert set(cfg) - {"_target_"} == fields  # every DataConfig field, from text.yaml at least
         assert cfg._get_node("cache_dir")._value() == "${paths.data_dir}"  # the root config's paths group
@@ -716,14 +708,14 @@ def test_data_configs_instantiate(tmp_path):
             cfg.paths = [str(corpus)]
         dm = instantiate(cfg)
         assert isinstance(dm, TextDataModule)
-    shakespeare = compose_data(["data=shakespeare_char", "seed=42"]).data
+    shakespeare = compose_cfg(["data=shakespeare_char", "seed=42"]).data
     assert (shakespeare.tokenizer, shakespeare.batch_size, shakespeare.block_size, shakespeare.seed) == (
         "char",
         64,
         256,
         42,
     )
-    stdlib = compose_data(["data=stdlib"]).data
+    stdlib = compose_cfg(["data=stdlib"]).data
     assert (stdlib.paths, stdlib.vocab_size, stdlib.block_size, stdlib.batch_size) == ("stdlib", 2048, 128, 16)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers import CORPUS, ROOT, compose_cfg, run_env
 from omegaconf import OmegaConf
 
 from mqa_lm.data import TextDataModule
@@ -19,20 +18,8 @@ from mqa_lm.data.datasets import TrainBatches
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-CORPUS = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
-) * 40
 STEPS, MICRO, BLOCK, SEED = 12, 4, 16, 1337
 MODEL = dict(n_layers=2, d_model=32, heads=4, max_seq_len=BLOCK)
-
-
-def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    e.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return e
 
 
 def run_args(base: Path, run_dir: Path) -> list[str]:
@@ -77,7 +64,8 @@ def reference_weights(base: Path, ranks: list[int]) -> dict[str, torch.Tensor]:
     )
     dm.prepare_data()
     dm.setup("fit")
-    cfg = compose_with_hydra(run_args(base, base / "unused"))  # the model and optim settings of the run
+    # The model and optim settings of the run.
+    cfg = compose_cfg(run_args(base, base / "unused"), return_hydra_config=True)
     fields = OmegaConf.to_container(cfg.model, resolve=True)
     torch.manual_seed(SEED)
     model = MQATransformer(MQAConfig.from_dict({**fields, "vocab_size": dm.vocab_size}))
@@ -116,7 +104,7 @@ def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base)
             "trainer.devices=2",
             "trainer.precision=32-true",
         ],
-        env=env(),
+        env=run_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -147,7 +135,7 @@ def test_local_multirun_with_subprocess_ddp_is_refused(base, tmp_path):
             "seed=1,2",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
-        env=env(),
+        env=run_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -161,16 +149,10 @@ def test_local_multirun_with_subprocess_ddp_is_refused(base, tmp_path):
     assert not list((tmp_path / "sweep").rglob("*.ckpt"))
 
 
-def compose_with_hydra(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
-
-
 def test_slurm_launcher_config_renders_a_valid_sbatch_job(tmp_path, monkeypatch):
     import submitit
 
-    cfg = compose_with_hydra(
+    cfg = compose_cfg(
         [
             "hydra/launcher=slurm",
             "trainer=ddp",
@@ -182,7 +164,8 @@ def test_slurm_launcher_config_renders_a_valid_sbatch_job(tmp_path, monkeypatch)
             "hydra.launcher.timeout_min=120",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
             "hydra.job.name=train",
-        ]
+        ],
+        return_hydra_config=True,
     )
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert params["_target_"].endswith("SlurmLauncher")
@@ -235,7 +218,7 @@ def test_slurm_launcher_needs_a_device_count(base, tmp_path):
             "trainer.devices=auto",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
-        env=env(),
+        env=run_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -259,7 +242,7 @@ def test_a_run_launched_through_submitit_local_executor_trains(base, tmp_path):
             f"hydra.sweep.dir={sweep}",
             *args,
         ],
-        env=env(),
+        env=run_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -277,12 +260,13 @@ def test_fsdp_config_wraps_each_block(checkpointing, state_dict_type):
 
     from mqa_lm.model import Block
 
-    cfg = compose_with_hydra(
+    cfg = compose_cfg(
         [
             "trainer=fsdp",
             f"trainer.strategy.activation_checkpointing={checkpointing}",
             f"trainer.strategy.state_dict_type={state_dict_type}",
-        ]
+        ],
+        return_hydra_config=True,
     )
     assert cfg.trainer.precision == "bf16-mixed"
     strategy = instantiate(cfg.trainer.strategy)

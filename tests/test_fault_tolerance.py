@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CORPUS, ROOT, run_env, tiny_run
 
 from mqa_lm.checkpointing import (
     AtomicCheckpointIO,
@@ -25,11 +26,6 @@ from mqa_lm.checkpointing import (
     verify_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
-) * 40
 MAX_STEPS = 240
 EVERY = 20
 
@@ -48,24 +44,13 @@ def command(base: Path, run_dir: Path) -> list[str]:
         str(ROOT / "train.py"),
         "data=text",
         f"data.paths=[{base / 'corpus.txt'}]",
-        "data.tokenizer=char",
-        "data.block_size=16",
-        "data.batch_size=4",
-        "data.val_batches=2",
-        f"data.cache_dir={base / 'cache'}",
-        "model.max_seq_len=16",
-        "model.n_layers=2",
-        "model.d_model=32",
-        "model.heads=4",
+        *tiny_run(base / "cache"),
         "model.resid_pdrop=0.1",
         "model.emb_pdrop=0.1",
         "model.attn_pdrop=0.1",
-        "trainer=cpu",
         f"trainer.max_steps={MAX_STEPS}",
         "trainer.val_check_interval=50",
         "trainer.deterministic=true",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
         "optim.warmup_steps=10",
         "callbacks=[model_checkpoint,rng_state,preemption]",
         f"callbacks.recovery_checkpoint.every_n_train_steps={EVERY}",
@@ -73,17 +58,6 @@ def command(base: Path, run_dir: Path) -> list[str]:
         f"hydra.run.dir={run_dir}",
         "sample.max_new_tokens=0",
     ]
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    e.update(
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        **extra,
-    )
-    return e
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -101,7 +75,7 @@ def straight(shared) -> subprocess.Popen:
     """The uninterrupted run, started once and shared (runs alongside the interrupted ones)."""
     run_dir = shared / "straight"
     proc = subprocess.Popen(
-        command(shared, run_dir), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command(shared, run_dir), env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     proc.run_dir = run_dir  # type: ignore[attr-defined]
     yield proc
@@ -135,7 +109,7 @@ def wait_for_checkpoints(proc: subprocess.Popen, ckpt_dir: Path, count: int, tim
 def interrupt(base: Path, run_dir: Path, signum: int, **extra_env: str) -> tuple[int, str]:
     """Start a run, send ``signum`` at a random moment after its first checkpoint; (returncode, output)."""
     proc = subprocess.Popen(
-        command(base, run_dir), env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command(base, run_dir), env=run_env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     rng = random.Random()
     wait_for_checkpoints(proc, run_dir / "checkpoints", rng.randint(1, 3))
@@ -147,7 +121,7 @@ def interrupt(base: Path, run_dir: Path, signum: int, **extra_env: str) -> tuple
 
 
 def restart(base: Path, run_dir: Path, **extra_env: str) -> str:
-    done = subprocess.run(command(base, run_dir), env=env(**extra_env), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command(base, run_dir), env=run_env(**extra_env), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -237,7 +211,7 @@ def test_ddp_ranks_agree_on_a_checked_step_then_resume(shared, tmp_path):
         return cmd[:2] + extra + cmd[2:]
 
     proc = subprocess.Popen(
-        ddp_command(shared, run_dir), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ddp_command(shared, run_dir), env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     wait_for_checkpoints(proc, run_dir / "checkpoints", 1, timeout=180)
     assert proc.poll() is None, "the run finished before it could be interrupted"
@@ -248,7 +222,7 @@ def test_ddp_ranks_agree_on_a_checked_step_then_resume(shared, tmp_path):
     saved = torch.load(hpc, map_location="cpu", weights_only=True)
     assert saved["global_step"] % 7 == 0 and 0 < saved["global_step"] < MAX_STEPS, saved["global_step"]
     assert not (run_dir / "hpc_ckpt_2.ckpt").exists()
-    done = subprocess.run(ddp_command(shared, run_dir), env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(ddp_command(shared, run_dir), env=run_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resuming from {hpc}" in done.stdout + done.stderr
     assert f"`max_steps={MAX_STEPS}` reached" in done.stdout + done.stderr

@@ -3,7 +3,6 @@ samples) and mode=perplexity, against the library run directly; config errors be
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import repo_env
 from hydra import compose, initialize_config_dir
 
 from mqa_lm import MQAConfig, MQATransformer
@@ -160,7 +160,7 @@ def test_bad_options_fail_before_loading(export, capsys, overrides, message):
 
 def test_command_line_entry_point(export):
     path, model, tokenizer = export
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = repo_env()
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
         [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, compose_cfg, tiny_run
 
 pytest.importorskip("datasets")
 pytest.importorskip("pyarrow")
@@ -23,7 +24,6 @@ from mqa_lm.data import EOT, DataConfig, TextDataModule, hf_data
 from mqa_lm.data.store import read_json, split_paths
 from mqa_lm.training import ConfigError, train, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 WORDS = "the quick brown fox jumps over a lazy dog while query key value heads attend".split()
 
@@ -187,18 +187,7 @@ def test_bad_hf_settings_are_one_clear_error(tmp_path, saved, monkeypatch):
 def run_overrides(tmp_path: Path, *data: str) -> list[str]:
     return [
         *data,
-        "data.tokenizer=char",
-        "data.block_size=16",
-        "data.batch_size=4",
-        "data.val_batches=2",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "model.max_seq_len=16",
-        "model.n_layers=1",
-        "model.d_model=32",
-        "model.heads=4",
-        "trainer=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        *tiny_run(tmp_path / "cache", n_layers=1),
         "trainer.max_steps=3",
         "trainer.val_check_interval=3",
         "callbacks=none",
@@ -207,22 +196,12 @@ def run_overrides(tmp_path: Path, *data: str) -> list[str]:
     ]
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
-
-
 def test_train_a_few_steps_from_parquet_and_from_a_saved_dataset(tmp_path, saved):
     path, _ = saved
     Dataset.from_dict({"text": documents(120, 4)}).to_parquet(str(tmp_path / "train.parquet"))
-    parquet = train(compose(run_overrides(tmp_path, "data=text", f"data.paths=[{tmp_path / 'train.parquet'}]")))
+    parquet = train(compose_cfg(run_overrides(tmp_path, "data=text", f"data.paths=[{tmp_path / 'train.parquet'}]")))
     hf = train(
-        compose(
+        compose_cfg(
             run_overrides(
                 tmp_path / "hf", "data=hf", f"data.name={path}", "data.split=validation", "data.text_field=body"
             )
@@ -231,6 +210,6 @@ def test_train_a_few_steps_from_parquet_and_from_a_saved_dataset(tmp_path, saved
     for metrics in (parquet, hf):
         assert np.isfinite(float(metrics["val/loss"])) and float(metrics["val/loss"]) > 0
     with pytest.raises(ConfigError, match="data=hf needs data.name="):
-        validate_config(compose(run_overrides(tmp_path, "data=hf")))
+        validate_config(compose_cfg(run_overrides(tmp_path, "data=hf")))
     with pytest.raises(ConfigError, match="data.text_field='content' is not a column"):
-        validate_config(compose(run_overrides(tmp_path, "data=hf", f"data.name={path}", "data.text_field=content")))
+        validate_config(compose_cfg(run_overrides(tmp_path, "data=hf", f"data.name={path}", "data.text_field=content")))

@@ -6,19 +6,15 @@ The Triton decode kernel and the engine on it run under the interpreter in a sub
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_interpreted
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.inference import InferenceEngine, cache_length, sample_with_uniform
 from mqa_lm.kernels.triton_backend import triton_importable
 
-ROOT = Path(__file__).resolve().parents[1]
 POS_EMBS = ["learned", "rope", "alibi", "none"]
 
 
@@ -223,19 +219,7 @@ def test_cache_length_buckets():
 
 @pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
 def test_decode_kernel_and_engine_under_interpreter():
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/triton_decode_cases.py"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_interpreted("tests/triton_decode_cases.py")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 

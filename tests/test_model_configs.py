@@ -4,24 +4,18 @@ field: the dataclass defaults, vocab_size null, then what each file sets."""
 from __future__ import annotations
 
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers import CONFIGS, compose_cfg
 from omegaconf import OmegaConf
 
 from mqa_lm import MQAConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 
 
 def composed_model(overrides: list[str]) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return OmegaConf.to_container(cfg.model, resolve=True)
+    return OmegaConf.to_container(compose_cfg(overrides).model, resolve=True)
 
 
 @pytest.mark.parametrize("name", MODELS)

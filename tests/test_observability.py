@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CORPUS, ROOT
 from model_helpers import attention_weights
 from PIL import Image
 
@@ -34,12 +35,7 @@ from mqa_lm.callbacks.throughput import PEAK_FLOPS, chip_key, compute_dtype
 from mqa_lm.callbacks.tracking import RUN_ID_FILE, RunWandbLogger, resolve_mode
 from mqa_lm.model import MQAConfig, MQATransformer
 
-ROOT = Path(__file__).resolve().parents[1]
 FAKE_KEY = "fake0wandb0key0" + "d3adbeef" * 4  # 40 characters, like a real W&B key
-CORPUS = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
-) * 40
 LAYERS, HEADS = 2, 4
 
 

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from helpers import CORPUS, compose_cfg
 from safetensors import safe_open
-from test_training import CORPUS, compose_cfg, small_run
+from test_training import small_run
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from test_training import compose_cfg, corpus, small_run  # noqa: F401  (corpus is a fixture)
+from helpers import CORPUS, ROOT, compose_cfg
+from test_training import corpus, small_run  # noqa: F401  (corpus is a fixture)
 
 from mqa_lm.training import train
 
@@ -67,7 +68,6 @@ def test_train_py_output_is_free_of_known_noise(tmp_path, corpus):  # noqa: F811
     """The entry point as a user runs it (bar and summary on, output to a file): no litlogger advert,
     no LeafSpec deprecation, no `Total FLOPs: 0`, no `Epoch 0/-2`; our summary line instead."""
     from lightning.pytorch.utilities.model_summary import get_human_readable_count
-    from test_training import CORPUS, ROOT
 
     from mqa_lm import MQAConfig, MQATransformer
 

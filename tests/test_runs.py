@@ -12,26 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CORPUS, ROOT, run_env, tiny_run
 
 from mqa_lm.run_dir import LOCK_NAME, RunDirLock
-
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
-) * 40
-
-
-def env() -> dict[str, str]:
-    e = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC", "GROUP_RANK"))
-    }
-    e.update(
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
-    )
-    return e
 
 
 def tiny(base: Path, *extra: str) -> list[str]:
@@ -44,18 +27,7 @@ def tiny(base: Path, *extra: str) -> list[str]:
         str(ROOT / "train.py"),
         "data=text",
         f"data.paths=[{corpus}]",
-        "data.tokenizer=char",
-        "data.block_size=16",
-        "data.batch_size=4",
-        "data.val_batches=2",
-        f"data.cache_dir={base / 'cache'}",
-        "model.max_seq_len=16",
-        "model.n_layers=1",
-        "model.d_model=32",
-        "model.heads=4",
-        "trainer=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        *tiny_run(base / "cache", n_layers=1),
         "sample.max_new_tokens=0",
         *extra,
     ]
@@ -67,11 +39,11 @@ def run_dirs(cwd: Path) -> list[Path]:
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     cmd = tiny(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv", "callbacks=none")
-    subprocess.run(cmd + ["trainer.max_steps=1"], cwd=tmp_path, env=env(), capture_output=True, timeout=240)
+    subprocess.run(cmd + ["trainer.max_steps=1"], cwd=tmp_path, env=run_env(), capture_output=True, timeout=240)
     for p in run_dirs(tmp_path):  # the data cache is ready; start the two runs together
         subprocess.run(["rm", "-rf", str(p)], check=True)
     procs = [
-        subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
@@ -91,7 +63,7 @@ def test_a_live_run_directory_is_refused_and_a_stale_lock_is_taken_over(tmp_path
             "import sys, time; from mqa_lm.run_dir import RunDirLock; "
             f"RunDirLock({str(run_dir)!r}).acquire(); print('locked', flush=True); time.sleep(120)",
         ],
-        env=env(),
+        env=run_env(),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -100,7 +72,7 @@ def test_a_live_run_directory_is_refused_and_a_stale_lock_is_taken_over(tmp_path
         done = subprocess.run(
             tiny(tmp_path, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"),
             cwd=tmp_path,
-            env=env(),
+            env=run_env(),
             capture_output=True,
             text=True,
             timeout=240,
@@ -127,7 +99,7 @@ def test_a_config_error_leaves_no_run_directory(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "model.heads=7", "model.d_model=512"],
         cwd=tmp_path,
-        env=env(),
+        env=run_env(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -148,7 +120,9 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_a_command_that_resumes(tmp_path):
         "logger=csv",
         "callbacks.recovery_checkpoint.every_n_train_steps=5",
     )
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 120
     # A recovery checkpoint means the training loop runs (the handler is installed at its start).
     while not any(any(d.joinpath("checkpoints").glob("recovery-*.ckpt")) for d in run_dirs(tmp_path)):
@@ -169,7 +143,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_a_command_that_resumes(tmp_path):
     done = subprocess.run(
         [sys.executable, *resume[1:], f"trainer.max_steps={step + 3}"],
         cwd=tmp_path,
-        env=env(),
+        env=run_env(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -209,7 +183,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_the_previous_checkpoints_
         f"paths.checkpoint_dir={ckpt_dir}",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
-    done = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
@@ -220,7 +194,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_the_previous_checkpoints_
     ]
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["recovery-step000002.ckpt"]  # no temp file left
     resumed = subprocess.run(
-        cmd + ["trainer.max_steps=3"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=240
+        cmd + ["trainer.max_steps=3"], cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=240
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming from {ckpt_dir / 'recovery-step000002.ckpt'}" in resumed.stdout, resumed.stderr[-3000:]
@@ -261,7 +235,7 @@ def test_a_second_ctrl_c_stops_at_once_and_releases_the_run_directory(tmp_path):
         "time.sleep(30)\n"
         "print('still running')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], env=run_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, done.stdout + done.stderr
     assert done.stderr.splitlines() == [
         "received SIGINT: saving a checkpoint after the current optimizer step, then stopping (Ctrl-C again stops "

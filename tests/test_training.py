@@ -10,22 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers import CONFIGS, CORPUS, ROOT, compose_cfg, tiny_run
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mqa_lm.checkpointing import SPECIAL_CKPT_PATHS
 from mqa_lm.training import ConfigError, DataError, build_callbacks, build_loggers, train, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-
-CORPUS = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
-) * 40
 
 
 @pytest.fixture
@@ -40,28 +32,11 @@ def small_run(tmp_path: Path, corpus: Path, *extra: str) -> list[str]:
     return [
         "data=text",
         f"data.paths=[{corpus}]",
-        "data.tokenizer=char",
-        "data.block_size=16",
-        "data.batch_size=4",
-        "data.val_batches=2",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "model.max_seq_len=16",
-        "model.n_layers=2",
-        "model.d_model=32",
-        "model.heads=4",
-        "trainer=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        *tiny_run(tmp_path / "cache"),
         f"paths.output_dir={tmp_path / 'run'}",
         "sample.max_new_tokens=8",
         *extra,
     ]
-
-
-def compose_cfg(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def group_options(group: str) -> list[str]:

@@ -4,37 +4,20 @@ checks in this process."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import run_interpreted
 
 from mqa_lm.kernels import ATTENTION_BACKENDS
 from mqa_lm.kernels.triton_backend import triton_importable, triton_interpreting
 from mqa_lm.nn.attention import MultiQueryAttention
 
-ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
 
 
 @needs_triton
 def test_kernels_under_interpreter():
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/triton_interpret_cases.py"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_interpreted("tests/triton_interpret_cases.py")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
