@@ -3,15 +3,22 @@ exported to transformers agrees with ours on the GPU. Skipped without CUDA (2 GP
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import CORPUS, ROOT, run_env, tiny_run
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.pretrained import load_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+) * 40
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -20,20 +27,32 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_fsdp_run_exports_the_best_weights(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
-        "data=text",
-        f"data.paths=[{tmp_path / 'corpus.txt'}]",
-        *tiny_run(tmp_path / "cache", d_model=64, trainer="fsdp"),
+        "trainer=fsdp",
         "trainer.devices=2",
         "trainer.max_steps=8",
         "trainer.val_check_interval=4",
+        "trainer.enable_progress_bar=false",
+        "data=text",
+        f"data.paths=[{tmp_path / 'corpus.txt'}]",
+        "data.tokenizer=char",
+        "data.block_size=16",
+        "data.batch_size=4",
+        "data.val_batches=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.max_seq_len=16",
+        "model.n_layers=2",
+        "model.d_model=64",
+        "model.heads=4",
         "callbacks=[model_checkpoint,pretrained_export]",
         f"hydra.run.dir={run}",
         "sample.max_new_tokens=0",
     ]
-    done = subprocess.run(cmd, env=run_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     best = [p for p in (run / "checkpoints").glob("step*.ckpt")]
     assert len(best) == 1
