@@ -165,8 +165,9 @@ class DataConfig(DictRoundTrip):
         if not isinstance(self.streaming, bool):
             raise TypeError(f"data.streaming must be true or false, got {self.streaming!r}")
         require_datasets()
-        check_dataset(self.name, self.subset, self.split, self.text_field,
-                      str(Path(self.cache_dir).expanduser().resolve()))
+        check_dataset(
+            self.name, self.subset, self.split, self.text_field, str(Path(self.cache_dir).expanduser().resolve())
+        )
 
     @classmethod
     def coerce(cls, config: DataConfig | str | Sequence[str] | None, fields: Mapping[str, Any]) -> DataConfig:

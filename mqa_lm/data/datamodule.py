@@ -95,9 +95,11 @@ class TextDataModule(pl.LightningDataModule):
         processes at once (every file is written to a unique temp name and renamed into place).
         """
         files = self._resolve()
-        # train() prepares before the Trainer, which calls this again: say "reusing" once per object.
-        quiet = self._key is not None and data_key(files, self.settings) == self._key
-        directory, key = prepare(files, self.settings, self.cache_root, announce_reuse=not quiet)
+        # train() prepares before the Trainer, which calls this again: this object has just checked
+        # the same data, so neither the token files nor the tokenizer are read and hashed twice.
+        if self._key is not None and data_key(files, self.settings) == self._key:
+            return
+        directory, key = prepare(files, self.settings, self.cache_root)
         for split in SPLITS:
             meta = read_json(split_paths(directory, split)[1])
             if meta is None:
@@ -277,13 +279,18 @@ class TextDataModule(pl.LightningDataModule):
             )
         changed = [
             f"{name} {saved[name]!r} -> {value!r}"
-            for name, value in (("seed", self.seed), ("block_size", self.block_size),
-                                ("batch_size", self.batch_size), ("key", self._key))
+            for name, value in (
+                ("seed", self.seed),
+                ("block_size", self.block_size),
+                ("batch_size", self.batch_size),
+                ("key", self._key),
+            )
             if name in saved and saved[name] != value
         ]
         if changed:
             warnings.warn(
-                "resuming with different data settings than the checkpoint (" + "; ".join(changed)
+                "resuming with different data settings than the checkpoint ("
+                + "; ".join(changed)
                 + "): training continues, but batches differ from the uninterrupted run",
                 stacklevel=2,
             )

@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = 'pip install -e ".[hf]"'
 # Local data files load_dataset reads, by suffix -> its packaged builder.
-BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv",
-            ".txt": "text"}
+BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
 BATCH_ROWS = 1024
 # Datasets with fewer rows finish reading before a bar is worth drawing.
 PROGRESS_ROWS = 200_000
@@ -77,9 +76,7 @@ def parquet_texts(path: Path, field: str) -> Iterator[str]:
                 found = True
                 yield text
     if not found:
-        raise SourceError(
-            f"data.paths: {path} holds no non-empty {field!r} values; remove it or set data.jsonl_field"
-        )
+        raise SourceError(f"data.paths: {path} holds no non-empty {field!r} values; remove it or set data.jsonl_field")
 
 
 # ---- data=hf ------------------------------------------------------------------------------------
@@ -101,8 +98,11 @@ def _is_saved(path: Path) -> bool:
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                          p.relative_to(path).parts))
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,14 @@ class HFSource(SourceFile):
         ident: list[Any] = ["hf", self.subset, self.split, self.text_field]
         if self.local:
             root = self.path
-            return [*ident, str(root), [[p.relative_to(root).as_posix() if p != root else p.name,
-                                         p.stat().st_size, p.stat().st_mtime_ns] for p in _local_files(root)]]
+            return [
+                *ident,
+                str(root),
+                [
+                    [p.relative_to(root).as_posix() if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                    for p in _local_files(root)
+                ],
+            ]
         return [*ident, self.name, self.revision]
 
     def describe(self) -> str:
@@ -139,8 +145,13 @@ class HFSource(SourceFile):
             raise SourceError(_missing_field(self.name, self.text_field, columns))
         total = getattr(dataset, "num_rows", None)
         found = False
-        with tqdm(total=total, unit="rec", unit_scale=True, desc=f"read {Path(self.name).name}",
-                  disable=total is not None and total < PROGRESS_ROWS) as bar:
+        with tqdm(
+            total=total,
+            unit="rec",
+            unit_scale=True,
+            desc=f"read {Path(self.name).name}",
+            disable=total is not None and total < PROGRESS_ROWS,
+        ) as bar:
             for batch in dataset.select_columns([self.text_field]).iter(batch_size=BATCH_ROWS):
                 values = batch[self.text_field]
                 bar.update(len(values))
@@ -156,8 +167,9 @@ class HFSource(SourceFile):
 
 
 def _missing_field(name: str, field: str, columns: list[str]) -> str:
-    return (f"data.text_field={field!r} is not a column of {name} (it has: {columns}); "
-            "set data.text_field to one of them")
+    return (
+        f"data.text_field={field!r} is not a column of {name} (it has: {columns}); set data.text_field to one of them"
+    )
 
 
 def _unknown_split(name: str, split: str, splits: list[str]) -> ValueError:
@@ -259,7 +271,15 @@ def resolve_hf_source(config: DataConfig, cache_root: Path) -> HFSource:
     path = Path(name).expanduser()
     local = path.exists()
     return HFSource(
-        path=path.resolve() if local else Path(name), origin=name, explicit=True, name=name, subset=config.subset,
-        split=config.split or "train", text_field=config.text_field or "text", streaming=config.streaming,
-        local=local, cache_root=os.fspath(cache_root), revision=None if local else _hub_revision(name, config.subset),
+        path=path.resolve() if local else Path(name),
+        origin=name,
+        explicit=True,
+        name=name,
+        subset=config.subset,
+        split=config.split or "train",
+        text_field=config.text_field or "text",
+        streaming=config.streaming,
+        local=local,
+        cache_root=os.fspath(cache_root),
+        revision=None if local else _hub_revision(name, config.subset),
     )

@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 
 from mqa_lm.data.sources import STDLIB, Corpus, SourceFile, download, scan_corpus
 from mqa_lm.data.store import (
-    FORMAT_VERSION, SPLITS, atomic_write, file_sha256, mark_cache_dir, split_paths, stale_reason, token_dtype,
+    FORMAT_VERSION,
+    SPLITS,
+    atomic_write,
+    file_sha256,
+    mark_cache_dir,
+    split_paths,
+    stale_reason,
+    token_dtype,
     write_json,
 )
 from mqa_lm.data.tokenizer import build_char, load_tokenizer, separator_ids, train_bpe, vocab_size_of
@@ -132,18 +139,31 @@ def _token_batches(
 
 
 def _write_split(
-    directory: Path, split: str, corpus: Corpus, span: tuple[int, int], tokenizer: Tokenizer,
-    tokenizer_sha256: str, key: str, settings: DataSettings,
+    directory: Path,
+    split: str,
+    corpus: Corpus,
+    span: tuple[int, int],
+    tokenizer: Tokenizer,
+    tokenizer_sha256: str,
+    key: str,
+    settings: DataSettings,
 ) -> dict:
     vocab_size = vocab_size_of(tokenizer)
     dtype = token_dtype(vocab_size)
     bin_path, meta_path = split_paths(directory, split)
     start, end = span
     count = 0
-    with tqdm(
-        total=end - start, unit="char", unit_scale=True, desc=f"tokenize {split}",
-        disable=end - start < PROGRESS_CHARS,
-    ) as bar, atomic_write(bin_path) as tmp, open(tmp, "wb") as out:
+    with (
+        tqdm(
+            total=end - start,
+            unit="char",
+            unit_scale=True,
+            desc=f"tokenize {split}",
+            disable=end - start < PROGRESS_CHARS,
+        ) as bar,
+        atomic_write(bin_path) as tmp,
+        open(tmp, "wb") as out,
+    ):
         for ids in _token_batches(corpus, start, end, tokenizer, separator_ids(tokenizer), bar):
             if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                 raise ValueError(f"tokenizer produced ids outside [0, {vocab_size}); is the tokenizer.json consistent?")
@@ -169,11 +189,8 @@ def _write_split(
     return meta
 
 
-def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path,
-            announce_reuse: bool = True) -> tuple[Path, str]:
+def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path) -> tuple[Path, str]:
     """Make sure the prepared data for ``files`` + ``settings`` exists and is intact; return (dir, key).
-
-    ``announce_reuse=False`` skips the "reusing prepared data" log line (a repeated call).
 
     Does no work when everything is already there and consistent. Otherwise rebuilds only what is
     missing or stale (warning why, when something was there), always from the sources: files are only
@@ -189,8 +206,7 @@ def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path,
         reasons = {split: stale_reason(directory, split, key, sha) for split in SPLITS}
         reasons = {split: why for split, why in reasons.items() if why is not None}
         if not reasons:
-            if announce_reuse:
-                log.info("reusing prepared data in %s", directory)
+            log.info("reusing prepared data in %s", directory)
             return directory, key
     for split, why in reasons.items():
         if why != "not prepared yet":

@@ -155,9 +155,7 @@ def _walk(root: Path, skip_dirs: frozenset[str], suffix: str | None, marked: set
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = [
-            d for d in dirnames if not d.startswith(".") and d not in skip_dirs and here / d not in marked
-        ]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs and here / d not in marked]
         for name in filenames:
             if name.startswith(".") or (suffix is not None and not name.endswith(suffix)):
                 continue
@@ -270,8 +268,11 @@ def download(src: SourceFile) -> None:
             with urllib.request.urlopen(src.url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
                 total = response.headers.get("Content-Length")
                 with tqdm(
-                    total=int(total) if total else None, unit="B", unit_scale=True,
-                    desc=f"download {src.path.name}", disable=not total or int(total) < 1 << 24,
+                    total=int(total) if total else None,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"download {src.path.name}",
+                    disable=not total or int(total) < 1 << 24,
                 ) as bar:
                     for block in iter(lambda: response.read(READ_BYTES), b""):
                         out.write(block)
@@ -473,8 +474,7 @@ def scan_corpus(files: list[SourceFile], jsonl_field: str, max_chars: int | None
     if corpus.skipped:
         examples = "; ".join(f"{path}: {why}" for path, why in corpus.skipped[:3])
         warnings.warn(
-            f"skipped {len(corpus.skipped)} unusable source file(s) found by directory/glob/stdlib "
-            f"(e.g. {examples})",
+            f"skipped {len(corpus.skipped)} unusable source file(s) found by directory/glob/stdlib (e.g. {examples})",
             stacklevel=2,
         )
     if not corpus.files:
