@@ -477,15 +477,14 @@ def from_hf_state_dict(config: MQAConfig, hf_state: dict[str, torch.Tensor], fam
     return out
 
 
-def read_hf(directory: str | Path) -> tuple[MQAConfig, dict[str, torch.Tensor], Tokenizer | None]:
-    """Our config, our state dict and the tokenizer (or None) of a transformers GPTBigCode or Llama
-    directory (``config.json`` + safetensors weights, sharded or not)."""
+def read_hf(directory: str | Path) -> tuple[MQAConfig, dict[str, torch.Tensor], Path | None]:
+    """Our config, our state dict and the ``tokenizer.json`` path (or None) of a transformers GPTBigCode
+    or Llama directory (``config.json`` + safetensors weights, sharded or not). Models and tokenizers
+    are built from them by :mod:`mqa_lm.pretrained` (``load_pretrained``, ``from_hf``)."""
     import json
 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from mqa_lm.pretrained import read_tokenizer
 
     directory = Path(directory).expanduser()
     config_path = directory / "config.json"
@@ -526,18 +525,4 @@ def read_hf(directory: str | Path) -> tuple[MQAConfig, dict[str, torch.Tensor], 
     except KeyError as err:
         raise HFImportError(f"{directory}: weight {err} is missing for a {family} model of this config") from None
     tokenizer_path = directory / "tokenizer.json"
-    tokenizer = read_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
-    return config, state, tokenizer
-
-
-def from_hf(
-    directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> tuple[MQATransformer, Tokenizer | None]:
-    """Load a transformers GPTBigCode or Llama directory as an ``MQATransformer`` (eval mode) and its
-    ``tokenizer.json`` (or None). ``dtype=None`` keeps the stored dtype."""
-    from mqa_lm.pretrained import build_model
-
-    config, state, tokenizer = read_hf(directory)
-    model = build_model(config, state, Path(directory))
-    model.to(device=device, dtype=dtype or state["wte.weight"].dtype)
-    return model.eval(), tokenizer
+    return config, state, tokenizer_path if tokenizer_path.is_file() else None

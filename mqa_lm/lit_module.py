@@ -12,9 +12,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from tokenizers import Tokenizer
 
+from mqa_lm.inference import generate
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
+from mqa_lm.pretrained import CHECKPOINT_TOKENIZER_KEY
 
 COMPILE_SCOPES = ("model", "blocks")
 
@@ -27,6 +30,18 @@ def check_vocab_fits(model_vocab: int, tokenizer_vocab: int) -> None:
             f"raise model.vocab_size to at least {tokenizer_vocab}, or set model.vocab_size=null to take the "
             "tokenizer's size"
         )
+
+
+def datamodule_tokenizer(trainer: L.Trainer | None) -> Tokenizer | None:
+    """The attached datamodule's tokenizer, or None when there is none (yet)."""
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if datamodule is None:
+        return None
+    try:
+        tokenizer = getattr(datamodule, "tokenizer", None)
+    except (RuntimeError, OSError):  # not prepared yet
+        return None
+    return tokenizer if isinstance(tokenizer, Tokenizer) else None
 
 
 class MQALitModule(L.LightningModule):
@@ -164,8 +179,6 @@ class MQALitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The tokenizer travels with the weights (a plain str, so weights_only=True still loads it):
         # a checkpoint alone is enough to generate text (mqa_lm.pretrained.load_pretrained).
-        from mqa_lm.pretrained import CHECKPOINT_TOKENIZER_KEY, datamodule_tokenizer
-
         tokenizer = datamodule_tokenizer(self._trainer)
         if tokenizer is not None:
             checkpoint[CHECKPOINT_TOKENIZER_KEY] = tokenizer.to_str()
@@ -235,7 +248,8 @@ class MQALitModule(L.LightningModule):
         try:
             idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            out = model.generate(
+            out = generate(
+                model,
                 idx,
                 max_new_tokens,
                 temperature=temperature,

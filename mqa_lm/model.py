@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
@@ -23,7 +22,7 @@ from mqa_lm.nn.norms import build_norm
 from mqa_lm.nn.positions import alibi_bias as build_alibi_bias
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    pass
 
 POSITION_TYPES = ("learned", "rope", "alibi", "none")
 MLP_TYPES = ("gelu", "swiglu")
@@ -374,81 +373,6 @@ class MQATransformer(nn.Module):
             self._alibi_tables[device] = table
         return table
 
-    # ---- generation -------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` after ``idx`` [batch, seq] with the KV cache.
-
-        ``temperature`` 0 is greedy; ``top_k`` keeps the k likeliest tokens, ``top_p`` the smallest
-        set whose probability reaches p. Rows that emitted ``eos_token_id`` keep emitting it, and
-        generation stops once every row has. Past ``max_seq_len`` the context is the last
-        ``max_seq_len`` tokens, exactly as nanoGPT crops: the cache cannot slide (positions are
-        absolute), so each such step re-runs that window without a cache.
-
-        Runs on :mod:`mqa_lm.inference`'s static-cache engine (a CUDA graph per step on GPU) when
-        prompt + new tokens fit in ``max_seq_len`` (env ``MQA_LM_GENERATE_ENGINE=0`` opts out);
-        sampled tokens then come from uniforms drawn from ``generator`` up front.
-        """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
-        if idx.shape[1] == 0:
-            raise ValueError("generate needs at least one prompt token")
-        self.check_token_ids(idx)  # once per call; the sampled ids are in range by construction
-        # The static-cache engine (CUDA graph on GPU) whenever the context never slides.
-        from mqa_lm.inference import engine_generate
-
-        fast = engine_generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
-        if fast is not None:
-            return fast
-        return self.generate_with_growing_cache(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
-
-    @torch.no_grad()
-    def generate_with_growing_cache(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """:meth:`generate` on the ``decode`` path (the cache grows by concatenation), which also
-        slides the context past ``max_seq_len``; arguments are assumed valid."""
-        limit = self.config.max_seq_len
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        cache: list[KVCache] | None = None
-        next_input = idx[:, -limit:]
-        for _ in range(max_new_tokens):
-            if cache is not None and cache[0][0].shape[2] + next_input.shape[1] > limit:
-                cache, next_input = None, idx[:, -limit:]
-            logits, cache = self.decode(next_input, cache)
-            token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-                finished |= token == eos_token_id
-            idx = torch.cat([idx, token[:, None]], dim=1)
-            next_input = token[:, None]
-            if eos_token_id is not None and bool(finished.all()):
-                break
-        return idx
-
     # ---- accounting ---------------------------------------------------------------------------
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -471,61 +395,3 @@ class MQATransformer(nn.Module):
         t = self.config.max_seq_len if seq_len is None else seq_len
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layers * c.heads * c.head_dim * t
-
-    # ---- saving and loading -------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        **kwargs: Any,
-    ) -> MQATransformer:
-        """The model saved at ``path`` (an export directory, a run directory or a ``.ckpt``), in eval
-        mode; see :func:`mqa_lm.pretrained.load_pretrained`, which also returns the tokenizer."""
-        from mqa_lm.pretrained import load_pretrained
-
-        return load_pretrained(path, device=device, dtype=dtype, **kwargs)[0]
-
-    @classmethod
-    def from_hf(
-        cls, directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> MQATransformer:
-        """A transformers GPTBigCode or Llama directory as our model (eval mode); see
-        :func:`mqa_lm.hf.from_hf`, which also returns the tokenizer."""
-        from mqa_lm.hf import from_hf
-
-        return from_hf(directory, device=device, dtype=dtype)[0]
-
-    def save_pretrained(self, directory: str | Path, tokenizer: Tokenizer | None = None, **kwargs: Any) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) to ``directory``;
-        see :func:`mqa_lm.pretrained.save_pretrained`."""
-        from mqa_lm.pretrained import save_pretrained
-
-        return save_pretrained(self, directory, tokenizer, **kwargs)
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token per row of ``logits`` [batch, vocab] (greedy when temperature is 0)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -15,7 +15,6 @@ Layout of an export directory::
 from __future__ import annotations
 
 import json
-import math
 import zipfile
 from collections.abc import Mapping
 from dataclasses import fields, replace
@@ -25,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tokenizers import Tokenizer
 
-from mqa_lm.data.store import atomic_write
 from mqa_lm.data.tokenizer import vocab_size_of
+from mqa_lm.files import CheckpointError, atomic_write, load_weights_only, verify_checkpoint
+from mqa_lm.hf import read_hf
 from mqa_lm.model import MQAConfig
 
 if TYPE_CHECKING:
-    import lightning as L
-
     from mqa_lm.model import MQATransformer
 
 MODEL_FILE = "model.safetensors"
@@ -278,9 +276,8 @@ def read_export(directory: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], To
         raise PretrainedError(f"{config_path} is not valid JSON ({err}); save the model again") from None
     if isinstance(raw, dict) and "model_type" in raw:
         # A transformers directory (GPTBigCode / Llama; weights possibly sharded): mqa_lm.hf maps it.
-        from mqa_lm.hf import read_hf
-
-        return read_hf(directory)
+        config, state, tokenizer_path = read_hf(directory)
+        return config, state, read_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     if not model_path.is_file():
         raise PretrainedError(
             f"{directory} has no {MODEL_FILE}: the export is incomplete (interrupted while saving?); "
@@ -298,8 +295,6 @@ def read_export(directory: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], To
 
 def read_checkpoint(path: Path) -> tuple[MQAConfig, dict[str, torch.Tensor], Tokenizer | None]:
     """Config, model tensors and tokenizer (or None) of a Lightning checkpoint of ``MQALitModule``."""
-    from mqa_lm.checkpointing.io import CheckpointError, load_weights_only, verify_checkpoint
-
     try:
         verify_checkpoint(path)  # zip CRCs, weights_only, state_dict present: one clear error each
         ckpt = load_weights_only(path, mmap=zipfile.is_zipfile(path))
@@ -371,25 +366,12 @@ def load_weights(model: MQATransformer, state: Mapping[str, torch.Tensor], sourc
     model.load_state_dict(state, strict=True)
 
 
-# ---- Lightning side ---------------------------------------------------------------------------
-
-
-def datamodule_tokenizer(trainer: L.Trainer | None) -> Tokenizer | None:
-    """The attached datamodule's tokenizer, or None when there is none (yet)."""
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    if datamodule is None:
-        return None
-    try:
-        tokenizer = getattr(datamodule, "tokenizer", None)
-    except (RuntimeError, OSError):  # not prepared yet
-        return None
-    return tokenizer if isinstance(tokenizer, Tokenizer) else None
-
-
-def is_better(score: float, best: float | None, mode: str) -> bool:
-    """Whether ``score`` strictly improves on ``best`` (as ModelCheckpoint decides)."""
-    if not math.isfinite(score):
-        return False
-    if best is None:
-        return True
-    return score < best if mode == "min" else score > best
+def from_hf(
+    directory: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> tuple[MQATransformer, Tokenizer | None]:
+    """Load a transformers GPTBigCode or Llama directory as an ``MQATransformer`` (eval mode) and its
+    ``tokenizer.json`` (or None). ``dtype=None`` keeps the stored dtype."""
+    config, state, tokenizer_path = read_hf(directory)
+    model = build_model(config, state, Path(directory))
+    model.to(device=device, dtype=dtype or state["wte.weight"].dtype)
+    return model.eval(), read_tokenizer(tokenizer_path) if tokenizer_path is not None else None

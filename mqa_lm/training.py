@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from mqa_lm import config_store  # noqa: F401  (registers model/_base before Hydra composes)
 from mqa_lm.callbacks.tracking import log_resolved_config
 from mqa_lm.checkpointing import (
     SPECIAL_CKPT_PATHS,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
 from mqa_lm.inference import InferenceEngine  # noqa: E402
+from mqa_lm.inference.generate import generate_with_growing_cache
 
 
 def sync(device: torch.device) -> None:
@@ -83,8 +84,8 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
         # Every closure here and below binds what it uses as defaults: late binding was harmless
         # (each is timed in the iteration that made it) but would break if one were kept.
         variants = {
-            "ours: old path (growing cache)": lambda m=model, idx=idx, new=new: m.generate_with_growing_cache(
-                idx, new, temperature=0.0
+            "ours: old path (growing cache)": lambda m=model, idx=idx, new=new: generate_with_growing_cache(
+                m, idx, new, temperature=0.0
             ),
         }
         engines = {"ours: engine eager sdpa": dict(attention="sdpa", cuda_graph=False)}

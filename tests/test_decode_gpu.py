@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
 from mqa_lm.inference import InferenceEngine  # noqa: E402
+from mqa_lm.inference.generate import generate
 
 # batch, heads, kv_heads, max_len, head_dim, lengths ("full" or a list), extra
 CASES = [
@@ -165,7 +166,7 @@ def test_left_padded_rows_equal_rows_alone_bf16():
 def test_generate_uses_the_engine_and_matches_eager_and_autocast_runs():
     model = small_model("learned", kv_heads=1)
     idx, _ = prompts(2, 8)
-    got = model.generate(idx, 60, temperature=0.0)
+    got = generate(model, idx, 60, temperature=0.0)
     eager = InferenceEngine(model, batch_size=2, max_len=128, cuda_graph=False).generate(idx, 60, temperature=0.0)
     assert torch.equal(got, eager)
     # fp32 weights under bf16 autocast (how training samples): the engine runs eagerly in bf16.

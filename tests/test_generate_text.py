@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char, train_bpe
+from mqa_lm.inference.generate import generate_with_growing_cache
 from mqa_lm.inference.text import TextStreamer, generate_ids, left_pad, perplexity, start_ids
 
 TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n" * 2
@@ -58,7 +59,7 @@ def test_rows_of_different_lengths_equal_each_row_alone(pos_emb):
     assert got == streamed
     for row, new in zip(rows, got):
         idx = torch.tensor([row])
-        assert new == model.generate_with_growing_cache(idx, 20, temperature=0.0)[0, len(row) :].tolist()
+        assert new == generate_with_growing_cache(model, idx, 20, temperature=0.0)[0, len(row) :].tolist()
 
 
 def test_rows_stop_at_eos_and_long_rows_slide():
@@ -76,7 +77,7 @@ def test_rows_stop_at_eos_and_long_rows_slide():
     long = generate_ids(model, rows, 20, temperature=0.0)
     for row, new in zip(rows, long):
         assert (
-            new == model.generate_with_growing_cache(torch.tensor([row]), 20, temperature=0.0)[0, len(row) :].tolist()
+            new == generate_with_growing_cache(model, torch.tensor([row]), 20, temperature=0.0)[0, len(row) :].tolist()
         )
 
 

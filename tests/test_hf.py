@@ -9,8 +9,9 @@ import torch
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import train_bpe
-from mqa_lm.hf import HFExportError, HFImportError, export_hf, from_hf
-from mqa_lm.pretrained import save_pretrained
+from mqa_lm.hf import HFExportError, HFImportError, export_hf
+from mqa_lm.inference.generate import generate
+from mqa_lm.pretrained import from_hf, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,7 +62,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(tmp_pa
     prompt = idx[:1, :5]
     eot = tokenizer.token_to_id("<|endoftext|>")
     assert hf.config.eos_token_id == eot
-    expected = model.generate(prompt, max_new_tokens=12, temperature=0, eos_token_id=eot)
+    expected = generate(model, prompt, max_new_tokens=12, temperature=0, eos_token_id=eot)
     got = hf.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
     assert got.tolist() == expected.tolist()
 
@@ -176,7 +177,7 @@ def test_from_hf_matches_a_random_transformers_model(tmp_path, family):
             p.add_(torch.randn_like(p) * 0.2)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")  # sharded: an index and several files
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    model = MQATransformer.from_hf(tmp_path / "hf")
+    model = from_hf(tmp_path / "hf")[0]
     from mqa_lm.pretrained import load_pretrained
 
     assert torch.equal(load_pretrained(tmp_path / "hf")[0].wte.weight, model.wte.weight)
@@ -203,7 +204,7 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     gpt2 = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=4)
     transformers.AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(HFImportError, match="model_type='gpt2' is not supported; mqa-lm imports gpt_bigcode, llama"):
-        MQATransformer.from_hf(tmp_path / "gpt2")
+        from_hf(tmp_path / "gpt2")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         from_hf(tmp_path)
 

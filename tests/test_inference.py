@@ -13,6 +13,7 @@ from helpers import run_interpreted
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.inference import InferenceEngine, cache_length, sample_with_uniform
+from mqa_lm.inference.generate import generate, generate_with_growing_cache
 from mqa_lm.kernels.triton_backend import triton_importable
 
 POS_EMBS = ["learned", "rope", "alibi", "none"]
@@ -47,13 +48,13 @@ def tokens(batch, seq, vocab=64, seed=1):
 def test_greedy_tokens_equal_the_growing_cache_path(pos_emb, kv_heads):
     model = tiny_model(pos_emb=pos_emb, kv_heads=kv_heads)
     idx = tokens(2, 5)
-    want = model.generate_with_growing_cache(idx, 30, temperature=0.0)
+    want = generate_with_growing_cache(model, idx, 30, temperature=0.0)
     engine = InferenceEngine(model, batch_size=2, max_len=40)
     assert engine.attention == "sdpa" and not engine.cuda_graph
     got = engine.generate(idx, 30, temperature=0.0, chunk=7)
     assert torch.equal(got, want)
     # MQATransformer.generate dispatches to an engine for this call.
-    assert torch.equal(model.generate(idx, 30, temperature=0.0), want)
+    assert torch.equal(generate(model, idx, 30, temperature=0.0), want)
 
 
 @pytest.mark.parametrize(
@@ -95,15 +96,15 @@ def test_left_padded_batch_equals_rows_run_alone(pos_emb):
         assert torch.equal(batched[row], single[0]), f"row {row}"
         torch.testing.assert_close(batched_logits[:, row], alone.step_logits[:16, 0], rtol=1e-6, atol=1e-6)
         # And the unpadded row through the growing-cache path.
-        assert torch.equal(single, model.generate_with_growing_cache(prompt, 16, temperature=0.0)[:, n:])
+        assert torch.equal(single, generate_with_growing_cache(model, prompt, 16, temperature=0.0)[:, n:])
 
 
 def test_eos_and_chunks_match_the_growing_cache_path():
     model = tiny_model(torch.float64)
     idx = tokens(2, 4)
-    free = model.generate_with_growing_cache(idx, 20, temperature=0.0)[:, 4:]
+    free = generate_with_growing_cache(model, idx, 20, temperature=0.0)[:, 4:]
     eos = int(free[0, 3])
-    want = model.generate_with_growing_cache(idx, 20, temperature=0.0, eos_token_id=eos)
+    want = generate_with_growing_cache(model, idx, 20, temperature=0.0, eos_token_id=eos)
     engine = InferenceEngine(model, batch_size=2, max_len=32)
     for chunk in (1, 3, 32):
         assert torch.equal(engine.generate(idx, 20, temperature=0.0, eos_token_id=eos, chunk=chunk), want)
@@ -201,11 +202,11 @@ def test_generate_falls_back_where_the_engine_does_not_apply(monkeypatch):
     idx = tokens(2, 5)
     # 5 + 20 tokens slide past max_seq_len=12: the growing-cache path's cropping semantics.
     assert torch.equal(
-        model.generate(idx, 20, temperature=0.0), model.generate_with_growing_cache(idx, 20, temperature=0.0)
+        generate(model, idx, 20, temperature=0.0), generate_with_growing_cache(model, idx, 20, temperature=0.0)
     )
     monkeypatch.setenv("MQA_LM_GENERATE_ENGINE", "0")
     assert torch.equal(
-        model.generate(idx, 6, temperature=0.0), model.generate_with_growing_cache(idx, 6, temperature=0.0)
+        generate(model, idx, 6, temperature=0.0), generate_with_growing_cache(model, idx, 6, temperature=0.0)
     )
 
 
@@ -261,6 +262,6 @@ def test_generate_under_and_outside_inference_mode():
     model = tiny_model()
     idx = tokens(1, 4)
     with torch.inference_mode():
-        inside = model.generate(idx, 8, temperature=0.0)
-    outside = model.generate(idx, 8, temperature=0.0)
+        inside = generate(model, idx, 8, temperature=0.0)
+    outside = generate(model, idx, 8, temperature=0.0)
     assert torch.equal(inside, outside)

@@ -12,6 +12,7 @@ from model_helpers import attention_weights
 from mqa_reference import press_alibi_slopes, ref_alibi, ref_attention, ref_model_logits, ref_norm, ref_qkv
 
 from mqa_lm import MQAConfig, MQATransformer
+from mqa_lm.inference.generate import generate
 
 POS_EMBS = ["learned", "rope", "alibi", "none"]
 
@@ -262,7 +263,7 @@ def test_greedy_generate_with_cache_equals_full_forwards_past_max_seq_len(pos_em
     idx = tokens(2, 5)
     with torch.no_grad():
         want = greedy_by_full_forwards(model, idx, 20)
-    got = model.generate(idx, max_new_tokens=20, temperature=0.0)
+    got = generate(model, idx, max_new_tokens=20, temperature=0.0)
     assert got.shape == (2, 25)
     assert torch.equal(got, want)
 
@@ -272,35 +273,35 @@ def test_prompt_longer_than_max_seq_len_is_cropped():
     idx = tokens(2, 15)
     with torch.no_grad():
         want = greedy_by_full_forwards(model, idx, 4)
-    assert torch.equal(model.generate(idx, 4, temperature=0.0), want)
+    assert torch.equal(generate(model, idx, 4, temperature=0.0), want)
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy():
     model = tiny_model(torch.float64)
     idx = tokens(3, 4)
-    greedy = model.generate(idx, 10, temperature=0.0)
+    greedy = generate(model, idx, 10, temperature=0.0)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(model.generate(idx, 10, temperature=1.0, top_k=1, generator=g), greedy)
-    assert torch.equal(model.generate(idx, 10, temperature=0.7, top_p=1e-6, generator=g), greedy)
-    sampled = model.generate(idx, 10, temperature=2.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(generate(model, idx, 10, temperature=1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(generate(model, idx, 10, temperature=0.7, top_p=1e-6, generator=g), greedy)
+    sampled = generate(model, idx, 10, temperature=2.0, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(sampled, greedy)  # plain sampling at high temperature is not greedy
 
 
 def test_sampling_follows_the_generator():
     model = tiny_model()
     idx = tokens(2, 3)
-    a = model.generate(idx, 8, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(5))
-    b = model.generate(idx, 8, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    a = generate(model, idx, 8, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    b = generate(model, idx, 8, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
 
 
 def test_eos_stops_rows():
     model = tiny_model(torch.float64)
     idx = tokens(2, 4)
-    free = model.generate(idx, 12, temperature=0.0)[:, 4:]
+    free = generate(model, idx, 12, temperature=0.0)[:, 4:]
     eos = int(free[0, 2])
 
-    got = model.generate(idx, 12, temperature=0.0, eos_token_id=eos)[:, 4:]
+    got = generate(model, idx, 12, temperature=0.0, eos_token_id=eos)[:, 4:]
     firsts = []
     for row in range(2):
         hits = (free[row] == eos).nonzero()
@@ -315,7 +316,7 @@ def test_eos_stops_rows():
     else:
         assert got.shape[1] == 12
 
-    single = model.generate(idx[:1], 12, temperature=0.0, eos_token_id=eos)
+    single = generate(model, idx[:1], 12, temperature=0.0, eos_token_id=eos)
     assert single.shape[1] == 4 + firsts[0] + 1 and int(single[0, -1]) == eos
 
 
@@ -332,9 +333,9 @@ def test_eos_stops_rows():
 def test_generate_rejects_bad_arguments(kwargs, pattern):
     model = tiny_model()
     with pytest.raises(ValueError, match=pattern):
-        model.generate(tokens(1, 3), **kwargs)
+        generate(model, tokens(1, 3), **kwargs)
     with pytest.raises(ValueError, match="at least one prompt token"):
-        model.generate(tokens(1, 0), 2)
+        generate(model, tokens(1, 0), 2)
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -408,7 +409,7 @@ def test_token_ids_outside_the_vocabulary_name_its_size():
     with pytest.raises(ValueError, match=message):
         model(bad)
     with pytest.raises(ValueError, match=message):
-        model.generate(bad, 2)
+        generate(model, bad, 2)
     bad[1, 2] = -1
     with pytest.raises(ValueError, match=r"got ids from -1 to"):
         model(bad)

@@ -3,6 +3,7 @@ as ``model.safetensors`` + ``config.json`` + ``tokenizer.json`` (see :mod:`mqa_l
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -11,11 +12,10 @@ import lightning as L
 import torch
 
 from mqa_lm.callbacks.lit_model import lit_model
+from mqa_lm.lit_module import datamodule_tokenizer
 from mqa_lm.pretrained import (
     MODEL_FILE,
     check_export_target,
-    datamodule_tokenizer,
-    is_better,
     write_export,
     write_tokenizer,
 )
@@ -115,3 +115,12 @@ class PretrainedExport(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("monitor") == self.monitor and state_dict.get("mode") == self.mode:
             self.best_score = state_dict.get("best_score")
+
+
+def is_better(score: float, best: float | None, mode: str) -> bool:
+    """Whether ``score`` strictly improves on ``best`` (as ModelCheckpoint decides)."""
+    if not math.isfinite(score):
+        return False
+    if best is None:
+        return True
+    return score < best if mode == "min" else score > best

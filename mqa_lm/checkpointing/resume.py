@@ -11,7 +11,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mqa_lm.checkpointing.io import HPC_PATTERN, CorruptCheckpointError, load_weights_only, verify_checkpoint
+from mqa_lm.checkpointing.io import HPC_PATTERN
+from mqa_lm.files import CorruptCheckpointError, load_weights_only, verify_checkpoint
 
 RESUME_MODES = ("auto", "never")
 # ckpt_path values Lightning resolves itself (they name no file). Lightning's "registry" is left out:

@@ -21,62 +21,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from mqa_lm.data.sources import SourceError, SourceFile
+from mqa_lm.data.sources import BATCH_ROWS, INSTALL_HINT, SourceError, SourceFile, check_text
 from mqa_lm.data.store import mark_cache_dir
 
-if TYPE_CHECKING:
-    from mqa_lm.data.config import DataConfig
-
-INSTALL_HINT = 'pip install -e ".[hf]"'
 # Local data files load_dataset reads, by suffix -> its packaged builder.
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
-BATCH_ROWS = 1024
 # Datasets with fewer rows finish reading before a bar is worth drawing.
 PROGRESS_ROWS = 200_000
-
-
-def _check_text(value: Any, field: str, where: str, fix: str) -> str | None:
-    """A record's text, None for a null; anything else is an error naming the field."""
-    if value is None or isinstance(value, str):
-        return value
-    raise SourceError(f"{where}: field {field!r} is a {type(value).__name__}, not a string; set {fix} to a text field")
-
-
-# ---- .parquet in data.paths ---------------------------------------------------------------------
-
-
-def parquet_texts(path: Path, field: str) -> Iterator[str]:
-    """The non-empty strings of column ``field`` of a Parquet file, streamed by record batch.
-
-    Mirrors ``.jsonl``: the column is ``data.jsonl_field``, one value is one document.
-    """
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SourceError(f"reading {path} needs pyarrow: {INSTALL_HINT}") from None
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
-        raise SourceError(f"{path} is not a readable Parquet file ({err}); fix or remove it from data.paths") from None
-    columns = parquet.schema_arrow.names
-    if field not in columns:
-        raise SourceError(
-            f"{path} has no {field!r} column (it has: {columns}); "
-            "set data.jsonl_field to the column that holds the text"
-        )
-    found = False
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
-        for value in batch.column(0).to_pylist():
-            text = _check_text(value, field, str(path), "data.jsonl_field")
-            if text:
-                found = True
-                yield text
-    if not found:
-        raise SourceError(f"data.paths: {path} holds no non-empty {field!r} values; remove it or set data.jsonl_field")
 
 
 # ---- data=hf ------------------------------------------------------------------------------------
@@ -156,7 +111,7 @@ class HFSource(SourceFile):
                 values = batch[self.text_field]
                 bar.update(len(values))
                 for value in values:
-                    text = _check_text(value, self.text_field, self.describe(), "data.text_field")
+                    text = check_text(value, self.text_field, self.describe(), "data.text_field")
                     if text:
                         found = True
                         yield text
@@ -263,8 +218,9 @@ def check_dataset(name: str, subset: str | None, split: str, text_field: str, ca
         raise ValueError(_missing_field(name, text_field, list(columns)))
 
 
-def resolve_hf_source(config: DataConfig, cache_root: Path) -> HFSource:
-    """The one source of ``data=hf`` (cheap: stats local files, or asks the Hub for the revision)."""
+def resolve_hf_source(config: Any, cache_root: Path) -> HFSource:
+    """The one source of ``data=hf`` for a :class:`~mqa_lm.data.config.DataConfig` (cheap: stats local files,
+    or asks the Hub for the revision)."""
     name = config.name
     if name is None:
         raise ValueError("data=hf needs data.name=<Hub dataset name, save_to_disk directory or data file>")

@@ -39,7 +39,12 @@ from typing import Any, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
-from mqa_lm.data.store import CACHE_MARKER, atomic_write, mark_cache_dir, read_json, write_json
+from mqa_lm.data.store import CACHE_MARKER, mark_cache_dir, read_json, write_json
+from mqa_lm.files import atomic_write
+
+# Parquet files and HF datasets need pyarrow / datasets, which the [hf] extra installs.
+INSTALL_HINT = 'pip install -e ".[hf]"'
+BATCH_ROWS = 1024  # records per Arrow batch
 
 STDLIB = "stdlib"
 # Directories of the standard library that are not "the library": test suites (mostly generated
@@ -91,8 +96,6 @@ class SourceFile:
         if self.is_jsonl:
             return _jsonl_texts(self.path, field)
         if self.path.suffix.lower() == ".parquet":
-            from mqa_lm.data.hf_data import parquet_texts
-
             return parquet_texts(self.path, field)
         return None
 
@@ -351,6 +354,43 @@ def _pieces(blocks: Iterable[str]) -> Iterator[str]:
             carry = carry[cut:]
     if carry:
         yield carry
+
+
+def check_text(value: Any, field: str, where: str, fix: str) -> str | None:
+    """A record's text, None for a null; anything else is an error naming the field."""
+    if value is None or isinstance(value, str):
+        return value
+    raise SourceError(f"{where}: field {field!r} is a {type(value).__name__}, not a string; set {fix} to a text field")
+
+
+def parquet_texts(path: Path, field: str) -> Iterator[str]:
+    """The non-empty strings of column ``field`` of a Parquet file, streamed by record batch.
+
+    Mirrors ``.jsonl``: the column is ``data.jsonl_field``, one value is one document.
+    """
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SourceError(f"reading {path} needs pyarrow: {INSTALL_HINT}") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+        raise SourceError(f"{path} is not a readable Parquet file ({err}); fix or remove it from data.paths") from None
+    columns = parquet.schema_arrow.names
+    if field not in columns:
+        raise SourceError(
+            f"{path} has no {field!r} column (it has: {columns}); "
+            "set data.jsonl_field to the column that holds the text"
+        )
+    found = False
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
+        for value in batch.column(0).to_pylist():
+            text = check_text(value, field, str(path), "data.jsonl_field")
+            if text:
+                found = True
+                yield text
+    if not found:
+        raise SourceError(f"data.paths: {path} holds no non-empty {field!r} values; remove it or set data.jsonl_field")
 
 
 def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:

@@ -7,15 +7,14 @@ without a matching sidecar, or whose size disagrees with it, is never used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from mqa_lm.files import atomic_write
 
 # Bump when the meaning of the token files or sidecars changes, so old caches are rebuilt.
 FORMAT_VERSION = 1
@@ -23,28 +22,6 @@ SPLITS = ("train", "val")
 # A hidden file in every directory this package creates under the cache dir. Directory walks and
 # globs over the sources skip marked directories, so `data.paths=[.]` never trains on our own output.
 CACHE_MARKER = ".mqa-lm-cache"
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``, else delete it.
-
-    The temp file lives in the same directory so ``os.replace`` is a same-filesystem atomic rename:
-    readers (another rank, a crashed earlier run) see the old file or the whole new one, never a part.
-    Unique temp names let concurrent writers of the same file race harmlessly.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        # mkstemp creates files private to the user; prepared data is meant to be shared like any output.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -145,7 +122,7 @@ class TokenFile:
         return state
 
     @classmethod
-    def open(cls, directory: Path, split: str) -> "TokenFile":
+    def open(cls, directory: Path, split: str) -> TokenFile:
         """The token file of a split whose sidecar has been checked with :func:`stale_reason`."""
         bin_path, meta_path = split_paths(directory, split)
         meta = read_json(meta_path)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mqa_lm.inference.engine import InferenceEngine, cache_length
+from mqa_lm.inference.generate import generate
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -97,7 +98,8 @@ def generate_ids(
         results = []
         for row in rows:
             idx = torch.tensor([row], dtype=torch.long, device=device)
-            out = model.generate(
+            out = generate(
+                model,
                 idx,
                 max_new_tokens,
                 temperature=temperature,

@@ -1,0 +1,72 @@
+"""Imports one way (kernels -> nn -> model -> inference and model files -> training): the import-linter
+contracts in pyproject.toml, and what a process that only generates actually imports."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import CORPUS, ROOT, repo_env, run_env, tiny_run
+
+TRAINING_STACK = ("lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics")
+
+
+def test_import_contracts_hold():
+    lint = shutil.which("lint-imports") or str(ROOT / ".venv-ci" / "bin" / "lint-imports")
+    result = subprocess.run([lint], cwd=ROOT, env=repo_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real train.py run (a few steps of a tiny model): a run directory with model/ and last.ckpt."""
+    tmp = tmp_path_factory.mktemp("layering")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(CORPUS)
+    overrides = tiny_run(tmp / "cache") + [
+        f"data.paths=[{corpus}]",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "sample.max_new_tokens=0",
+        f"hydra.run.dir={tmp / 'run'}",
+        "callbacks=[model_checkpoint,pretrained_export]",
+    ]
+    done = subprocess.run(
+        [sys.executable, "train.py", *overrides], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "run"
+
+
+def test_loading_and_generating_import_no_training_stack(run_dir):
+    code = f"""
+import sys, torch
+import mqa_lm
+from mqa_lm import generate, load_pretrained
+for source in ({str(run_dir)!r}, {str(run_dir / "checkpoints" / "last.ckpt")!r}):
+    model, tokenizer = load_pretrained(source, require_tokenizer=True)
+    out = generate(model, torch.tensor([tokenizer.encode("Fi").ids]), 5, temperature=0.0)
+    assert out.shape == (1, 7), out.shape
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({TRAINING_STACK!r}))
+print("training stack:", loaded)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training stack: []" in done.stdout
+
+
+def test_generate_py_imports_no_training_stack(run_dir):
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "generate.py", f"ckpt_path={run_dir}", "prompt=Fi", "max_new_tokens=3"],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+    assert imported & set(TRAINING_STACK) == set()
+    assert "tokens" in done.stderr  # it did generate
