@@ -42,6 +42,7 @@ ATTENTION_FIELD_NAMES = {
         "fc_type": "fc_type",
         "verbose": "verbose",
         "rope_theta": "rope_theta",
+        "norm_eps": "norm_eps",
     }.items()
 }
 
@@ -66,6 +67,7 @@ class MQAConfig(DictRoundTrip):
     resid_pdrop: float = 0.0
     emb_pdrop: float = 0.0
     norm_type: str = "low_precision_layernorm"
+    norm_eps: float = 1e-5  # every norm of the model (blocks, final, qk_ln)
     fc_type: str = "torch"
     pos_emb: str = "learned"
     rope_theta: float = 10000.0
@@ -94,6 +96,7 @@ class MQAConfig(DictRoundTrip):
             fc_type=self.fc_type,
             verbose=self.verbose,
             rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps,
             names=ATTENTION_FIELD_NAMES,
         )
         for name in ("resid_pdrop", "emb_pdrop"):
@@ -161,7 +164,7 @@ class Block(nn.Module):
 
     def __init__(self, config: MQAConfig) -> None:
         super().__init__()
-        self.norm_1 = build_norm(config.norm_type, config.d_model)
+        self.norm_1 = build_norm(config.norm_type, config.d_model, eps=config.norm_eps)
         # MQAConfig checked these arguments once for every layer.
         self.attn = MultiQueryAttention.prechecked(
             dim=config.d_model,
@@ -178,8 +181,9 @@ class Block(nn.Module):
             bias=config.bias,
             device=None,
             rope_theta=config.rope_theta if config.pos_emb == "rope" else None,
+            norm_eps=config.norm_eps,
         )
-        self.norm_2 = build_norm(config.norm_type, config.d_model)
+        self.norm_2 = build_norm(config.norm_type, config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config.d_model, config.hidden_size, config.mlp_type, config.fc_type, config.bias)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -220,7 +224,7 @@ class MQATransformer(nn.Module):
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if config.pos_emb == "learned" else None
         self.emb_dropout = nn.Dropout(config.emb_pdrop)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm_f = build_norm(config.norm_type, config.d_model)
+        self.norm_f = build_norm(config.norm_type, config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight

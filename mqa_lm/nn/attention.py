@@ -18,7 +18,7 @@ from torch import nn
 from mqa_lm.kernels import ATTENTION_BACKENDS, reference_attention, resolve_impl
 from mqa_lm.kernels.common import AttentionBackend, allowed_keys
 from mqa_lm.nn.linears import LINEARS, build_linear
-from mqa_lm.nn.norms import NORMS, build_norm
+from mqa_lm.nn.norms import DEFAULT_EPS, NORMS, build_norm
 from mqa_lm.nn.positions import RotaryEmbedding
 
 log = logging.getLogger("mqa_lm.attention")
@@ -64,6 +64,7 @@ class MultiQueryAttention(nn.Module):
         rope_theta: if set, rotary position embeddings with this base are applied to q and k at
             their absolute positions (cache length + offset).
         bias: whether the projections carry a bias.
+        norm_eps: the epsilon of the ``qk_ln`` norms.
 
     ``forward`` returns ``(context, attn_weights, past_key_value)``; see :meth:`forward`.
     """
@@ -84,6 +85,7 @@ class MultiQueryAttention(nn.Module):
         kv_heads: int = 1,
         rope_theta: float | None = None,
         bias: bool = True,
+        norm_eps: float = DEFAULT_EPS,
     ) -> None:
         check_attention_args(
             dim=dim,
@@ -97,6 +99,7 @@ class MultiQueryAttention(nn.Module):
             fc_type=fc_type,
             verbose=verbose,
             rope_theta=rope_theta,
+            norm_eps=norm_eps,
         )
         self._build(
             dim=dim,
@@ -113,6 +116,7 @@ class MultiQueryAttention(nn.Module):
             kv_heads=kv_heads,
             rope_theta=rope_theta,
             bias=bias,
+            norm_eps=norm_eps,
         )
 
     @classmethod
@@ -143,6 +147,7 @@ class MultiQueryAttention(nn.Module):
         kv_heads: int,
         rope_theta: float | None,
         bias: bool,
+        norm_eps: float = DEFAULT_EPS,
     ) -> None:
         nn.Module.__init__(self)
         self.dim = dim
@@ -161,8 +166,8 @@ class MultiQueryAttention(nn.Module):
         self.Wqkv = build_linear(fc_type, dim, dim + 2 * kv_dim, bias=bias, device=device)
         self.out_proj = build_linear(fc_type, dim, dim, bias=bias, device=device)
         if qk_ln:
-            self.q_ln = build_norm(norm_type, dim, device=device)
-            self.k_ln = build_norm(norm_type, kv_dim, device=device)
+            self.q_ln = build_norm(norm_type, dim, device=device, eps=norm_eps)
+            self.k_ln = build_norm(norm_type, kv_dim, device=device, eps=norm_eps)
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta else None
 
     # ---- which kernel: decided once per device type and dtype, not per call ---------------------
@@ -466,6 +471,7 @@ def check_attention_args(
     fc_type: str,
     verbose: int,
     rope_theta: float | None = None,
+    norm_eps: float = DEFAULT_EPS,
     names: Mapping[str, str] | None = None,
 ) -> None:
     """Raise ValueError/TypeError naming the first invalid attention argument.
@@ -507,3 +513,5 @@ def check_attention_args(
         raise ValueError(f"{name('verbose')} must be 0, 1 or 2, got {verbose!r}")
     if rope_theta is not None and not rope_theta > 0:
         raise ValueError(f"{name('rope_theta')} must be > 0, got {rope_theta}")
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 < norm_eps < 1:
+        raise ValueError(f"{name('norm_eps')} must be in (0, 1), got {norm_eps!r}")

@@ -82,6 +82,11 @@ class LowPrecisionRMSNorm(RMSNorm):
             return self._norm(x, dtype)
 
 
-def build_norm(norm_type: str, dim: int, device: torch.device | str | None = None) -> nn.Module:
+DEFAULT_EPS = 1e-5
+
+
+def build_norm(
+    norm_type: str, dim: int, device: torch.device | str | None = None, eps: float = DEFAULT_EPS
+) -> nn.Module:
     """Instantiate the norm registered under ``norm_type`` over the last ``dim`` features."""
-    return NORMS.get(norm_type)(dim, device=device)
+    return NORMS.get(norm_type)(dim, eps=eps, device=device)
