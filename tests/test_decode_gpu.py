@@ -13,8 +13,10 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
-from mqa_lm.inference import InferenceEngine  # noqa: E402
-from mqa_lm.inference.generate import generate
+from mqa_lm.inference import (
+    InferenceEngine,  # noqa: E402
+    generate,
+)
 
 # batch, heads, kv_heads, max_len, head_dim, lengths ("full" or a list), extra
 CASES = [
@@ -83,7 +85,7 @@ def test_decode_kernel_bf16_matches_float64(case):
 
 def small_model(pos_emb="learned", kv_heads=1, dtype=torch.bfloat16, **overrides):
     torch.manual_seed(0)
-    config = MQAConfig(
+    values = dict(
         vocab_size=1000,
         max_seq_len=256,
         n_layers=4,
@@ -93,8 +95,8 @@ def small_model(pos_emb="learned", kv_heads=1, dtype=torch.bfloat16, **overrides
         attn_impl="torch",
         pos_emb=pos_emb,
         init_std=0.05,
-        **overrides,
     )
+    config = MQAConfig(**{**values, **overrides})
     # Relative error bounds of 3e-2 on logits: bf16 rounds every op; a cache, mask or position bug
     # moves logits by O(1).
     return MQATransformer(config).cuda().to(dtype).eval()
@@ -189,3 +191,17 @@ def test_inductor_compiled_graph_step_matches_uncompiled():
         logits.append(engine.step_logits[:40].clone())
     assert out.shape == (2, 50)
     assert rel_err(logits[1], logits[0]) < 3e-2
+
+
+@pytest.mark.parametrize("rule", ["slide", "crop"])
+def test_past_the_context_graph_replays_equal_eager(rule):
+    # 3x max_seq_len new tokens: decode graph, then crop's window graph or slide's re-prefills.
+    model = small_model("rope", kv_heads=1, max_seq_len=64)
+    idx, mask = prompts(3, 20, lengths=[20, 7, 13], seed=8)
+    runs = []
+    for graph in (True, False):
+        engine = InferenceEngine(model, batch_size=3, cuda_graph=graph)
+        gen = torch.Generator(device="cuda").manual_seed(4)
+        runs.append(engine.generate(idx, 192, prompt_mask=mask, generator=gen, temperature=0.8, context_overflow=rule))
+    assert runs[0].shape == (3, 212)
+    assert torch.equal(runs[0], runs[1])

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char
-from mqa_lm.inference.generate import generate_with_growing_cache
+from mqa_lm.inference import generate as lm_generate
 from mqa_lm.inference.text import perplexity
 from mqa_lm.pretrained import save_pretrained
 
@@ -59,7 +59,7 @@ def run_cli(capsys, *overrides):
 
 def greedy_text(model, tokenizer, prompt, n):
     idx = torch.tensor([tokenizer.encode(prompt).ids])
-    out = generate_with_growing_cache(model, idx, n, temperature=0.0)
+    out = lm_generate(model, idx, n, temperature=0.0)
     return tokenizer.decode(out[0, idx.shape[1] :].tolist(), skip_special_tokens=False)
 
 

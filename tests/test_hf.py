@@ -10,7 +10,7 @@ import torch
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import train_bpe
 from mqa_lm.hf import HFExportError, HFImportError, export_hf
-from mqa_lm.inference.generate import generate
+from mqa_lm.inference import generate
 from mqa_lm.pretrained import from_hf, save_pretrained
 
 transformers = pytest.importorskip("transformers")
