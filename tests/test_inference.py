@@ -164,7 +164,7 @@ def test_eos_and_chunks_match_the_naive_loop():
     for chunk in (1, 3, 32):
         assert torch.equal(engine.generate(idx, 20, temperature=0.0, eos_token_id=eos, chunk=chunk), want)
     streamed = list(engine.stream(idx, 20, temperature=0.0, chunk=6))
-    assert [p.shape[1] for p in streamed] == [6, 6, 6, 2]
+    assert [p.shape[1] for p in streamed] == [1, 6, 6, 6, 1]  # the prefill's token comes alone, first
     assert torch.equal(torch.cat(streamed, dim=1), free)
 
 

@@ -120,7 +120,7 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         (["data.tokenizer=words"], "unknown data.tokenizer 'words'"),
         (["+data.block=4"], "unknown data keys ['block']"),
         (["sample.max_new_tokens=-1"], "sample.max_new_tokens must be an integer >= 0, got -1"),
-        (["sample.top_k=0"], "sample.top_k must be an integer >= 1 or null, got 0"),
+        (["sample.top_k=0"], "sample.top_k must be an integer >= 1 (or null for all tokens), got 0"),
         (["module.compile=sometimes"], "module.compile must be auto, true or false, got 'sometimes'"),
         (["sample.temperature=-1"], "sample.temperature must be >= 0 (0 = greedy), got -1"),
         (["trainer.val_check_interval=0"], "trainer.val_check_interval must be an integer >= 1"),
@@ -146,7 +146,7 @@ def test_validated_groups_are_the_objects_the_run_uses(tmp_path):
     assert isinstance(run.model, MQAConfig) and run.vocab_from_data  # the model configs leave vocab_size null
     assert isinstance(run.optim, OptimConfig) and run.optim.lr == 3e-4
     assert isinstance(run.data, DataConfig) and run.data.seed == 42 and run.data.paths == ["stdlib"]
-    assert run.compile == "auto" and run.sample.max_new_tokens == 300
+    assert run.compile == "auto" and run.sample.max_new_tokens == 200
     assert not validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.vocab_size=300"])).vocab_from_data
     for precision in ("16", "bf16-mixed", "32-true", "auto"):  # Lightning's values pass (16 arrives as an int)
         validate_config(compose_cfg([f"paths.output_dir={tmp_path}", f"trainer.precision={precision}"]))
@@ -274,7 +274,7 @@ def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override,line",
     [
-        ("sample.top_k=0", "config error: sample.top_k must be an integer >= 1 or null, got 0"),
+        ("sample.top_k=0", "config error: sample.top_k must be an integer >= 1 (or null for all tokens), got 0"),
         ("trainer.val_check_interval=0", "config error: trainer.val_check_interval must be an integer >= 1"),
         ("trainer.precision=foo", "config error: trainer.precision='foo' is not one of auto,"),
         ("seed=abc", "config error: seed must be an integer, got 'abc'"),

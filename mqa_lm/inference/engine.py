@@ -22,6 +22,7 @@ whatever the prompt length, rule or chunking.
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -55,8 +56,8 @@ class InferenceEngine:
             cast caches a graph cannot replay).
         dtype: the cache dtype; default: the autocast dtype when autocast is on, else the weights'.
         split_size: keys per program of the Triton kernel (default: chosen from the shapes).
-        keep_logits: keep every new token's logits (fp32, or fp64 for an fp64 model); ``step_logits`` [new tokens, batch, vocab]
-            (row ``i`` produced new token ``i``): for tests and debugging, it costs a copy per step.
+        keep_logits: keep every new token's logits (fp32; fp64 for an fp64 model) in ``step_logits``
+            [new tokens, batch, vocab] (row ``i`` produced new token ``i``): for tests and debugging.
         compile: run the decode step through ``torch.compile`` (True: Inductor, which fuses the norms,
             residual adds, rotary and sampling; a string names another backend), inside the graph.
     """
@@ -128,6 +129,7 @@ class InferenceEngine:
                 self._decode_step, backend="inductor" if compile is True else compile, dynamic=False
             )
         self._graphs: dict[tuple[str, Settings], torch.cuda.CUDAGraph] = {}
+        self.capture_seconds = 0.0  # spent warming up and capturing graphs (reported apart from decoding)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.fingerprint = parameter_fingerprint(model)
 
@@ -188,6 +190,8 @@ class InferenceEngine:
 
     def _run(self, kind: str, settings: Settings) -> None:
         """One decode or crop step: a graph replay where graphs are on, else eagerly."""
+        if self.cuda_graph and (kind, settings) not in self._graphs:
+            self._capture(kind, settings)
         graph = self._graphs.get((kind, settings)) if self.cuda_graph else None
         if graph is not None:
             graph.replay()
@@ -197,35 +201,44 @@ class InferenceEngine:
             self._crop_step(settings)
 
     def _capture(self, kind: str, settings: Settings) -> None:
-        """Capture the step of ``kind`` for ``settings`` (before a prefill: the warm-up writes the state)."""
-        if not self.cuda_graph or (kind, settings) in self._graphs:
-            return
+        """Capture the step of ``kind`` for ``settings``, in the middle of a generation: the first
+        token is already out, so capturing costs no time to first token. The warm-up runs the step
+        for real, so the state it changes is saved and put back; the cache slots it writes lie past the
+        current one, where the key mask hides them until their own step overwrites them."""
         step = self._decode_impl if kind == "decode" else self._crop_step
+        state = [self.pad, self.token, self.finished, self.step, self.out, self.window, self.window_mask]
+        state += [self.cache.key_mask, self.cache.slot]
+        if self.round_logits is not None:
+            state.append(self.round_logits)
+        saved = [t.clone() for t in state]
+        host_length = self.cache.host_length
+        started = time.perf_counter()
         # Warm-up (compiles Triton kernels, sets up cuBLAS) on a side stream, as capture requires.
-        self.cache.reset(None, 2)
-        self.window_mask.fill_(True)
-        self.pad.zero_()
-        self.token.zero_()
-        self.finished.zero_()
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         try:
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.step.zero_()
                     step(settings)
+                    for tensor, value in zip(state, saved):
+                        tensor.copy_(value)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            self.step.zero_()
             with torch.cuda.graph(graph, pool=self._pool):
                 step(settings)
         except RuntimeError as err:
             # A module that cannot be captured (e.g. a third-party linear): run eagerly from now on.
             warnings.warn(f"InferenceEngine: CUDA graph capture failed, decoding eagerly: {err}", stacklevel=3)
             self.cuda_graph = False
-            return
-        self._graphs[(kind, settings)] = graph
+        else:
+            self._graphs[(kind, settings)] = graph
+        finally:
+            for tensor, value in zip(state, saved):
+                tensor.copy_(value)
+            self.cache.host_length = host_length
+            torch.cuda.synchronize(self.device)
+            self.capture_seconds += time.perf_counter() - started
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -314,10 +327,6 @@ class InferenceEngine:
         if prompt_mask is not None:
             real[:, :width] = prompt_mask.detach().cpu()
         length = width
-        overflows = width + max_new_tokens - 1 > full
-        self._capture("decode", settings)
-        if overflows and context_overflow == "crop":
-            self._capture("crop", settings)
         uniforms = None
         if temperature > 0:
             gen_device = generator.device if generator is not None else self.device
@@ -326,7 +335,8 @@ class InferenceEngine:
 
         produced, filled = 0, None  # filled: cache slots in use, None before the first prefill
         while produced < max_new_tokens:
-            n = min(chunk, max_new_tokens - produced)
+            # The first round is the prefill's token alone: it reaches the caller at once.
+            n = 1 if filled is None else min(chunk, max_new_tokens - produced)
             self.step.zero_()
             if uniforms is not None:
                 self.uniforms[:n].copy_(uniforms[produced : produced + n])
