@@ -80,10 +80,20 @@ def _one_line(err: BaseException) -> str:
     """Hydra's message for a composition error (and its OmegaConf cause, as Hydra prints it) as one line."""
     from omegaconf.errors import OmegaConfBaseException
 
-    parts = [str(err)]
+    parts = [str(err).split("\nConfig search path")[0]]  # Hydra's search path listing says nothing to fix
     if isinstance(err.__cause__, OmegaConfBaseException):
         parts.append(str(err.__cause__))
-    return "; ".join(" ".join(line.split()) for part in parts for line in part.splitlines() if line.strip())
+    pieces: list[str] = []
+    listing = False  # under a line ending in ':', e.g. Hydra's "Available options in 'model':"
+    for line in (" ".join(line.split()) for part in parts for line in part.splitlines()):
+        if not line:
+            listing = False
+        elif listing and pieces:
+            pieces[-1] += (" " if pieces[-1].endswith(":") else ", ") + line
+        else:
+            pieces.append(line)
+            listing = line.endswith(":")
+    return "; ".join(pieces)
 
 
 def run_dir_error(key: str, directory: str) -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import CORPUS, ROOT, run_env, tiny_run
 
-from mqa_lm.cli import config_file_error
+from mqa_lm.cli import check_hydra_command, config_file_error
 from mqa_lm.files import dir_write_problem
 
 
@@ -111,3 +111,28 @@ def test_config_file_error_reads_yaml_marks(tmp_path):
     message = config_file_error(err.value)
     assert message is not None and message.startswith(f"{path}:2:4: ")
     assert config_file_error(ValueError("not yaml")) is None
+
+
+def _task(cfg) -> None:
+    """A stand-in task function for check_hydra_command (only its location matters to Hydra)."""
+
+
+def test_check_hydra_command_in_process(tmp_path):
+    from helpers import CONFIGS
+    from hydra.core.global_hydra import GlobalHydra
+
+    assert check_hydra_command(_task, str(CONFIGS), "train", [f"hydra.run.dir={tmp_path}/run"]) is None
+    assert not GlobalHydra.instance().is_initialized()  # left as found, for hydra.main to initialise
+    assert not (tmp_path / "run").exists()
+
+    message = check_hydra_command(_task, str(CONFIGS), "train", ["model=nonexistent"])
+    assert message is not None and "\n" not in message
+    assert message.startswith("In 'train': Could not find 'model/nonexistent'; Available options in 'model': ")
+    assert "tiny" in message.split("Available options in 'model': ")[1].split(", ")
+
+    (tmp_path / "f").write_text("x", encoding="utf-8")
+    assert check_hydra_command(_task, str(CONFIGS), "train", [f"hydra.run.dir={tmp_path}/f/run"]) == (
+        f"hydra.run.dir={tmp_path}/f/run cannot be created: {tmp_path}/f is a file, not a directory; "
+        "choose another hydra.run.dir"
+    )
+    assert check_hydra_command(_task, str(CONFIGS), "train", ["--cfg", "job", "model=nonexistent"]) is None
