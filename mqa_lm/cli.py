@@ -135,6 +135,8 @@ def check_hydra_command(
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return None
+    if getattr(args, "experimental_rerun", None) is not None:  # a pickled config, not composed
+        return None
     config_name = args.config_name if args.config_name is not None else config_name
     config_path = args.config_path if args.config_path is not None else config_path
     calling_file, calling_module = detect_calling_file_or_module_from_task_function(task_function)

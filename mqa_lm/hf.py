@@ -500,6 +500,31 @@ def _shard_files(index: Path) -> list[str]:
     return files
 
 
+def hf_weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a transformers directory: ``model.safetensors``, or every shard its
+    ``model.safetensors.index.json`` lists. Checks they exist (cheap, before any weight is read):
+    a missing shard is an :class:`HFImportError` naming it and the fix."""
+    directory = Path(directory).expanduser()
+    index = directory / SHARD_INDEX
+    if index.is_file():
+        files = _shard_files(index)
+        missing = [name for name in files if not (directory / name).is_file()]
+        if missing:
+            shown = ", ".join(str(directory / name) for name in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise HFImportError(
+                f"{shown} is missing: {len(missing)} of the {len(files)} shard files listed in {SHARD_INDEX} "
+                f"are not in {directory}; copy every shard the index lists into it (an interrupted download or "
+                "copy?), or save the model again"
+            )
+        return [directory / name for name in files]
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    raise HFImportError(
+        f"{directory} has no model.safetensors (or index); only safetensors weights are read "
+        "(re-save with save_pretrained(..., safe_serialization=True))"
+    )
+
+
 def read_hf(directory: str | Path) -> tuple[MQAConfig, dict[str, torch.Tensor], Path | None]:
     """Our config, our state dict and the ``tokenizer.json`` path (or None) of a transformers GPTBigCode
     or Llama directory (``config.json`` + safetensors weights, sharded or not). Models and tokenizers
@@ -523,30 +548,13 @@ def read_hf(directory: str | Path) -> tuple[MQAConfig, dict[str, torch.Tensor], 
         config = from_hf_config(hf, str(config_path))
     except KeyError as err:
         raise HFImportError(f"{config_path} lacks {err}, which a {hf.get('model_type')} config must have") from None
-    index = directory / SHARD_INDEX
-    if index.is_file():
-        files = _shard_files(index)
-        missing = [name for name in files if not (directory / name).is_file()]
-        if missing:
-            shown = ", ".join(str(directory / name) for name in missing[:3]) + (" ..." if len(missing) > 3 else "")
-            raise HFImportError(
-                f"{shown} is missing: {len(missing)} of the {len(files)} shard files listed in {SHARD_INDEX} "
-                f"are not in {directory}; copy every shard the index lists into it (an interrupted download or "
-                "copy?), or save the model again"
-            )
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise HFImportError(
-            f"{directory} has no model.safetensors (or index); only safetensors weights are read "
-            "(re-save with save_pretrained(..., safe_serialization=True))"
-        )
+    files = hf_weight_files(directory)
     hf_state: dict[str, torch.Tensor] = {}
     for name in files:
         try:
-            hf_state.update(load_file(str(directory / name)))
+            hf_state.update(load_file(str(name)))
         except (SafetensorError, OSError, ValueError) as err:
-            raise HFImportError(f"{directory / name} is corrupt or truncated ({err})") from None
+            raise HFImportError(f"{name} is corrupt or truncated ({err})") from None
     family = hf["model_type"]
     if family == "gpt_bigcode" and config.tie_embeddings and "lm_head.weight" in hf_state:
         if not torch.equal(hf_state["lm_head.weight"], hf_state["transformer.wte.weight"]):

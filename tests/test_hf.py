@@ -297,6 +297,18 @@ def test_a_sharded_checkpoint_loads_bit_exactly_and_a_missing_shard_is_named(tmp
         assert f"1 of the {len(shards)} shard files listed in model.safetensors.index.json" in message, message
         assert "copy every shard" in message and "\n" not in message
 
+    # train.py init_from=hf:<it> stops before any work (the weights are read after the Trainer is built).
+    from helpers import compose_cfg, tiny_run
+
+    from mqa_lm.training import ConfigError, train
+
+    (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    overrides = ["data=text", f"data.paths=[{tmp_path / 'corpus.txt'}]", *tiny_run(tmp_path / "cache")]
+    overrides += [f"paths.output_dir={tmp_path / 'run'}", f"init_from=hf:{tmp_path / 'sharded'}"]
+    with pytest.raises(ConfigError, match=f"{shards[1]} is missing: 1 of the {len(shards)} shard files"):
+        train(compose_cfg(overrides))
+    assert not (tmp_path / "cache").exists()
+
 
 def _truncated_export(tmp_path, tokenizer):
     directory = save_pretrained(perturbed(**LLAMA), tmp_path / "src", tokenizer)
