@@ -40,7 +40,6 @@ A script that keeps ``@hydra.main`` can call :func:`check_hydra_command` itself 
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -153,8 +152,9 @@ def check_hydra_command(
         )
 
     overrides = list(args.overrides)
+    # Hydra's singletons are left as they were found, so hydra.main (or a caller's own Hydra) starts clean.
     global_hydra = GlobalHydra.instance()
-    was_initialized = global_hydra.is_initialized()
+    previous_hydra = global_hydra.hydra if global_hydra.is_initialized() else None
     previous_hydra_cfg = HydraConfig.instance().cfg
     try:
         hydra = Hydra.create_main_hydra2(
@@ -183,8 +183,10 @@ def check_hydra_command(
         return run_dir_error(key, str(directory)) if directory is not None else None
     finally:
         HydraConfig.instance().cfg = previous_hydra_cfg
-        if not was_initialized:
+        if previous_hydra is None:
             global_hydra.clear()
+        else:
+            global_hydra.hydra = previous_hydra
 
 
 def hydra_main(config_path: str | None, config_name: str | None, version_base: str = "1.3") -> Callable[[F], F]:
@@ -206,7 +208,6 @@ def hydra_main(config_path: str | None, config_name: str | None, version_base: s
                 fail("config error", message)
             return run()
 
-        entry.__signature__ = inspect.signature(task_function)  # type: ignore[attr-defined]
         return entry  # type: ignore[return-value]
 
     return decorator
