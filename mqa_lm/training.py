@@ -42,7 +42,7 @@ from mqa_lm.checkpointing import (
 )
 from mqa_lm.checkpointing.resume import _is_rank_zero
 from mqa_lm.console import quiet_known_noise
-from mqa_lm.data import DataConfig
+from mqa_lm.data import DataConfig, TextDataModule
 from mqa_lm.data.tokenizer import EOT
 from mqa_lm.distributed import check_launch, global_batch_line
 from mqa_lm.inference import GenerationConfig
@@ -266,10 +266,14 @@ def prepare_before_training(run: RunConfig, datamodule: Any) -> None:
     """Prepare the data (local rank 0, as Lightning would) before the Trainer exists, so that a bad
     source is one :class:`DataError` before any other work and the vocabulary can be checked.
 
-    Lightning's own ``prepare_data`` call in ``fit`` then finds the data current and does nothing.
+    Lightning's own ``prepare_data`` call in ``fit`` then finds the data current and does nothing. The
+    token files are opened (``setup``) here too: a directory that is gone is a :class:`DataError` now,
+    and from here on the run reads the files through their maps, wherever the directory goes.
     """
     try:
         datamodule.prepare_data()
+        if isinstance(datamodule, TextDataModule):  # whose setup Lightning may call again (it returns at once)
+            datamodule.setup("fit")
     except ValueError as err:
         message = str(err)
         raise DataError(message.removeprefix("data: ")) from None
