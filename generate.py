@@ -20,10 +20,11 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from mqa_lm import config_store  # noqa: F401  (registers generation/_base before Hydra composes)
+from mqa_lm.cli import fail, hydra_main
+from mqa_lm.files import NotUTF8Error, read_text_utf8
 from mqa_lm.inference.config import GenerationConfig
 
 DTYPES = {
@@ -79,15 +80,10 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
 def read_prompts(cfg: DictConfig) -> list[str]:
     if cfg.prompt_file is None:
         return [str(cfg.prompt)]
-    path = Path(str(cfg.prompt_file)).expanduser()
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UsageError(
-            f"prompt_file={str(path)!r} is not UTF-8 text (byte {err.start}: {data[err.start : err.start + 4]!r}); "
-            "save it as UTF-8"
-        ) from None
+        text = read_text_utf8(Path(str(cfg.prompt_file)).expanduser())
+    except NotUTF8Error as err:
+        raise UsageError(f"prompt_file: {err}") from None
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"prompt_file={cfg.prompt_file!r} has no non-empty line")
@@ -173,7 +169,8 @@ def run(cfg: DictConfig) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="generate")
+# hydra_main: hydra.main, with config files that do not parse and bad overrides as one line (exit 2).
+@hydra_main(config_path="configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
     from mqa_lm.hf import HFImportError
     from mqa_lm.pretrained import PretrainedError
@@ -181,15 +178,12 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except UsageError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (PretrainedError, HFImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("config error", err)
+    except (PretrainedError, HFImportError, NotUTF8Error) as err:
+        fail("error", err)
     except KeyboardInterrupt:
         sys.stdout.flush()
-        print("\ninterrupted: generation stopped (what was printed is kept)", file=sys.stderr)
-        sys.exit(130)
+        fail("\ninterrupted", "generation stopped (what was printed is kept)", status=130)
 
 
 if __name__ == "__main__":

@@ -242,5 +242,5 @@ def test_a_prompt_file_that_is_not_utf8_names_its_byte(export, tmp_path, capsys)
     bad.write_bytes(b"fine line\nbad \xff\xfe here\n")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="generate", overrides=[f"ckpt_path={path}", f"prompt_file={bad}"])
-    with pytest.raises(generate.UsageError, match=r"prompts.txt' is not UTF-8 text \(byte 14: "):
+    with pytest.raises(generate.UsageError, match=r"prompt_file: .*prompts.txt: not UTF-8 at byte 14"):
         generate.run(cfg)
