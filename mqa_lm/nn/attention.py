@@ -327,7 +327,12 @@ class MultiQueryAttention(nn.Module):
                 q = self.rotary(q, offset=past_len)
                 k = self.rotary(k, offset=past_len)
         if cache is not None:
-            cache.write(k, v)
+            if decoding and self.rotary is None and not self.qk_ln:
+                # Keys and values as the projection made them: written by one copy from its output.
+                packed = qkv[..., self.dim :].view(batch, 1, 2, self.kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
+                cache.write_packed(packed)
+            else:
+                cache.write(k, v)
             if decoding:
                 k, v = cache.keys, cache.values
                 q = q.to(k.dtype)

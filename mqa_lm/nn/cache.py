@@ -55,6 +55,11 @@ class StaticLayerCache:
         self.keys = kv[:, 0]
         self.values = kv[:, 1]
 
+    def write_packed(self, kv: torch.Tensor) -> None:
+        """Store one token's keys and values given as one tensor [batch, 2, kv_heads, 1, head_dim] (a view
+        of the QKV projection's output when nothing transforms them): one copy instead of two."""
+        self.kv.index_copy_(3, self.owner.slot, kv.detach().to(self.kv.dtype))
+
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new keys/values [batch, kv_heads, seq, head_dim]: a prefill at slots ``0..seq-1``,
         one token at the slot held on the device."""
