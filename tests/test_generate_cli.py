@@ -1,5 +1,6 @@
 """generate.py: sampling (one streamed prompt, a prompt file batched with left padding, several
-samples) and mode=perplexity, against the library run directly; config errors before any work."""
+samples), against the library run directly; config errors before any work. (Perplexity is eval.py's:
+tests/test_eval_cli.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from hydra import compose, initialize_config_dir
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char
 from mqa_lm.inference.generate import generate_with_growing_cache
-from mqa_lm.inference.text import perplexity
 from mqa_lm.pretrained import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,26 +115,6 @@ def test_sampling_is_seeded(export, capsys):
     first = run_cli(capsys, *args, "seed=3").out
     assert run_cli(capsys, *args, "seed=3").out == first
     assert run_cli(capsys, *args, "seed=4").out != first
-
-
-def test_perplexity_mode(export, capsys, tmp_path):
-    path, model, tokenizer = export
-    text_file = tmp_path / "eval.txt"
-    text_file.write_text(TEXT * 3)
-    out = run_cli(
-        capsys,
-        "mode=perplexity",
-        f"ckpt_path={path}",
-        f"data.paths=[{text_file}]",
-        "data.window=32",
-        "data.stride=8",
-        "device=cpu",
-    ).out
-    want = perplexity(model, tokenizer, [TEXT * 3], window=32, stride=8)
-    values = dict(re.findall(r"(\w+)=([\d.]+)", out))
-    assert int(values["tokens"]) == want.tokens == len(TEXT * 3)
-    assert float(values["loss"]) == pytest.approx(want.loss, abs=1e-4)
-    assert float(values["bits_per_byte"]) == pytest.approx(want.bits_per_byte, abs=1e-4)
 
 
 @pytest.mark.parametrize(
