@@ -72,6 +72,7 @@ class MQALM(TemplateLM):
             of ``max_seq_len`` and a stride of a whole window (the harness's rule, so word
             perplexities compare with other models'); a smaller stride gives more context per token.
         seed: seeds the sampling of tasks that sample (``do_sample``); each call starts from it.
+        progress: show progress bars (on stderr).
         max_batch_size: accepted for the harness's command line, which always passes it; unused.
     """
 
@@ -89,6 +90,7 @@ class MQALM(TemplateLM):
         rolling_window: int | None = None,
         rolling_stride: int | None = None,
         seed: int = 1234,
+        progress: bool = True,
         max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -116,6 +118,7 @@ class MQALM(TemplateLM):
             self.rolling_window, self.rolling_window if rolling_stride is None else rolling_stride
         )
         self.seed = int(seed)
+        self.progress = progress
         self._start = start_ids(tokenizer)
         self._eot = tokenizer.token_to_id(EOT)
 
@@ -168,7 +171,7 @@ class MQALM(TemplateLM):
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
         rows = [truncate_left(context, continuation, self.max_length) for _, context, continuation in requests]
-        with tqdm(total=len(rows), disable=disable_tqdm, desc="mqa_lm loglikelihood") as bar:
+        with tqdm(total=len(rows), disable=disable_tqdm or not self.progress, desc="mqa_lm loglikelihood") as bar:
             scores = score_tails(self.model, rows, batch_size=self.batch_size, progress=bar.update)
         answers = [(score.logprob, score.greedy) for score in scores]
         for (strings, _, _), answer in zip(requests, answers):
@@ -196,7 +199,7 @@ class MQALM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
-        with tqdm(total=len(requests), disable=disable_tqdm, desc="mqa_lm generate_until") as bar:
+        with tqdm(total=len(requests), disable=disable_tqdm or not self.progress, desc="mqa_lm generate_until") as bar:
             for members in groups.values():
                 gen_kwargs = requests[members[0]].args[1]
                 contexts = [requests[i].args[0] for i in members]
