@@ -289,3 +289,22 @@ def test_config_defaults_are_the_library_defaults():
     cfg = OmegaConf.load(ROOT / "configs" / "eval.yaml")
     assert cfg.batch_size == BATCH_SIZE
     assert cfg.data.window is None and cfg.data.stride is None  # perplexity()'s own defaults
+
+
+def test_bench_eval_smoke_run(tmp_path):
+    """scripts/bench_eval.py on a CPU: a tiny model, both backends, the same scores."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/bench_eval.py", "--device", "cpu", "--quick", "--repeats", "1", "--json", str(out)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ours / hf requests per second" in done.stdout
+    row = json.loads(out.read_text())
+    assert row["requests"] == 40 and row["ours_requests_per_s"] > 0 and row["hf_requests_per_s"] > 0
+    assert row["max_loglik_gap"] < 1e-4
+    assert (row["ours_acc"], row["ours_acc_norm"]) == (row["hf_acc"], row["hf_acc_norm"])
