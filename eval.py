@@ -144,11 +144,8 @@ def run_tasks(cfg: DictConfig) -> None:
 
     try:
         harness_tasks.require_harness("eval.py mode=tasks")
-        names = harness_tasks.check_tasks(OmegaConf.to_object(cfg.tasks) if cfg.tasks is not None else None, "tasks")
-        include = harness_tasks.check_include_path(
-            OmegaConf.to_object(cfg.include_path) if OmegaConf.is_config(cfg.include_path) else cfg.include_path,
-            "include_path",
-        )
+        names = harness_tasks.check_tasks(plain(cfg.tasks), "tasks")
+        include = harness_tasks.check_include_path(plain(cfg.include_path), "include_path")
         limit = harness_tasks.check_limit(cfg.limit, "limit")
         num_fewshot = harness_tasks.check_num_fewshot(cfg.num_fewshot, "num_fewshot")
         if not isinstance(cfg.log_samples, bool):
@@ -170,10 +167,17 @@ def run_tasks(cfg: DictConfig) -> None:
     seconds = time.perf_counter() - start
     samples = results.pop("samples", None)
     print(harness_tasks.table(results))
-    results["config"].update(ckpt_path=str(cfg.ckpt_path), device=str(model.wte.weight.device), seconds=seconds)
+    results["config"].update(
+        ckpt_path=str(cfg.ckpt_path), batch_size=cfg.batch_size, device=str(model.wte.weight.device), seconds=seconds
+    )
     flat = [{"task": task, **sample} for task, rows in (samples or {}).items() for sample in rows]
     path = write_results(target, results, flat if samples is not None else None)
     print(f"({seconds:.1f} s; results: {path})", file=sys.stderr)
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (lists of a DictConfig are ListConfigs)."""
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
 def run(cfg: DictConfig) -> None:

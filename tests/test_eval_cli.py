@@ -181,7 +181,7 @@ def test_results_go_beside_the_checkpoint_and_are_never_replaced(export, capsys)
     assert results["config"]["ckpt_path"] == str(export) and results["n-samples"]["tiny_mc"]["effective"] == 4
 
     named = export.parent / "mine.json"
-    run_eval(*args, f"output_path={named}")
+    run_eval(*[a if a != "tasks=[tiny_mc]" else "tasks=tiny_mc" for a in args], f"output_path={named}")  # a string
     assert json.loads(named.read_text())["results"]["tiny_mc"]
     with pytest.raises(eval_py.UsageError, match="already exists and results are never overwritten"):
         run_eval(*args, f"output_path={named}")

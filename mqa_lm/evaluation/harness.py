@@ -221,7 +221,9 @@ class MQALM(TemplateLM):
                 f"generation_kwargs {', '.join(unknown)} are not supported by mqa_lm (it takes: "
                 f"{', '.join(GENERATION_KEYS)}); remove them from the task"
             )
-        until = handle_stop_sequences(kwargs.get("until"), eos=self.tok_decode([self.eot_token_id], False))
+        # The end of text is a stop sequence too (as for the HF backend); a tokenizer without one has none.
+        eos = self.tok_decode([self._eot], False) if self._eot is not None else None
+        until = handle_stop_sequences(kwargs.get("until"), eos=eos)
         max_new = int(kwargs["max_gen_toks"])
         room = self.max_length - max_new
         if room < 1:
