@@ -31,7 +31,7 @@ class UsageError(ValueError):
 
 def check_common(cfg: DictConfig) -> None:
     """The options of both modes."""
-    from mqa_lm.evaluation.placement import check_device, check_dtype
+    from mqa_lm.evaluation.placement import check_device, check_dtype, resolve_device
     from mqa_lm.evaluation.tasks import check_positive
 
     if cfg.mode not in MODES:
@@ -44,7 +44,7 @@ def check_common(cfg: DictConfig) -> None:
         )
     if cfg.tokenizer_path is not None and not Path(str(cfg.tokenizer_path)).expanduser().is_file():
         raise ValueError(f"tokenizer_path={cfg.tokenizer_path!r} is not a file; give the path of a tokenizer.json")
-    check_device(cfg.device)
+    resolve_device(check_device(cfg.device))  # cuda on a machine without one is refused here
     check_dtype(cfg.dtype)
     check_positive(cfg.batch_size, "batch_size")
 

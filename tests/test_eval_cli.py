@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from eval_helpers import PLAY, TASKS, tiny_lm
 from helpers import ROOT, repo_env
 from hydra import compose, initialize_config_dir
@@ -245,6 +246,12 @@ def test_bad_input_is_one_clear_error_before_the_model_loads(export, bad_files, 
     overrides = [o.format(**bad_files) for o in overrides]
     with pytest.raises(eval_py.UsageError, match=message):
         run_eval(f"ckpt_path={export}", f"include_path={TASKS}", *overrides)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_cuda_without_a_gpu_is_a_config_error(export):
+    with pytest.raises(eval_py.UsageError, match="device=cuda but CUDA is not available; use device=cpu"):
+        run_eval(f"ckpt_path={export}", "tasks=[tiny_mc]", "device=cuda")
 
 
 def test_checkpoint_problems_name_the_fix(tmp_path):

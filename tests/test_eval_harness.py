@@ -150,6 +150,11 @@ def test_bad_arguments_are_refused():
         MQALM(tiny.model, tiny.tokenizer, batch_size="auto")
     with pytest.raises(ValueError, match="give either model"):
         MQALM()
+    try:
+        with pytest.warns(UserWarning, match="train mode: its dropout makes the scores random"):
+            MQALM(tiny.model.train(), tiny.tokenizer)
+    finally:
+        tiny.model.eval()
     lm = MQALM(tiny.model, tiny.tokenizer)
     with pytest.raises(ValueError, match="max_gen_toks=64 leaves no room for a context in max_seq_len=64"):
         lm.generate_until(requests("generate_until", [("Hi", {"until": ["\n"], "max_gen_toks": 64})]))

@@ -26,6 +26,7 @@ What each request type computes:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,11 +62,13 @@ class MQALM(TemplateLM):
     """An :class:`MQATransformer` with its ``tokenizers.Tokenizer``, as a harness model.
 
     Args:
-        model, tokenizer: the model (used where it is, in its dtype; put it in eval mode) and the
-            tokenizer it was trained with. Or leave them out and give ``pretrained``.
+        model, tokenizer: the model (used where it is, in its dtype; put it in eval mode: dropout
+            would make every score random) and the tokenizer it was trained with. Or leave them
+            out and give ``pretrained``.
         pretrained: a run directory, Lightning ``.ckpt`` or export directory, read by
             :func:`mqa_lm.pretrained.load_pretrained` (``tokenizer_path`` for one without a tokenizer)
-            onto ``device`` (``auto`` | ``cpu`` | ``cuda[:i]``) in ``dtype`` (``auto``: bf16 on CUDA).
+            onto ``device`` (``auto`` | ``cpu`` | ``cuda[:i]``) in ``dtype`` (``auto``: bf16 on CUDA);
+            ``device`` and ``dtype`` apply to ``pretrained`` only.
         batch_size: rows per forward (an integer; the harness's ``auto`` is not supported).
         max_gen_toks: new tokens per ``generate_until`` request unless its task says otherwise.
         rolling_window, rolling_stride: the windows of ``loglikelihood_rolling``; default a window
@@ -109,6 +112,11 @@ class MQALM(TemplateLM):
             )
         if tokenizer is None:
             raise ValueError("the tokenizer is required: pass the tokenizers.Tokenizer the model was trained with")
+        if model.training:
+            warnings.warn(
+                "MQALM got a model in train mode: its dropout makes the scores random; call model.eval() first",
+                stacklevel=2,
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size_per_forward = _positive_int(batch_size, "batch_size")
@@ -137,18 +145,22 @@ class MQALM(TemplateLM):
 
     @property
     def max_length(self) -> int:
+        """Positions of the model: contexts are cut from the left to fit."""
         return self.model.config.max_seq_len
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are."""
         return self.model.wte.weight.device
 
     @property
     def batch_size(self) -> int:
+        """Rows per forward."""
         return self.batch_size_per_forward
 
     @property
     def tokenizer_name(self) -> str:
+        """The name the harness files cached requests under (one tokenizer family: ours)."""
         return "mqa_lm"
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:

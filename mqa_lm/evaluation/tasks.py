@@ -64,6 +64,7 @@ def check_num_fewshot(num_fewshot: object, key: str) -> int | None:
 
 
 def check_positive(value: object, key: str) -> int:
+    """``value``, an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     return value
