@@ -72,7 +72,6 @@ def lm_eval_overrides(every=3):
     ]
 
 
-@pytest.mark.slow
 def test_metrics_are_logged_at_their_step_and_match_the_saved_model(tmp_path, corpus):
     run = tmp_path / "run"
     overrides = run_overrides(
@@ -119,7 +118,6 @@ def _weights(run):
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.mark.slow
 def test_training_is_the_same_with_and_without_the_callback(tmp_path, corpus):
     """Dropout on: a callback that left the model in eval mode, or the harness's seeding in the
     random state, would change every later step."""
