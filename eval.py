@@ -3,6 +3,7 @@
     python eval.py ckpt_path=outputs/<date>/<time> tasks=[hellaswag,arc_easy] limit=200 batch_size=32
     python eval.py ckpt_path=model_dir tasks=[my_task] include_path=my_tasks/ num_fewshot=5
     python eval.py mode=perplexity ckpt_path=... data.paths=[file.txt] data.window=1024 data.stride=512
+    python eval.py ckpt_path=... tasks=[wikitext] data.stride=512     # rolling windows of perplexity tasks
 
 Options are in configs/eval.yaml. The harness's table (or the perplexity line) goes to stdout, the
 results JSON beside the checkpoint (or to output_path), under a new timestamped name: an earlier
@@ -47,6 +48,10 @@ def check_common(cfg: DictConfig) -> None:
     resolve_device(check_device(cfg.device))  # cuda on a machine without one is refused here
     check_dtype(cfg.dtype)
     check_positive(cfg.batch_size, "batch_size")
+    for key in ("window", "stride"):  # against max_seq_len once the model is loaded
+        value = cfg.data[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"data.{key} must be a positive integer or null, got {value!r}")
 
 
 def text_files(paths: Any) -> list[Path]:
@@ -69,10 +74,6 @@ def read_texts(cfg: DictConfig) -> tuple[list[Path], list[str]]:
     """The files of ``data.paths`` and their text; every file checked (non-empty, UTF-8)."""
     from mqa_lm.evaluation.perplexity import read_text_file
 
-    for key in ("window", "stride"):
-        value = cfg.data[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"data.{key} must be a positive integer or null, got {value!r}")
     files = text_files(cfg.data.paths)
     try:
         texts = [read_text_file(f) for f in files]
@@ -159,7 +160,12 @@ def run_tasks(cfg: DictConfig) -> None:
     from mqa_lm.evaluation.harness import MQALM
 
     model, tokenizer = load_model(cfg)
-    lm = MQALM(model, tokenizer, batch_size=cfg.batch_size)
+    try:
+        lm = MQALM(
+            model, tokenizer, batch_size=cfg.batch_size, rolling_window=cfg.data.window, rolling_stride=cfg.data.stride
+        )
+    except ValueError as err:  # the windows against max_seq_len: the other arguments were checked above
+        raise UsageError(f"data.{err}") from None
     start = time.perf_counter()
     results = harness_tasks.run_tasks(
         lm, loaded, manager, num_fewshot=num_fewshot, limit=limit, log_samples=cfg.log_samples

@@ -315,3 +315,28 @@ def test_bench_eval_smoke_run(tmp_path):
     assert row["requests"] == 40 and row["ours_requests_per_s"] > 0 and row["hf_requests_per_s"] > 0
     assert row["max_loglik_gap"] < 1e-4
     assert (row["ours_acc"], row["ours_acc_norm"]) == (row["hf_acc"], row["hf_acc_norm"])
+
+
+def test_rolling_tasks_use_the_perplexity_windows(export):
+    """data.window / data.stride set the windows of a loglikelihood_rolling task: each document's
+    log-likelihood is then our perplexity's, for the same window and stride."""
+    run_eval(
+        f"ckpt_path={export}",
+        "tasks=[tiny_ppl]",
+        f"include_path={TASKS}",
+        "device=cpu",
+        "data.window=48",
+        "data.stride=16",
+        "log_samples=true",
+    )
+    (results_file,) = export.glob("eval-*.json")
+    assert json.loads(results_file.read_text())["config"]["rolling_stride"] == 16
+    tiny = tiny_lm()
+    records = [json.loads(line) for line in results_file.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    for record in records:
+        (loglikelihood,) = record["filtered_resps"]
+        want = perplexity(tiny.model, tiny.tokenizer, [record["doc"]["text"]], window=48, stride=16).nll
+        assert math.isclose(-loglikelihood, want, rel_tol=1e-6)
+    with pytest.raises(eval_py.UsageError, match=r"data.window must be in \[2, max_seq_len=64\], got 65"):
+        run_eval(f"ckpt_path={export}", "tasks=[tiny_ppl]", f"include_path={TASKS}", "device=cpu", "data.window=65")

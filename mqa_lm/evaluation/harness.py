@@ -177,6 +177,8 @@ class MQALM(TemplateLM):
             "model_num_parameters": self.model.num_params(),
             "model_dtype": str(self.model.wte.weight.dtype),
             "max_seq_len": self.max_length,
+            "rolling_window": self.rolling_window,
+            "rolling_stride": self.rolling_stride,
         }
 
     def _loglikelihood_tokens(
