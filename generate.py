@@ -1,26 +1,32 @@
-"""Sample from a trained model, or measure its perplexity on text.
+"""Sample from a trained model.
 
     python generate.py ckpt_path=outputs/<date>/<time> prompt="Once upon a time" max_new_tokens=200 \
         temperature=0.8 top_k=50 top_p=0.95 num_samples=4 seed=1
     python generate.py ckpt_path=model_dir prompt_file=prompts.txt       # one prompt per line, batched
-    python generate.py mode=perplexity ckpt_path=... data.paths=[file.txt] data.stride=512
+    python generate.py ckpt_path=... max_new_tokens=5000 context_overflow=crop   # past max_seq_len
 
-Options are in configs/generate.yaml. One prompt with one sample is streamed to stdout as it is
-generated; several are printed when done. Statistics go to stderr.
+Options are in configs/generate.yaml (the sampling ones from mqa_lm.inference.GenerationConfig). One
+prompt with one sample is streamed to stdout as it is generated; several are printed when done. The
+last line (stderr) gives load time, time to first token and decode speed apart. Ctrl-C stops at once
+and keeps what was printed (exit status 130). Perplexity and benchmarks are eval.py's.
+
+Imports no training code: the process loads only torch, tokenizers, Hydra and the model.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-MODES = ("sample", "perplexity")
+from mqa_lm import config_store  # noqa: F401  (registers generation/_base before Hydra composes)
+from mqa_lm.cli import fail, hydra_main
+from mqa_lm.files import NotUTF8Error, read_text_utf8
+from mqa_lm.inference.config import GenerationConfig
+
 DTYPES = {
     "fp32": "float32",
     "float32": "float32",
@@ -29,6 +35,7 @@ DTYPES = {
     "fp16": "float16",
     "float16": "float16",
 }
+GENERATION_KEYS = tuple(f.name for f in fields(GenerationConfig))
 
 
 class UsageError(ValueError):
@@ -41,56 +48,54 @@ def _choose(value, choices, key):
     return value
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Every option checked before the model is loaded."""
-    _choose(cfg.mode, MODES, "mode")
+def check_config(cfg: DictConfig) -> GenerationConfig:
+    """Every option checked before the model is loaded; returns the sampling settings."""
+    if cfg.mode == "perplexity":
+        raise UsageError(
+            "generate.py only samples; perplexity moved to eval.py: "
+            f"python eval.py mode=perplexity ckpt_path={cfg.ckpt_path} data.paths=[file.txt]"
+        )
+    _choose(cfg.mode, ("sample",), "mode")
     if cfg.ckpt_path is None or not Path(str(cfg.ckpt_path)).expanduser().exists():
         raise UsageError(
             f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a run directory, a .ckpt file or an export directory"
         )
     _choose(str(cfg.device).split(":")[0], ("auto", "cpu", "cuda"), "device")
     _choose(str(cfg.dtype), ("auto", *DTYPES), "dtype")
-    if cfg.mode == "sample":
-        for key, low in (("max_new_tokens", 1), ("num_samples", 1)):
-            value = cfg[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"{key} must be an integer >= {low}, got {value!r}")
-        if not cfg.temperature >= 0:
-            raise UsageError(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature!r}")
-        if cfg.top_k is not None and (not isinstance(cfg.top_k, int) or cfg.top_k < 1):
-            raise UsageError(f"top_k must be an integer >= 1 or null, got {cfg.top_k!r}")
-        if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1] or null, got {cfg.top_p!r}")
-        if cfg.prompt_file is not None and not Path(str(cfg.prompt_file)).expanduser().is_file():
-            raise UsageError(f"prompt_file={cfg.prompt_file!r} is not a file")
-        _choose(cfg.attention, ("auto", "triton", "sdpa"), "attention")
-        _choose(cfg.cuda_graph, ("auto", True, False), "cuda_graph")
-    else:
-        if not cfg.data.paths:
-            raise UsageError("mode=perplexity needs data.paths=[file.txt,...]")
-        for key in ("window", "stride"):
-            value = cfg.data[key]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise UsageError(f"data.{key} must be a positive integer or null, got {value!r}")
+    try:
+        generation = GenerationConfig.from_dict({key: cfg[key] for key in GENERATION_KEYS})
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    value = cfg.num_samples
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"num_samples must be an integer >= 1, got {value!r}")
+    if cfg.prompt_file is not None and not Path(str(cfg.prompt_file)).expanduser().is_file():
+        raise UsageError(f"prompt_file={cfg.prompt_file!r} is not a file")
+    _choose(cfg.attention, ("auto", "triton", "sdpa"), "attention")
+    _choose(cfg.cuda_graph, ("auto", True, False), "cuda_graph")
+    _choose(cfg.compile, ("auto", True, False), "compile")
+    return generation
 
 
-def text_files(paths) -> list[Path]:
-    files: list[Path] = []
-    for pattern in paths:
-        matches = sorted(glob.glob(os.path.expanduser(str(pattern)))) or [str(pattern)]
-        for match in matches:
-            path = Path(match)
-            if not path.is_file():
-                raise UsageError(f"data.paths entry {str(pattern)!r} matches no file")
-            files.append(path)
-    return files
+def read_prompts(cfg: DictConfig) -> list[str]:
+    if cfg.prompt_file is None:
+        return [str(cfg.prompt)]
+    try:
+        text = read_text_utf8(Path(str(cfg.prompt_file)).expanduser())
+    except NotUTF8Error as err:
+        raise UsageError(f"prompt_file: {err}") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt_file={cfg.prompt_file!r} has no non-empty line")
+    return prompts
 
 
 def run(cfg: DictConfig) -> None:
-    check_config(cfg)
+    generation = check_config(cfg)
+    prompts = read_prompts(cfg)
     import torch
 
-    from mqa_lm.inference.text import Perplexity, TextStreamer, generate_ids, perplexity, start_ids
+    from mqa_lm.inference.text import TextStreamer, generate_ids, start_ids
     from mqa_lm.pretrained import load_pretrained
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -100,81 +105,85 @@ def run(cfg: DictConfig) -> None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, DTYPES[cfg.dtype])
+    started = time.perf_counter()
     extra = {"tokenizer_path": cfg.tokenizer_path} if cfg.tokenizer_path else {}
     model, tokenizer = load_pretrained(str(Path(str(cfg.ckpt_path)).expanduser()), device=device, dtype=dtype, **extra)
     if tokenizer is None:
         raise UsageError(f"{cfg.ckpt_path} carries no tokenizer; pass tokenizer_path=/path/to/tokenizer.json")
+    loaded = time.perf_counter()
 
-    if cfg.mode == "perplexity":
-        files = text_files(cfg.data.paths)
-        texts = [f.read_text(encoding="utf-8") for f in files]
-        start = time.perf_counter()
-        result: Perplexity = perplexity(
-            model, tokenizer, texts, window=cfg.data.window, stride=cfg.data.stride, batch_size=cfg.data.batch_size
-        )
-        print(
-            f"files={len(files)} tokens={result.tokens} bytes={result.bytes} loss={result.loss:.4f} "
-            f"perplexity={result.perplexity:.3f} bits_per_byte={result.bits_per_byte:.4f}"
-        )
-        print(f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        return
-
-    if cfg.prompt_file is not None:
-        lines = Path(str(cfg.prompt_file)).expanduser().read_text(encoding="utf-8").splitlines()
-        prompts = [line for line in lines if line.strip()]
-        if not prompts:
-            raise UsageError(f"prompt_file={cfg.prompt_file!r} has no non-empty line")
-    else:
-        prompts = [str(cfg.prompt)]
     encoded = [tokenizer.encode(p, add_special_tokens=False).ids or start_ids(tokenizer) for p in prompts]
     rows = [ids for ids in encoded for _ in range(cfg.num_samples)]
-    eos = tokenizer.token_to_id("<|endoftext|>") if cfg.stop_at_eos else None
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    eos = tokenizer.token_to_id("<|endoftext|>") if generation.stop_at_eos else None
+    generator = torch.Generator(device=device).manual_seed(generation.seed)
 
     def shown(ids: list[int]) -> list[int]:
         return [t for t in ids if t != eos]  # a row's end-of-sequence token ends it, unprinted
 
-    streamer = None
-    if len(rows) == 1:
-        streamer = TextStreamer(tokenizer)
+    streamer = TextStreamer(tokenizer) if len(rows) == 1 else None
+    if streamer is not None:
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
+    first: list[float] = []  # when the first tokens arrived
+
+    def on_tokens(fresh: list[list[int]]) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        if streamer is not None:
+            streamer.put(shown(fresh[0]))
+
     start = time.perf_counter()
-    new = generate_ids(
-        model,
-        rows,
-        cfg.max_new_tokens,
-        temperature=float(cfg.temperature),
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        eos_token_id=eos,
-        generator=generator,
-        attention=cfg.attention,
-        cuda_graph=None if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph),
-        on_tokens=(lambda fresh: streamer.put(shown(fresh[0]))) if streamer is not None else None,
-    )
-    seconds = time.perf_counter() - start
-    if streamer is not None:
-        streamer.end()
-    else:
+    try:
+        new = generate_ids(
+            model,
+            rows,
+            generation.max_new_tokens,
+            temperature=generation.temperature,
+            top_k=generation.top_k,
+            top_p=generation.top_p,
+            eos_token_id=eos,
+            generator=generator,
+            attention=cfg.attention,
+            cuda_graph=None if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph),
+            compile=device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile),
+            context_overflow=generation.context_overflow,
+            on_tokens=on_tokens,
+        )
+    finally:
+        if streamer is not None:
+            streamer.end()
+    end = time.perf_counter()
+    if streamer is None:
         for i, ids in enumerate(new):
             prompt = prompts[i // cfg.num_samples]
             print(f"--- prompt {i // cfg.num_samples} sample {i % cfg.num_samples} ---")
             print(prompt + tokenizer.decode(shown(ids), skip_special_tokens=False))
     count = sum(len(ids) for ids in new)
+    first_at = first[0] if first else end
+    decoded = count - len(rows)  # the first token of each row comes from the prefill
+    rate = f"{decoded / (end - first_at):,.0f} tok/s" if decoded > 0 and end > first_at else "-"
     print(
-        f"({count} tokens in {seconds:.2f} s, {count / seconds:.0f} tok/s, {len(rows)} rows on {device}, {dtype})",
+        f"(load {loaded - started:.2f} s | prompt {max(map(len, rows))} tokens, first token {first_at - start:.3f} s"
+        f" | {count} tokens, decode {rate} | {len(rows)} rows on {device}, {dtype})",
         file=sys.stderr,
     )
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="generate")
+# hydra_main: hydra.main, with config files that do not parse and bad overrides as one line (exit 2).
+@hydra_main(config_path="configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    from mqa_lm.hf import HFImportError
+    from mqa_lm.pretrained import PretrainedError
+
     try:
         run(cfg)
     except UsageError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("config error", err)
+    except (PretrainedError, HFImportError, NotUTF8Error) as err:
+        fail("error", err)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        fail("\ninterrupted", "generation stopped (what was printed is kept)", status=130)
 
 
 if __name__ == "__main__":

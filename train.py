@@ -4,9 +4,7 @@ Configs live in configs/ (see README.md); the work is done by :func:`mqa_lm.trai
 """
 
 import os
-import sys
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -14,26 +12,25 @@ from omegaconf import DictConfig
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
 from mqa_lm.checkpointing import CheckpointWriteError  # noqa: E402
+from mqa_lm.cli import fail, hydra_main  # noqa: E402
 from mqa_lm.run_dir import RunDirInUseError, remove_if_unused  # noqa: E402
 from mqa_lm.training import ConfigError, DataError, train  # noqa: E402
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+# hydra_main: hydra.main, with a config file that does not parse or a hydra.run.dir that cannot be
+# created stopped as one `config error:` line (exit 2) before Hydra makes anything.
+@hydra_main(config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except (ConfigError, DataError, RunDirInUseError) as err:
-        prefix = {ConfigError: "config error", DataError: "data error"}.get(type(err), "error")
-        print(f"{prefix}: {err}", file=sys.stderr)
         # Nothing ran: leave no run directory that looks like a run (Hydra made it before main).
         remove_if_unused(HydraConfig.get().runtime.output_dir)
-        sys.exit(2)
+        fail({ConfigError: "config error", DataError: "data error"}.get(type(err), "error"), err)
     except CheckpointWriteError as err:  # disk full: the message says what is intact and what to do
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        fail("error", err, status=1)
     except KeyboardInterrupt:  # Ctrl-C before training started (once it runs, preemption handles it)
-        print("interrupted before training started: nothing was saved", file=sys.stderr)
-        sys.exit(130)
+        fail("", "interrupted before training started: nothing was saved", status=130)
     return metrics.get("val/loss")
 
 

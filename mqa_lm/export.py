@@ -39,12 +39,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(err: BaseException) -> str:
+    """One line for an error of the export: our messages as they are, an OSError as ``<path>: <reason>``."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror.lower()}"
+    return " ".join(str(err).split("\n"))
+
+
 def main(argv: list[str] | None = None) -> Path:
-    """Run the export; returns the written directory. Errors exit with status 2 and one message."""
+    """Run the export; returns the written directory.
+
+    A bad input (a path that holds no model, a damaged or unsupported file, a model transformers
+    cannot compute, an out_dir that cannot be written) exits with status 2 and one line on stderr,
+    ``export error: <what, and the fix>``, as ``train.py`` does for its errors.
+    """
     args = build_parser().parse_args(argv)
-    from mqa_lm.hf import HFExportError, check_exportable, export_hf
+    from mqa_lm.files import dir_write_problem
+    from mqa_lm.hf import HFExportError, HFImportError, check_exportable, export_hf
     from mqa_lm.pretrained import PretrainedError, load_pretrained
 
+    # The output directory is checked before the model is read: a typo there costs no load. The export
+    # is assembled beside it, so its parent must take new entries too.
+    out = Path(args.out_dir).expanduser()
+    problem = dir_write_problem(out) or dir_write_problem(out.parent)
+    if problem is not None:
+        print(
+            f"export error: out_dir {args.out_dir} cannot be written: {problem}; choose another out_dir",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     try:
         model, tokenizer = load_pretrained(
             args.source, attn_impl="torch", tokenizer_path=args.tokenizer_path, require_tokenizer=not args.no_tokenizer
@@ -58,8 +81,12 @@ def main(argv: list[str] | None = None) -> Path:
             dtype=DTYPES.get(args.dtype),
             overwrite=args.overwrite,
         )
-    except (HFExportError, PretrainedError, FileNotFoundError, FileExistsError) as err:
-        print(f"export error: {err}", file=sys.stderr)
+    # What each can be: HFExportError (a model transformers cannot compute),
+    # PretrainedError (no model there, a damaged file, no tokenizer), HFImportError (a transformers
+    # directory mqa-lm cannot represent), OSError (paths that cannot be read or written; FileExistsError
+    # for a non-empty out_dir), UnicodeError (a file that is not text where text is needed).
+    except (HFExportError, HFImportError, PretrainedError, OSError, UnicodeError) as err:
+        print(f"export error: {_describe(err)}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {family} model to {out}")
     return out

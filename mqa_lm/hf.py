@@ -14,6 +14,8 @@ Exact without a flag of its own: ``bias=False`` in GPTBigCode (its biases are st
 ``pos_emb='none'`` in GPTBigCode (a zero position table), ``low_precision_*`` norms (identical to the
 full-precision norm without autocast; under autocast transformers normalises in fp32, the more
 precise of the two), dropout rates (training only; Llama has no residual/embedding dropout).
+The norm epsilon travels both ways: ``MQAConfig.norm_eps`` is GPTBigCode's ``layer_norm_epsilon``
+and Llama's ``rms_norm_eps`` (a config.json without one gets transformers' default, 1e-5 and 1e-6).
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ if TYPE_CHECKING:
     from mqa_lm.model import MQATransformer
 
 FAMILIES = ("gpt_bigcode", "llama")
-NORM_EPS = 1e-5  # mqa_lm.nn.norms: every norm uses eps=1e-5
+# transformers' defaults where a config.json leaves the epsilon out (GPTBigCodeConfig, LlamaConfig).
+HF_DEFAULT_EPS = {"gpt_bigcode": 1e-5, "llama": 1e-6}
+
+
+SHARD_INDEX = "model.safetensors.index.json"
 
 
 class HFExportError(ValueError):
@@ -158,7 +164,7 @@ def to_hf_config(config: MQAConfig, family: str, tokenizer: Tokenizer | None = N
             resid_pdrop=config.resid_pdrop,
             embd_pdrop=config.emb_pdrop,
             attn_pdrop=config.attn_pdrop,
-            layer_norm_epsilon=NORM_EPS,
+            layer_norm_epsilon=config.norm_eps,
             scale_attn_weights=True,
             multi_query=config.kv_heads == 1,
             **common,
@@ -172,7 +178,7 @@ def to_hf_config(config: MQAConfig, family: str, tokenizer: Tokenizer | None = N
         head_dim=config.head_dim,
         hidden_act="silu",
         max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=NORM_EPS,
+        rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
         attention_bias=config.bias,
         mlp_bias=config.bias,
@@ -378,7 +384,6 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> MQAConfig:
             hf.get("activation_function", "gelu_pytorch_tanh") in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"),
             "mqa-lm's MLP uses the tanh GELU",
         )
-        need("layer_norm_epsilon", math.isclose(hf.get("layer_norm_epsilon", 1e-5), NORM_EPS), "mqa-lm norms use 1e-5")
         need("scale_attn_weights", hf.get("scale_attn_weights", True), "mqa-lm always scales by 1/sqrt(head_dim)")
         need("add_cross_attention", not hf.get("add_cross_attention", False), "mqa-lm is decoder-only")
         fields = dict(
@@ -389,6 +394,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> MQAConfig:
             heads=heads,
             kv_heads=1 if hf.get("multi_query", True) else heads,
             norm_type="layernorm",
+            norm_eps=_hf_get(hf, "layer_norm_epsilon", default=HF_DEFAULT_EPS["gpt_bigcode"]),
             pos_emb="learned",
             mlp_type="gelu",
             mlp_hidden=hf.get("n_inner") or 4 * d_model,
@@ -404,11 +410,6 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> MQAConfig:
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         theta = _hf_get(rope, "rope_theta", default=hf.get("rope_theta", 10000.0))
         need("hidden_act", hf.get("hidden_act", "silu") == "silu", "mqa-lm's SwiGLU gates with SiLU")
-        need(
-            "rms_norm_eps",
-            math.isclose(hf.get("rms_norm_eps", 1e-6), NORM_EPS),
-            "mqa-lm norms use eps 1e-5 (Llama's default is 1e-6)",
-        )
         head_dim = hf.get("head_dim") or d_model // heads
         need("head_dim", head_dim * heads == d_model, f"mqa-lm needs head_dim * heads = hidden_size ({d_model})")
         need(
@@ -429,6 +430,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> MQAConfig:
             heads=heads,
             kv_heads=hf.get("num_key_value_heads") or heads,
             norm_type="rmsnorm",
+            norm_eps=_hf_get(hf, "rms_norm_eps", default=HF_DEFAULT_EPS["llama"]),
             pos_emb="rope",
             rope_theta=float(theta),
             mlp_type="swiglu",
@@ -477,6 +479,52 @@ def from_hf_state_dict(config: MQAConfig, hf_state: dict[str, torch.Tensor], fam
     return out
 
 
+def _shard_files(index: Path) -> list[str]:
+    """The weight files a ``model.safetensors.index.json`` names (its ``weight_map`` values)."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise HFImportError(
+            f"{index} is not a valid shard index ({type(err).__name__}: {err}); it must be a JSON object whose "
+            "weight_map maps each weight to its file; save the model again"
+        ) from None
+    # A name that leaves the directory is not a shard of this model.
+    bad = [name for name in files if not isinstance(name, str) or Path(name).name != name]
+    if bad or not files:
+        raise HFImportError(
+            f"{index} lists no shard files, or names outside its directory ({bad[:3]}); save the model again"
+        )
+    return files
+
+
+def hf_weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a transformers directory: ``model.safetensors``, or every shard its
+    ``model.safetensors.index.json`` lists. Checks they exist (cheap, before any weight is read):
+    a missing shard is an :class:`HFImportError` naming it and the fix."""
+    directory = Path(directory).expanduser()
+    index = directory / SHARD_INDEX
+    if index.is_file():
+        files = _shard_files(index)
+        missing = [name for name in files if not (directory / name).is_file()]
+        if missing:
+            shown = ", ".join(str(directory / name) for name in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise HFImportError(
+                f"{shown} is missing: {len(missing)} of the {len(files)} shard files listed in {SHARD_INDEX} "
+                f"are not in {directory}; copy every shard the index lists into it (an interrupted download or "
+                "copy?), or save the model again"
+            )
+        return [directory / name for name in files]
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    raise HFImportError(
+        f"{directory} has no model.safetensors (or index); only safetensors weights are read "
+        "(re-save with save_pretrained(..., safe_serialization=True))"
+    )
+
+
 def read_hf(directory: str | Path) -> tuple[MQAConfig, dict[str, torch.Tensor], Path | None]:
     """Our config, our state dict and the ``tokenizer.json`` path (or None) of a transformers GPTBigCode
     or Llama directory (``config.json`` + safetensors weights, sharded or not). Models and tokenizers
@@ -500,22 +548,13 @@ def read_hf(directory: str | Path) -> tuple[MQAConfig, dict[str, torch.Tensor], 
         config = from_hf_config(hf, str(config_path))
     except KeyError as err:
         raise HFImportError(f"{config_path} lacks {err}, which a {hf.get('model_type')} config must have") from None
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise HFImportError(
-            f"{directory} has no model.safetensors (or index); only safetensors weights are read "
-            "(re-save with save_pretrained(..., safe_serialization=True))"
-        )
+    files = hf_weight_files(directory)
     hf_state: dict[str, torch.Tensor] = {}
     for name in files:
         try:
-            hf_state.update(load_file(str(directory / name)))
+            hf_state.update(load_file(str(name)))
         except (SafetensorError, OSError, ValueError) as err:
-            raise HFImportError(f"{directory / name} is corrupt or truncated ({err})") from None
+            raise HFImportError(f"{name} is corrupt or truncated ({err})") from None
     family = hf["model_type"]
     if family == "gpt_bigcode" and config.tie_embeddings and "lm_head.weight" in hf_state:
         if not torch.equal(hf_state["lm_head.weight"], hf_state["transformer.wte.weight"]):

@@ -67,6 +67,7 @@ def resolve_init_from(spec: str, run_dir: str | Path) -> InitSource:
             config = hf.from_hf_config(raw, str(directory / "config.json"))
         except KeyError as err:
             raise ValueError(f"init_from={spec!r}: config.json lacks {err}") from None
+        hf.hf_weight_files(directory)  # a missing shard is found now, not after the data is prepared
         tokenizer_file = directory / "tokenizer.json"
         return InitSource(
             spec, config, tokenizer_file if tokenizer_file.is_file() else None, lambda: hf.read_hf(directory)[1]

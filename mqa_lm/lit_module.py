@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from tokenizers import Tokenizer
 
-from mqa_lm.inference import generate
+from mqa_lm.inference import GenerationConfig, generate
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
 from mqa_lm.pretrained import CHECKPOINT_TOKENIZER_KEY
@@ -232,32 +232,21 @@ class MQALitModule(L.LightningModule):
 
     @torch.no_grad()
     def sample(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        seed: int = 0,
+        self, prompt_ids: list[int], generation: GenerationConfig | None = None, eos_token_id: int | None = None
     ) -> list[int]:
-        """Generate after ``prompt_ids`` with the KV cache; returns prompt + continuation ids."""
-        model = self.net
-        was_training = model.training
-        model.eval()
-        try:
-            idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            out = generate(
-                model,
-                idx,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                eos_token_id=eos_token_id,
-                generator=gen,
-            )
-        finally:
-            model.train(was_training)
+        """Continue ``prompt_ids`` as ``generation`` says (default: :class:`GenerationConfig`'s defaults);
+        ``eos_token_id`` ends the row when ``generation.stop_at_eos``. Returns prompt + continuation ids."""
+        generation = generation or GenerationConfig()
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        out = generate(
+            self.net,
+            idx,
+            generation.max_new_tokens,
+            temperature=generation.temperature,
+            top_k=generation.top_k,
+            top_p=generation.top_p,
+            eos_token_id=eos_token_id if generation.stop_at_eos else None,
+            generator=torch.Generator(device=self.device).manual_seed(generation.seed),
+            context_overflow=generation.context_overflow,
+        )
         return out[0].tolist()

@@ -16,10 +16,12 @@ from torch import nn
 
 from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_args
+from mqa_lm.nn.cache import DynamicKVCache, StaticKVCache, StaticLayerCache
 from mqa_lm.nn.loss import linear_cross_entropy
 from mqa_lm.nn.mlp import MLP
 from mqa_lm.nn.norms import build_norm
 from mqa_lm.nn.positions import alibi_bias as build_alibi_bias
+from mqa_lm.nn.positions import alibi_slopes
 
 if TYPE_CHECKING:
     pass
@@ -182,6 +184,7 @@ class Block(nn.Module):
             device=None,
             rope_theta=config.rope_theta if config.pos_emb == "rope" else None,
             norm_eps=config.norm_eps,
+            rope_max_positions=config.max_seq_len,
         )
         self.norm_2 = build_norm(config.norm_type, config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config.d_model, config.hidden_size, config.mlp_type, config.fc_type, config.bias)
@@ -194,9 +197,18 @@ class Block(nn.Module):
         bias: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         needs_weights: bool = False,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: StaticLayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
         attn_out, weights, present = self.attn(
-            self.norm_1(x), past_key_value=past_key_value, bias=bias, mask=mask, needs_weights=needs_weights
+            self.norm_1(x),
+            past_key_value=past_key_value,
+            bias=bias,
+            mask=mask,
+            needs_weights=needs_weights,
+            positions=positions,
+            cache=cache,
         )
         return self._residual_and_mlp(x, attn_out), weights, present
 
@@ -231,6 +243,7 @@ class MQATransformer(nn.Module):
         # ALiBi tables per device, kept in fp32 on purpose: not a buffer, because model.to(bf16)
         # would round -slope * distance to whole units for distant keys.
         self._alibi_tables: dict[torch.device, torch.Tensor] = {}
+        self._alibi_slope_tables: dict[torch.device, torch.Tensor] = {}
         self.reset_parameters()
 
     # ---- initialisation ---------------------------------------------------------------------
@@ -257,18 +270,35 @@ class MQATransformer(nn.Module):
     # ---- forward ----------------------------------------------------------------------------
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: DynamicKVCache | StaticKVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``idx`` [batch, seq] token ids -> ``(logits [batch, seq, vocab], loss or None)``.
 
-        ``targets`` [batch, seq] gives the mean cross-entropy; positions set to -100 are ignored.
-        With ``loss_impl='chunked'`` the loss comes from :func:`mqa_lm.nn.loss.linear_cross_entropy`,
-        which never forms the whole logits, so a call with targets returns ``(None, loss)``.
+        Args:
+            targets: [batch, seq]: also return the mean cross-entropy; positions set to -100 are
+                ignored. With ``loss_impl='chunked'`` the loss comes from
+                :func:`mqa_lm.nn.loss.linear_cross_entropy`, which never forms the whole logits, so a
+                call with targets returns ``(None, loss)``.
+            positions: int [batch, seq], each token's position (learned embeddings, RoPE); default
+                ``cache length + 0..seq-1`` for every row. A left-padded batch passes each row's own,
+                counted from its first real token. Must be below ``max_seq_len``.
+            cache: a :class:`~mqa_lm.nn.cache.DynamicKVCache` (the tokens follow the cached ones, and
+                it grows) or a :class:`~mqa_lm.nn.cache.StaticKVCache` from :meth:`static_cache`
+                (a prefill into an empty cache, then one token per call); see :mod:`mqa_lm.nn.cache`.
+            logits_to_keep: only the logits of the last ``n`` positions (0: all), as a prefill needs.
         """
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {list(targets.shape)} must equal idx shape {list(idx.shape)}")
-        hidden, _ = self._hidden(idx)
+        hidden = self._hidden(idx, positions, cache)
         if targets is None:
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
             return self.lm_head(hidden), None
         if self.config.loss_impl == "chunked":
             loss = linear_cross_entropy(
@@ -288,12 +318,40 @@ class MQATransformer(nn.Module):
         enough to keep the head's matmuls efficient, small next to the logits of a whole batch."""
         return max(1, 2**26 // self.config.vocab_size)
 
-    def decode(
-        self, idx: torch.Tensor, past_key_values: list[KVCache] | None = None
-    ) -> tuple[torch.Tensor, list[KVCache]]:
-        """Run ``idx`` after the cached tokens; returns (logits [batch, seq, vocab], updated cache)."""
-        hidden, present = self._hidden(idx, past_key_values)
-        return self.lm_head(hidden), present
+    def static_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        decode_attention: str = "auto",
+        split_size: int | None = None,
+    ) -> StaticKVCache:
+        """A :class:`~mqa_lm.nn.cache.StaticKVCache` for this model on its device: ``max_len`` slots
+        (default and at most ``max_seq_len``), in ``dtype`` (default: the autocast dtype when autocast
+        is on, else the weights')."""
+        config = self.config
+        max_len = config.max_seq_len if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= config.max_seq_len:
+            raise ValueError(
+                f"max_len must be in [1, max_seq_len={config.max_seq_len}], got {max_len!r}; "
+                "the model has positions for max_seq_len tokens"
+            )
+        device = self.wte.weight.device
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
+        return StaticKVCache(
+            config.n_layers,
+            batch_size,
+            config.kv_heads,
+            config.head_dim,
+            max_len,
+            device=device,
+            dtype=dtype,
+            decode_attention=decode_attention,
+            split_size=split_size,
+        )
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """The final-norm hidden states [batch, seq, d_model] of ``idx``: ``lm_head`` of them is the
@@ -332,9 +390,9 @@ class MQATransformer(nn.Module):
                 "least the tokenizer's"
             )
 
-    def embed(self, idx: torch.Tensor, past_len: int = 0) -> torch.Tensor:
-        """The first block's input for ``idx`` [batch, seq] placed after ``past_len`` cached tokens:
-        token (+ learned position) embeddings after embedding dropout."""
+    def embed(self, idx: torch.Tensor, past_len: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The first block's input for ``idx`` [batch, seq] placed after ``past_len`` cached tokens
+        (or at ``positions`` [batch, seq]): token (+ learned position) embeddings after dropout."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"idx must be integer token ids [batch, seq], got {idx.dtype} {list(idx.shape)}")
         seq = idx.shape[1]
@@ -351,22 +409,49 @@ class MQATransformer(nn.Module):
             self.check_token_ids(idx)
         x = self.wte(idx.long())
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(past_len, total, device=idx.device))
+            x = x + self.wpe(positions if positions is not None else torch.arange(past_len, total, device=idx.device))
         return self.emb_dropout(x)
 
     def _hidden(
-        self, idx: torch.Tensor, past_key_values: list[KVCache] | None = None
-    ) -> tuple[torch.Tensor, list[KVCache]]:
-        """The final-norm hidden states [batch, seq, d_model] and each layer's updated cache."""
-        if past_key_values is not None and past_key_values and len(past_key_values) != len(self.blocks):
-            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.blocks)}")
-        x = self.embed(idx, 0 if not past_key_values else past_key_values[0][0].shape[2])
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: DynamicKVCache | StaticKVCache | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [batch, seq, d_model]; ``cache`` is read and updated."""
+        seq = idx.shape[1]
+        static = cache if isinstance(cache, StaticKVCache) else None
+        dynamic = cache if isinstance(cache, DynamicKVCache) else None
+        if cache is not None and static is None and dynamic is None:
+            raise TypeError(f"cache must be a DynamicKVCache or a StaticKVCache, got {type(cache).__name__}")
+        if positions is not None and tuple(positions.shape) != tuple(idx.shape):
+            raise ValueError(f"positions must have the shape of idx {list(idx.shape)}, got {list(positions.shape)}")
+        if static is not None:
+            if static.batch_size != idx.shape[0]:
+                raise ValueError(f"the static cache holds {static.batch_size} rows, idx has {idx.shape[0]}")
+            static.begin(seq)
+            if positions is None and seq == 1:  # no padding: a row's position is its slot
+                positions = static.slot.expand(idx.shape[0])[:, None]
+        if dynamic is not None and dynamic.layers and len(dynamic.layers) != len(self.blocks):
+            raise ValueError(f"the cache has {len(dynamic.layers)} layers, the model {len(self.blocks)}")
+        past_len = dynamic.length if dynamic is not None else 0
+        x = self.embed(idx, past_len, positions)
         bias = self.alibi_bias(idx.device)
-        present = []
+        if bias is not None and static is not None and seq == 1:
+            bias = static.decode_bias(self._alibi_slopes(idx.device))
         for i, block in enumerate(self.blocks):
-            x, _, kv = block(x, past_key_value=past_key_values[i] if past_key_values else None, bias=bias)
-            present.append(kv)
-        return self.norm_f(x), present
+            x, _, present = block(
+                x,
+                past_key_value=dynamic.layer(i) if dynamic is not None else None,
+                bias=bias,
+                positions=positions,
+                cache=static.layers[i] if static is not None else None,
+            )
+            if dynamic is not None:
+                dynamic.update(i, present)
+        if static is not None:
+            static.end(seq)
+        return self.norm_f(x)
 
     def alibi_bias(self, device: torch.device) -> torch.Tensor | None:
         """The fp32 ALiBi bias [1, heads, 1, max_seq_len] (None unless ``pos_emb='alibi'``).
@@ -382,6 +467,13 @@ class MQATransformer(nn.Module):
             table = build_alibi_bias(self.config.heads, self.config.max_seq_len, device)
             self._alibi_tables[device] = table
         return table
+
+    def _alibi_slopes(self, device: torch.device) -> torch.Tensor:
+        """Per-head ALiBi slopes in fp32 on ``device`` (the static-cache decode bias is built from them)."""
+        slopes = self._alibi_slope_tables.get(device)
+        if slopes is None:
+            slopes = self._alibi_slope_tables[device] = alibi_slopes(self.config.heads).to(device)
+        return slopes
 
     # ---- accounting ---------------------------------------------------------------------------
 

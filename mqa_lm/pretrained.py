@@ -14,7 +14,9 @@ Layout of an export directory::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import zipfile
 from collections.abc import Mapping
 from dataclasses import fields, replace
@@ -41,6 +43,8 @@ RUN_LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Keys of the Lightning checkpoint dict written by MQALitModule.on_save_checkpoint.
 CHECKPOINT_TOKENIZER_KEY = "tokenizer"
 TIED_HEAD = "lm_head.weight"
+
+log = logging.getLogger("mqa_lm")
 
 ACCEPTED = (
     "a directory written by save_pretrained (model.safetensors + config.json), a run directory "
@@ -173,7 +177,9 @@ def load_pretrained(
         device, dtype: where and in what dtype to put the model; ``dtype=None`` keeps the dtype
             the weights were stored in.
         tokenizer_path: a ``tokenizer.json`` to use instead of the saved one (e.g. for a
-            checkpoint written before checkpoints carried their tokenizer).
+            checkpoint written before checkpoints carried their tokenizer). When the model has a
+            saved tokenizer, one of another vocabulary size is refused and one of the same size
+            but other content is used with a one-line warning (:func:`check_tokenizer_override`).
         require_tokenizer: raise :class:`MissingTokenizerError` (naming the fix) when no tokenizer
             is found, instead of returning ``None`` for it.
         attn_impl: run the model with this attention backend instead of the saved one (e.g.
@@ -190,13 +196,16 @@ def load_pretrained(
         config, state, tokenizer = read_export(source)
     else:
         config, state, tokenizer = read_checkpoint(source)
-        if tokenizer is None and tokenizer_path is None:
+        if tokenizer is None:
             # A checkpoint of a run that saved its tokenizer next to the checkpoints directory.
             run_tokenizer = source.parent.parent / TOKENIZER_FILE
             if source.parent.name == RUN_LAST_CHECKPOINT.parent.name and run_tokenizer.is_file():
                 tokenizer = read_tokenizer(run_tokenizer)
     if tokenizer_path is not None:
-        tokenizer = read_tokenizer(Path(tokenizer_path).expanduser())
+        given = read_tokenizer(Path(tokenizer_path).expanduser())
+        if tokenizer is not None:
+            check_tokenizer_override(tokenizer, given, tokenizer_path, source)
+        tokenizer = given
     if tokenizer is None and require_tokenizer:
         if kind == "checkpoint":
             raise MissingTokenizerError(
@@ -219,6 +228,34 @@ def load_pretrained(
     stored = state["wte.weight"].dtype
     model.to(device=device, dtype=dtype or stored)
     return model.eval(), tokenizer
+
+
+def check_tokenizer_override(saved: Tokenizer, given: Tokenizer, given_path: str | Path, source: Path) -> None:
+    """``tokenizer_path`` replaces the tokenizer saved with a model: refuse one of another vocabulary
+    size (:class:`PretrainedError` naming both sizes; its ids would decode to other text), and warn in
+    one line about one of the same size whose content differs (which may be intended, e.g. a fixed
+    decoder)."""
+    n_saved, n_given = vocab_size_of(saved), vocab_size_of(given)
+    if n_given != n_saved:
+        raise PretrainedError(
+            f"tokenizer_path={given_path} has {n_given} ids but the tokenizer saved with {source} has {n_saved}: "
+            "the model's ids would decode to other text; leave tokenizer_path unset to use the model's own "
+            "tokenizer, or pass the tokenizer.json it was trained with"
+        )
+    if tokenizer_sha256(given) != tokenizer_sha256(saved):
+        log.warning(
+            "tokenizer_path=%s differs from the tokenizer saved with %s (same %d ids, other content): using it, "
+            "though ids may decode to other text; leave tokenizer_path unset to use the saved one",
+            given_path,
+            source,
+            n_given,
+        )
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """sha256 of a tokenizer's canonical JSON (``to_str``): equal for the same tokenizer however its
+    file was formatted."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
 def resolve_source(path: Path) -> tuple[str, Path]:

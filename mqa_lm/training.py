@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, get_args
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -41,10 +41,11 @@ from mqa_lm.checkpointing import (
     slurm_environment,
 )
 from mqa_lm.checkpointing.resume import _is_rank_zero
-from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.console import quiet_known_noise
-from mqa_lm.data import DataConfig
+from mqa_lm.data import DataConfig, TextDataModule
+from mqa_lm.data.tokenizer import EOT
 from mqa_lm.distributed import check_launch, global_batch_line
+from mqa_lm.inference import GenerationConfig
 from mqa_lm.init_from import InitSource, apply_init_from, load_init_weights
 from mqa_lm.lit_module import COMPILE_SCOPES, MQALitModule, check_vocab_fits
 from mqa_lm.loggers import ResumableCSVLogger
@@ -79,29 +80,6 @@ class DataError(ValueError):
 
 
 @dataclass
-class SampleConfig(DictRoundTrip):
-    """The ``sample`` group: the text generated at the end of a run (``max_new_tokens: 0`` = none)."""
-
-    config_group: ClassVar[str] = "sample"
-
-    prompt: str = "\n"
-    max_new_tokens: int = 300
-    temperature: float = 0.8
-    top_k: int | None = 50
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"sample.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"sample.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
-        ):
-            raise ValueError(f"sample.top_k must be an integer >= 1 or null, got {self.top_k!r}")
-        self.prompt = str(self.prompt or "\n")
-
-
-@dataclass
 class RunConfig:
     """The validated config of one run: one object per group, built once by :func:`validate_config`."""
 
@@ -111,7 +89,8 @@ class RunConfig:
     optim: OptimConfig
     data: DataConfig
     datamodule_class: type
-    sample: SampleConfig
+    sample: GenerationConfig  # the end-of-run sample (sample.max_new_tokens: 0 = none)
+    sample_prompt: str
     compile: str | bool  # module.compile: "auto", True or False (see resolve_compile)
     ckpt_path: str | None
     resume: str
@@ -206,7 +185,9 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         data_fields = _group(cfg, "data")
         target = data_fields.pop("_target_", "mqa_lm.data.TextDataModule")
         data = DataConfig.from_dict(data_fields)
-        sample = SampleConfig.from_dict(_group(cfg, "sample"))
+        sample_fields = _group(cfg, "sample")
+        sample_prompt = str(sample_fields.pop("prompt", "\n") or "\n")
+        sample = GenerationConfig.from_dict(sample_fields, prefix="sample.")
         check_ckpt_path(cfg.get("ckpt_path"))
         resume = check_resume_mode(cfg.get("resume", "auto"))
     except (ValueError, TypeError) as err:
@@ -236,6 +217,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         data=data,
         datamodule_class=datamodule_class,
         sample=sample,
+        sample_prompt=sample_prompt,
         compile=compile_setting,
         ckpt_path=str(ckpt_path) if ckpt_path else None,
         resume=resume,
@@ -284,10 +266,14 @@ def prepare_before_training(run: RunConfig, datamodule: Any) -> None:
     """Prepare the data (local rank 0, as Lightning would) before the Trainer exists, so that a bad
     source is one :class:`DataError` before any other work and the vocabulary can be checked.
 
-    Lightning's own ``prepare_data`` call in ``fit`` then finds the data current and does nothing.
+    Lightning's own ``prepare_data`` call in ``fit`` then finds the data current and does nothing. The
+    token files are opened (``setup``) here too: a directory that is gone is a :class:`DataError` now,
+    and from here on the run reads the files through their maps, wherever the directory goes.
     """
     try:
         datamodule.prepare_data()
+        if isinstance(datamodule, TextDataModule):  # whose setup Lightning may call again (it returns at once)
+            datamodule.setup("fit")
     except ValueError as err:
         message = str(err)
         raise DataError(message.removeprefix("data: ")) from None
@@ -416,13 +402,13 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if trainer.is_global_zero:
-        report(cfg, run.sample, trainer, module, datamodule, metrics)
+        report(cfg, run, trainer, module, datamodule, metrics)
     return metrics
 
 
 def report(
     cfg: DictConfig,
-    sample: SampleConfig,
+    run: RunConfig,
     trainer: L.Trainer,
     module: MQALitModule,
     datamodule: Any,
@@ -443,16 +429,16 @@ def report(
         lines.append(f"{type(lg).__name__} logs: {lg.log_dir}")
     shown = {k: round(v, 4) for k, v in sorted(metrics.items())}
     lines.append(f"final metrics: {shown}")
-    max_new = sample.max_new_tokens
-    if max_new > 0 and module.model is not None and hasattr(datamodule, "encode"):
-        prompt_ids = datamodule.encode(sample.prompt) or [0]
+    sample = run.sample
+    if sample.max_new_tokens > 0 and module.model is not None and hasattr(datamodule, "encode"):
+        prompt_ids = datamodule.encode(run.sample_prompt) or [0]
         # fit() hands the module back on the CPU; sample where and how it trained (device, autocast),
         # which also keeps CUDA-only kernels such as attn_impl=flash usable here.
         module.to(trainer.strategy.root_device)
         with trainer.precision_plugin.forward_context():
-            ids = module.sample(
-                prompt_ids, max_new, temperature=float(sample.temperature), top_k=sample.top_k, seed=int(cfg.seed)
-            )
+            tokenizer = getattr(datamodule, "tokenizer", None)
+            eos = tokenizer.token_to_id(EOT) if tokenizer is not None else None
+            ids = module.sample(prompt_ids, sample, eos_token_id=eos)
         text = datamodule.decode(ids)
         sample_file = Path(cfg.paths.output_dir) / "sample.txt"
         sample_file.parent.mkdir(parents=True, exist_ok=True)

@@ -225,8 +225,7 @@ def test_url_sha256_mismatch_fails_and_keeps_nothing(tmp_path, http_server):
     dm = make_dm(f"{base}/input.txt", tmp_path, sha256=wrong)
     with pytest.raises(ValueError, match=f"sha256 mismatch for {base}/input.txt: data.sha256 expects {wrong}"):
         dm.prepare_data()
-    downloads = tmp_path / "cache" / "downloads"
-    assert [p.name for p in downloads.iterdir()] == [sources_mod.CACHE_MARKER]
+    assert not (tmp_path / "cache").exists()  # neither the download nor a directory made for it
 
 
 def test_url_not_found_is_a_clear_error(tmp_path, http_server):
@@ -395,7 +394,7 @@ def test_damaged_split_is_detected_and_rebuilt(tmp_path, damage, reason):
     good = read_split(dm, "train")
     before = mtimes(directory)
     damage(directory)
-    with pytest.raises(RuntimeError, match="call prepare_data"):
+    with pytest.raises(ValueError, match="^data: .*call prepare_data"):
         make_dm(str(corpus), tmp_path).setup("fit")  # never silently used
     with pytest.warns(UserWarning, match=f"rebuilding the train split in .*{reason}"):
         rebuilt = ready(make_dm(str(corpus), tmp_path))
@@ -483,7 +482,12 @@ def test_malformed_tokenizer_file(tmp_path):
         (
             "latin1.txt",
             "caf\u00e9 au lait".encode("latin-1"),
-            "latin1.txt is not valid UTF-8: invalid continuation byte at byte 3",
+            "latin1.txt: not UTF-8 at byte 3 \\(invalid continuation byte\\); convert it",
+        ),
+        (
+            "bytes.jsonl",
+            b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+            "bytes.jsonl: not UTF-8 at byte 28 \\(invalid continuation byte, line 2\\); convert it",
         ),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": broken}\n', "bad.jsonl:2 is not valid JSON"),
         (
@@ -531,7 +535,7 @@ def test_use_before_prepare_is_a_clear_error(tmp_path):
     dm = make_dm(str(write(tmp_path / "c.txt", sample_text())), tmp_path)
     with pytest.raises(RuntimeError, match="call prepare_data"):
         _ = dm.vocab_size
-    with pytest.raises(RuntimeError, match="call prepare_data"):
+    with pytest.raises(ValueError, match="^data: .*call prepare_data"):  # a data error in train.py
         dm.setup("fit")
     with pytest.raises(RuntimeError, match="call prepare_data\\(\\) and setup\\(\\)"):
         dm.train_dataloader()
@@ -735,3 +739,83 @@ def test_shakespeare_char_matches_nanogpt_preparation(tmp_path):
     np.testing.assert_array_equal(read_split(dm, "train"), np.array([stoi[c] for c in train_text], dtype=np.uint16))
     expected_val = np.array([stoi.get(c, unk) for c in val_text], dtype=np.uint16)
     np.testing.assert_array_equal(read_split(dm, "val"), expected_val)
+
+
+# -- what survives a failure, and what a moved cache does ----------------------------------------
+
+
+def test_read_text_utf8_names_the_file_and_the_byte(tmp_path):
+    from mqa_lm.files import NotUTF8Error, read_text_utf8
+
+    good = write(tmp_path / "good.txt", "\ufeffcaf\u00e9\n".encode())
+    assert read_text_utf8(good) == "caf\u00e9\n"  # the BOM is encoding metadata, not text
+    bad = write(tmp_path / "bad.txt", b"ok\n" * 1000 + b"caf\xe9 au lait")
+    with pytest.raises(NotUTF8Error) as err:
+        read_text_utf8(bad)
+    assert isinstance(err.value, ValueError)
+    assert (err.value.path, err.value.offset) == (bad, 3003)
+    assert str(err.value).startswith(f"{bad}: not UTF-8 at byte 3003 (invalid continuation byte); convert it")
+    with pytest.raises(NotUTF8Error, match="; or pass another file$"):
+        read_text_utf8(bad, fix="or pass another file")
+
+
+@pytest.mark.parametrize(
+    "name, content, block_size",
+    [
+        ("empty.txt", b"", 16),
+        ("one-char.txt", b"a", 16),
+        ("binary.bin", bytes(range(256)) * 8, 16),
+        ("short.txt", b"0123456789" * 3, 64),  # prepared completely, then too short for one window
+    ],
+)
+def test_a_failed_preparation_leaves_no_cache_directory(tmp_path, name, content, block_size):
+    # An earlier run's prepared data in the same cache is kept as it was.
+    earlier = ready(make_dm(str(write(tmp_path / "good.txt", sample_text(40))), tmp_path, tokenizer="char"))
+    before = {p: p.stat().st_mtime_ns for p in earlier._dir.iterdir()}
+    dm = make_dm(str(write(tmp_path / name, content)), tmp_path, tokenizer="char", block_size=block_size)
+    with pytest.raises(ValueError):
+        dm.prepare_data()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [earlier._dir.name]
+    assert {p: p.stat().st_mtime_ns for p in earlier._dir.iterdir()} == before
+
+    # A cache directory made by this attempt alone goes too.
+    alone = make_dm(str(tmp_path / name), tmp_path / "other", tokenizer="char", block_size=block_size)
+    with pytest.raises(ValueError):
+        alone.prepare_data()
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_prepared_directory_that_existed_is_not_removed_on_failure(tmp_path):
+    """A directory this attempt did not create (an interrupted earlier attempt, a user's files) stays."""
+    dm = make_dm(str(write(tmp_path / "one-char.txt", "a")), tmp_path, tokenizer="char")
+    target = dm._locate()[0]
+    write(target / "notes.txt", "mine\n")
+    with pytest.raises(ValueError, match="too few to split"):
+        dm.prepare_data()
+    assert (target / "notes.txt").read_text() == "mine\n"
+
+
+def test_token_files_are_read_after_the_prepared_directory_moves(tmp_path):
+    """Both splits are opened by setup(): a run keeps reading them when the cache is moved or deleted."""
+    dm = ready(make_dm(str(write(tmp_path / "c.txt", sample_text(60))), tmp_path, tokenizer="char"))
+    train_tokens, val_tokens = read_split(dm, "train"), read_split(dm, "val")
+    moved = tmp_path / "moved"
+    shutil.move(str(dm._dir), moved)
+    x, y = dm.train_dataset[3]
+    offsets = dm.train_dataset.offsets(3).numpy()
+    assert np.array_equal(x.numpy(), np.stack([train_tokens[o : o + 16] for o in offsets]))
+    xv, yv = next(iter(dm.val_dataloader()))
+    assert np.array_equal(xv[0].numpy(), val_tokens[:16]) and np.array_equal(yv[0].numpy(), val_tokens[1:17])
+    shutil.rmtree(moved)
+    assert dm.val_dataset[1][0].shape == (16,)
+
+
+def test_setup_without_the_prepared_directory_is_a_data_error(tmp_path):
+    dm = ready(make_dm(str(write(tmp_path / "c.txt", sample_text(40))), tmp_path, tokenizer="char"))
+    shutil.rmtree(dm._dir)
+    again = make_dm(str(tmp_path / "c.txt"), tmp_path, tokenizer="char")
+    with pytest.raises(ValueError) as err:
+        again.setup("fit")
+    message = str(err.value)
+    assert message.startswith(f"data: the prepared data directory {dm._dir} is missing") and "\n" not in message
+    assert "prepare_data()" in message

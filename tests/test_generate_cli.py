@@ -1,10 +1,10 @@
 """generate.py: sampling (one streamed prompt, a prompt file batched with left padding, several
-samples), against the library run directly; config errors before any work. (Perplexity is eval.py's:
-tests/test_eval_cli.py.)"""
+samples) and mode=perplexity, against the library run directly; config errors before any work."""
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char
-from mqa_lm.inference.generate import generate_with_growing_cache
+from mqa_lm.inference import generate as lm_generate
 from mqa_lm.pretrained import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def run_cli(capsys, *overrides):
 
 def greedy_text(model, tokenizer, prompt, n):
     idx = torch.tensor([tokenizer.encode(prompt).ids])
-    out = generate_with_growing_cache(model, idx, n, temperature=0.0)
+    out = lm_generate(model, idx, n, temperature=0.0)
     return tokenizer.decode(out[0, idx.shape[1] :].tolist(), skip_special_tokens=False)
 
 
@@ -121,12 +121,13 @@ def test_sampling_is_seeded(export, capsys):
     "overrides, message",
     [
         (["ckpt_path=/nonexistent/run"], "ckpt_path='/nonexistent/run' does not exist"),
-        (["mode=score"], "mode='score' is not one of: sample, perplexity"),
+        (["mode=score"], "mode='score' is not one of: sample"),
+        (["mode=perplexity"], "generate.py only samples; perplexity moved to eval.py: python eval.py mode=perplexity"),
+        (["context_overflow=wrap"], "context_overflow must be one of slide, crop, error, got 'wrap'"),
         (["temperature=-1"], "temperature must be >= 0"),
         (["top_p=1.5"], r"top_p must be in \(0, 1\]"),
         (["num_samples=0"], "num_samples must be an integer >= 1"),
         (["prompt_file=/nonexistent.txt"], "prompt_file='/nonexistent.txt' is not a file"),
-        (["mode=perplexity"], r"mode=perplexity needs data.paths=\[file.txt,...\]"),
         (["attention=flash"], "attention='flash' is not one of"),
     ],
 )
@@ -173,3 +174,73 @@ def test_command_line_entry_point(export):
         check=False,
     )
     assert bad.returncode == 2 and "config error: ckpt_path='/nonexistent' does not exist" in bad.stderr
+
+
+def _cli(*args, **kwargs):
+    env = repo_env()
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.Popen(
+        [sys.executable, "generate.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_ctrl_c_stops_at_once_keeps_the_text_and_exits_130(export):
+    path, _, _ = export
+    # Far past max_seq_len (64): slide keeps it going until interrupted.
+    proc = _cli(f"ckpt_path={path}", "prompt=it was", "max_new_tokens=1000000", "device=cpu", "stop_at_eos=false")
+    assert proc.stdout is not None
+    printed = proc.stdout.read(40)  # the prompt and some generated text have arrived
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err
+    assert (printed + out).startswith("it was") and len(printed + out) >= 40
+
+
+def test_the_last_line_reports_load_first_token_and_decode_apart(export):
+    path, _, _ = export
+    proc = _cli(
+        f"ckpt_path={path}", "prompt=it", "max_new_tokens=150", "temperature=0", "stop_at_eos=false", "device=cpu"
+    )
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    line = err.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"\(load [\d.]+ s \| prompt 2 tokens, first token [\d.]+ s \| (\d+) tokens, decode [\d,]+ tok/s "
+        r"\| 1 rows on cpu, torch.float32\)",
+        line,
+    )
+    assert match, line
+    assert int(match.group(1)) == 150  # 150 > max_seq_len - 2: past the context, slide went on
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d, "holds no model"),  # an empty directory
+        (lambda d: [(d / "model.safetensors").write_bytes(b"\x00" * 10), d][1], "no config.json"),
+    ],
+    ids=["empty_dir", "truncated_export"],
+)
+def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, make, message):
+    target = make(tmp_path)
+    proc = _cli(f"ckpt_path={target}", "prompt=x", "device=cpu")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_prompt_file_that_is_not_utf8_names_its_byte(export, tmp_path, capsys):
+    path, _, _ = export
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"fine line\nbad \xff\xfe here\n")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[f"ckpt_path={path}", f"prompt_file={bad}"])
+    with pytest.raises(generate.UsageError, match=r"prompt_file: .*prompts.txt: not UTF-8 at byte 14"):
+        generate.run(cfg)

@@ -10,7 +10,6 @@ import torch
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import train_bpe
-from mqa_lm.inference.generate import generate_with_growing_cache
 from mqa_lm.inference.text import TextStreamer, generate_ids, left_pad
 
 
@@ -35,6 +34,16 @@ def model_for(vocab, max_seq_len=16, seed=0, **overrides):
     return MQATransformer(config).double().eval()
 
 
+@torch.no_grad()
+def naive_greedy(model, row, n):
+    """Greedy tokens from full forwards of the last max_seq_len tokens (nanoGPT's loop)."""
+    ids = torch.tensor([row])
+    for _ in range(n):
+        logits, _ = model(ids[:, -model.config.max_seq_len :])
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(row) :].tolist()
+
+
 def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [9]], "cpu")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
@@ -54,8 +63,7 @@ def test_rows_of_different_lengths_equal_each_row_alone(pos_emb):
     got = generate_ids(model, rows, 20, temperature=0.0, on_tokens=collect, chunk=3)
     assert got == streamed
     for row, new in zip(rows, got):
-        idx = torch.tensor([row])
-        assert new == generate_with_growing_cache(model, idx, 20, temperature=0.0)[0, len(row) :].tolist()
+        assert new == naive_greedy(model, row, 20)
 
 
 def test_rows_stop_at_eos_and_long_rows_slide():
@@ -69,12 +77,10 @@ def test_rows_stop_at_eos_and_long_rows_slide():
         assert got[1] == free[1][: free[1].index(eos) + 1]
     else:
         assert got[1] == free[1]
-    # 3 + 20 tokens exceed max_seq_len=16: rows run alone through generate, which slides.
-    long = generate_ids(model, rows, 20, temperature=0.0)
+    # 3 + 20 tokens exceed max_seq_len=16: the rows stay batched, and crop gives each its last window.
+    long = generate_ids(model, rows, 20, temperature=0.0, context_overflow="crop")
     for row, new in zip(rows, long):
-        assert (
-            new == generate_with_growing_cache(model, torch.tensor([row]), 20, temperature=0.0)[0, len(row) :].tolist()
-        )
+        assert new == naive_greedy(model, row, 20)
 
 
 def test_streamer_never_prints_half_a_character():

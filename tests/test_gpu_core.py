@@ -22,6 +22,7 @@ from mqa_reference import press_alibi_slopes, ref_block, ref_model_logits
 
 import mqa_lm.kernels.flash as flash_module
 from mqa_lm import MQAConfig, MQATransformer, MultiQueryAttention
+from mqa_lm.nn.cache import DynamicKVCache
 
 pytestmark = [
     pytest.mark.gpu,
@@ -217,9 +218,9 @@ def test_model_bf16_parity_and_incremental_decoding(flash_generation, impl, pos_
         # A whole model stacks bf16 roundings (residual stream, norms, two layers, logits): ~1.0-1.3%
         # was measured for the 'torch' path in CPU bf16, so the model-level bound is 2e-2.
         assert rel_err(full, ref_model_logits(model, idx)) <= MODEL_REL_TOL
-        cache, start = None, 0
+        cache, start = DynamicKVCache(), 0
         for n in [300, 1, 1, 100, 1, 109]:
-            logits, cache = model.decode(idx[:, start : start + n], cache)
+            logits, _ = model(idx[:, start : start + n], cache=cache)
             # Same weights and dtype: incremental and full differ only by kernel rounding.
             assert rel_err(logits, full[:, start : start + n]) <= REL_TOL, (start, n)
             start += n

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import train_bpe
 from mqa_lm.hf import HFExportError, HFImportError, export_hf
-from mqa_lm.inference.generate import generate
+from mqa_lm.inference import generate
 from mqa_lm.pretrained import from_hf, save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -199,7 +200,7 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama")
     with pytest.raises(HFImportError) as err:
         from_hf(tmp_path / "llama")
-    assert "hidden_act='gelu'" in str(err.value) and "rms_norm_eps=1e-06" in str(err.value)
+    assert "hidden_act='gelu'" in str(err.value) and "rms_norm_eps" not in str(err.value)  # any epsilon maps
 
     gpt2 = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=4)
     transformers.AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path / "gpt2")
@@ -214,3 +215,169 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     with pytest.raises(HFImportError, match="model_type='gpt2' is not supported"):
         load_pretrained(tmp_path / "gpt2")
     assert json.loads((tmp_path / "llama" / "config.json").read_text())["model_type"] == "llama"
+
+
+# ---- norm epsilons, sharded checkpoints and what the export CLI says -------------------------------
+
+TINY_LLAMA = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=72,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=3,
+    max_position_embeddings=40,
+)
+TINY_GPT_BIGCODE = dict(vocab_size=97, n_positions=40, n_embd=48, n_layer=2, n_head=6, multi_query=True, n_inner=80)
+
+
+def random_hf(config) -> torch.nn.Module:
+    """A transformers model as transformers initialises it, every weight then moved off its init."""
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return hf
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode"])
+def test_a_norm_epsilon_other_than_ours_round_trips_exactly(tmp_path, family):
+    """LlamaConfig's own default rms_norm_eps (1e-6), and GPTBigCode's layer_norm_epsilon=1e-6, import
+    with that epsilon (logits equal to transformers') and export with it again."""
+    if family == "llama":
+        config = transformers.LlamaConfig(**TINY_LLAMA)  # rms_norm_eps left at transformers' default
+        assert config.rms_norm_eps == 1e-6
+    else:
+        config = transformers.GPTBigCodeConfig(**TINY_GPT_BIGCODE, layer_norm_epsilon=1e-6)
+    hf = random_hf(config)
+    hf.save_pretrained(tmp_path / "hf")
+    model = from_hf(tmp_path / "hf")[0]
+    assert model.config.norm_eps == 1e-6
+    idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-5)
+        # The epsilon is visible at this tolerance: ours at 1e-5 would not pass the check above.
+        at_ours = MQATransformer(replace(model.config, norm_eps=1e-5)).eval()
+        at_ours.load_state_dict(model.state_dict())
+        assert not torch.allclose(at_ours(idx)[0], expected, rtol=0, atol=1e-5)
+
+    out = export_hf(model, tmp_path / "back")
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert saved["rms_norm_eps" if family == "llama" else "layer_norm_epsilon"] == 1e-6
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_a_sharded_checkpoint_loads_bit_exactly_and_a_missing_shard_is_named(tmp_path):
+    hf = random_hf(transformers.LlamaConfig(**TINY_LLAMA, rms_norm_eps=1e-5))
+    hf.save_pretrained(tmp_path / "whole")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and not (tmp_path / "sharded" / "model.safetensors").exists()
+
+    whole, sharded = from_hf(tmp_path / "whole")[0].state_dict(), from_hf(tmp_path / "sharded")[0].state_dict()
+    assert sharded.keys() == whole.keys()
+    for name, tensor in whole.items():
+        assert torch.equal(sharded[name], tensor), name
+    assert torch.equal(sharded["wte.weight"], hf.model.embed_tokens.weight)
+    assert torch.equal(sharded["blocks.1.norm_2.weight"], hf.model.layers[1].post_attention_layernorm.weight)
+
+    (tmp_path / "sharded" / shards[1]).unlink()
+    from mqa_lm.pretrained import load_pretrained
+
+    for load in (from_hf, load_pretrained):
+        with pytest.raises(HFImportError) as err:
+            load(tmp_path / "sharded")
+        message = str(err.value)
+        assert f"{tmp_path / 'sharded' / shards[1]} is missing" in message, message
+        assert f"1 of the {len(shards)} shard files listed in model.safetensors.index.json" in message, message
+        assert "copy every shard" in message and "\n" not in message
+
+    # train.py init_from=hf:<it> stops before any work (the weights are read after the Trainer is built).
+    from helpers import compose_cfg, tiny_run
+
+    from mqa_lm.training import ConfigError, train
+
+    (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    overrides = ["data=text", f"data.paths=[{tmp_path / 'corpus.txt'}]", *tiny_run(tmp_path / "cache")]
+    overrides += [f"paths.output_dir={tmp_path / 'run'}", f"init_from=hf:{tmp_path / 'sharded'}"]
+    with pytest.raises(ConfigError, match=f"{shards[1]} is missing: 1 of the {len(shards)} shard files"):
+        train(compose_cfg(overrides))
+    assert not (tmp_path / "cache").exists()
+
+
+def _truncated_export(tmp_path, tokenizer):
+    directory = save_pretrained(perturbed(**LLAMA), tmp_path / "src", tokenizer)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return directory
+
+
+def _binary_config(tmp_path, tokenizer):
+    directory = tmp_path / "src"
+    directory.mkdir()
+    (directory / "config.json").write_bytes(bytes(range(256)))
+    return directory
+
+
+def _gpt2_dir(tmp_path, tokenizer):
+    gpt2 = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=4)
+    transformers.AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def _random_bytes(tmp_path, tokenizer):
+    path = tmp_path / "src.ckpt"
+    path.write_bytes(bytes(range(256)) * 4)
+    return path
+
+
+def _empty_dir(tmp_path, tokenizer):
+    (tmp_path / "src").mkdir()
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize(
+    "make_source,extra,expected",
+    [
+        (_empty_dir, [], "holds no model"),
+        (_truncated_export, [], "model.safetensors is corrupt or truncated"),
+        (_binary_config, [], "config.json is not valid JSON"),
+        (_gpt2_dir, [], "model_type='gpt2' is not supported"),
+        (_random_bytes, [], "is corrupt"),
+        (lambda tmp_path, tok: save_pretrained(perturbed(**LLAMA), tmp_path / "src"), [], "has no tokenizer.json"),
+        (
+            lambda tmp_path, tok: save_pretrained(perturbed(**LLAMA), tmp_path / "src", tok),
+            ["--tokenizer-path", "{tmp}"],
+            "does not exist",
+        ),
+        (
+            lambda tmp_path, tok: save_pretrained(perturbed(**LLAMA), tmp_path / "src", tok),
+            ["OUT_UNDER_A_FILE"],
+            "is a file, not a directory",
+        ),
+    ],
+)
+def test_export_cli_errors_are_one_line_and_exit_2(tmp_path, tokenizer, capsys, make_source, extra, expected):
+    from mqa_lm.export import main
+
+    source = make_source(tmp_path, tokenizer)
+    out = tmp_path / "out"
+    if extra == ["OUT_UNDER_A_FILE"]:
+        (tmp_path / "file").write_text("keep me\n", encoding="utf-8")
+        out, extra = tmp_path / "file" / "out", []
+    args = [str(source), str(out), *(a.replace("{tmp}", str(tmp_path / "nothing.json")) for a in extra)]
+    capsys.readouterr()  # what making the source printed (transformers' progress bars)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+    assert not out.exists()
+    if (tmp_path / "file").exists():
+        assert (tmp_path / "file").read_text(encoding="utf-8") == "keep me\n"

@@ -1,7 +1,8 @@
-"""The inference engine (mqa_lm.inference) on CPU: greedy tokens equal the growing-cache path, the
-engine's logits equal full forwards of the generated text, left-padded batches equal their rows run
-alone, device sampling follows the same distribution as sample_next_token, and bad input fails early.
-The Triton decode kernel and the engine on it run under the interpreter in a subprocess."""
+"""Generation (mqa_lm.inference) on CPU, against loops over the model's cache-free forward: greedy tokens
+in context, nanoGPT's crop and the sliding re-prefill past the context, left-padded batches equal their
+rows alone, every step's logits equal a full forward, one sampler whose i-th token uses the i-th
+uniform whatever the prompt length, and bad input fails early. The Triton decode kernel and the engine
+on it run under the interpreter in a subprocess."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 from helpers import run_interpreted
 
-from mqa_lm import MQAConfig, MQATransformer
+from mqa_lm import MQAConfig, MQATransformer, generate
 from mqa_lm.inference import InferenceEngine, cache_length, sample_with_uniform
-from mqa_lm.inference.generate import generate, generate_with_growing_cache
 from mqa_lm.kernels.triton_backend import triton_importable
+from mqa_lm.nn.cache import DynamicKVCache
 
 POS_EMBS = ["learned", "rope", "alibi", "none"]
 
@@ -24,7 +25,7 @@ def _no_triton_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-def tiny_model(dtype=torch.float32, seed=0, **overrides) -> MQATransformer:
+def tiny_model(dtype=torch.float64, seed=0, **overrides) -> MQATransformer:
     # init_std well above GPT-2's so attention (and so the cache and positions) drives the logits.
     values = dict(
         vocab_size=64, max_seq_len=48, n_layers=2, d_model=32, heads=4, kv_heads=2, attn_impl="torch", init_std=0.3
@@ -43,18 +44,66 @@ def tokens(batch, seq, vocab=64, seed=1):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+@torch.no_grad()
+def naive(model, idx, n, rule="crop", eos=None):
+    """Greedy decoding by full forwards of a window, no cache. ``crop``: nanoGPT's, the last
+    ``max_seq_len`` tokens. ``slide``: the window starts where the last re-prefill started; when it
+    would exceed ``max_seq_len`` it restarts at the last ``max_seq_len // 2`` tokens."""
+    limit = model.config.max_seq_len
+    start = max(0, idx.shape[1] - limit)
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool)
+    for _ in range(n):
+        if rule == "crop":
+            start = max(0, idx.shape[1] - limit)
+        elif idx.shape[1] - start > limit:
+            start = idx.shape[1] - limit // 2
+        logits, _ = model(idx[:, start:])
+        token = logits[:, -1].argmax(-1)
+        if eos is not None:
+            token = torch.where(finished, eos, token)
+            finished |= token == eos
+        idx = torch.cat([idx, token[:, None]], dim=1)
+    return idx
+
+
 @pytest.mark.parametrize("pos_emb", POS_EMBS)
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_greedy_tokens_equal_the_growing_cache_path(pos_emb, kv_heads):
+def test_greedy_tokens_equal_full_forwards_in_context(pos_emb, kv_heads):
     model = tiny_model(pos_emb=pos_emb, kv_heads=kv_heads)
     idx = tokens(2, 5)
-    want = generate_with_growing_cache(model, idx, 30, temperature=0.0)
+    want = naive(model, idx, 30)
     engine = InferenceEngine(model, batch_size=2, max_len=40)
     assert engine.attention == "sdpa" and not engine.cuda_graph
-    got = engine.generate(idx, 30, temperature=0.0, chunk=7)
-    assert torch.equal(got, want)
-    # MQATransformer.generate dispatches to an engine for this call.
+    assert torch.equal(engine.generate(idx, 30, temperature=0.0, chunk=7), want)
     assert torch.equal(generate(model, idx, 30, temperature=0.0), want)
+
+
+@pytest.mark.parametrize("pos_emb", POS_EMBS)
+@pytest.mark.parametrize("rule", ["crop", "slide"])
+def test_past_the_context_each_rule_equals_its_naive_loop(pos_emb, rule):
+    # 3x max_seq_len new tokens: the cache fills, then crop recomputes the last window per token and
+    # slide re-prefills the last half window; both stay batched.
+    model = tiny_model(pos_emb=pos_emb, max_seq_len=16)
+    idx = tokens(2, 5)
+    want = naive(model, idx, 48, rule)
+    assert torch.equal(generate(model, idx, 48, temperature=0.0, context_overflow=rule), want)
+    engine = InferenceEngine(model, batch_size=2)
+    for chunk in (1, 5, 64):
+        assert torch.equal(engine.generate(idx, 48, temperature=0.0, chunk=chunk, context_overflow=rule), want)
+    # A prompt longer than the context: crop reads its last max_seq_len tokens, as nanoGPT does.
+    long_prompt = tokens(2, 23, seed=3)
+    assert torch.equal(
+        generate(model, long_prompt, 10, temperature=0.0, context_overflow=rule), naive(model, long_prompt, 10, rule)
+    )
+
+
+def test_context_overflow_error_refuses_before_any_work():
+    model = tiny_model(max_seq_len=16)
+    with pytest.raises(ValueError, match=r"needs a window of 20, past this engine's max_len=16 .*'slide' or 'crop'"):
+        generate(model, tokens(1, 5), 16, temperature=0.0, context_overflow="error")
+    assert generate(model, tokens(1, 5), 12, temperature=0.0, context_overflow="error").shape == (1, 17)
+    with pytest.raises(ValueError, match=r"context_overflow must be one of slide, crop, error, got 'wrap'"):
+        generate(model, tokens(1, 5), 2, context_overflow="wrap")
 
 
 @pytest.mark.parametrize(
@@ -68,69 +117,78 @@ def test_greedy_tokens_equal_the_growing_cache_path(pos_emb, kv_heads):
 def test_engine_logits_equal_full_forwards_of_the_generated_text(overrides):
     # Every step's logits against a cache-free forward of the final sequence (fp64: exact up to
     # rounding), so the cache writes, positions and masks are checked at every position.
-    model = tiny_model(torch.float64, **overrides)
+    model = tiny_model(**overrides)
     idx = tokens(3, 6)
     engine = InferenceEngine(model, batch_size=3, max_len=32, keep_logits=True)
     out = engine.generate(idx, 20, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full, _ = model(out[:, :-1])
-    got = engine.step_logits[:20].transpose(0, 1)
-    torch.testing.assert_close(got, full[:, 5:].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(engine.step_logits.transpose(0, 1), full[:, 5:], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("pos_emb", POS_EMBS)
-def test_left_padded_batch_equals_rows_run_alone(pos_emb):
-    model = tiny_model(torch.float64, pos_emb=pos_emb, kv_heads=1)
+@pytest.mark.parametrize("rule", ["slide", "crop"])
+def test_left_padded_batch_equals_rows_run_alone(pos_emb, rule):
+    # 30 new tokens with max_seq_len 24: every row passes the context while batched with the others.
+    model = tiny_model(pos_emb=pos_emb, kv_heads=1, max_seq_len=24)
     lengths = [3, 9, 6]
     width = max(lengths)
     # The padding holds arbitrary token ids: only the mask may keep them out.
     idx = tokens(3, width, seed=2)
     mask = torch.arange(width)[None, :] >= (width - torch.tensor(lengths))[:, None]
-    engine = InferenceEngine(model, batch_size=3, max_len=48, keep_logits=True)
-    batched = engine.generate(idx, 16, prompt_mask=mask, temperature=0.0)[:, width:]
-    batched_logits = engine.step_logits[:16].clone()
+    engine = InferenceEngine(model, batch_size=3, keep_logits=True)
+    batched = engine.generate(idx, 30, prompt_mask=mask, temperature=0.0, context_overflow=rule)[:, width:]
+    batched_logits = engine.step_logits.clone()
+    # crop computes each row's own last window, so rows equal themselves alone throughout; slide
+    # re-prefills the batch's last half window when the batch's cache is full (after 24 - 9 + 1
+    # tokens), which for a padded row comes earlier than alone: equal up to there.
+    same = 30 if rule == "crop" else 24 - width + 1
     for row, n in enumerate(lengths):
         prompt = idx[row : row + 1, width - n :]
-        alone = InferenceEngine(model, batch_size=1, max_len=48, keep_logits=True)
-        single = alone.generate(prompt, 16, temperature=0.0)[:, n:]
-        assert torch.equal(batched[row], single[0]), f"row {row}"
-        torch.testing.assert_close(batched_logits[:, row], alone.step_logits[:16, 0], rtol=1e-6, atol=1e-6)
-        # And the unpadded row through the growing-cache path.
-        assert torch.equal(single, generate_with_growing_cache(model, prompt, 16, temperature=0.0)[:, n:])
+        alone = InferenceEngine(model, batch_size=1, keep_logits=True)
+        single = alone.generate(prompt, 30, temperature=0.0, context_overflow=rule)[:, n:]
+        assert torch.equal(batched[row, :same], single[0, :same]), f"row {row}"
+        torch.testing.assert_close(batched_logits[:same, row], alone.step_logits[:same, 0], rtol=1e-9, atol=1e-9)
+    # The longest row has no padding: its every window is the naive rule's.
+    assert torch.equal(batched[1:2], naive(model, idx[1:2], 30, rule)[:, width:])
 
 
-def test_eos_and_chunks_match_the_growing_cache_path():
-    model = tiny_model(torch.float64)
+def test_eos_and_chunks_match_the_naive_loop():
+    model = tiny_model()
     idx = tokens(2, 4)
-    free = generate_with_growing_cache(model, idx, 20, temperature=0.0)[:, 4:]
+    free = naive(model, idx, 20)[:, 4:]
     eos = int(free[0, 3])
-    want = generate_with_growing_cache(model, idx, 20, temperature=0.0, eos_token_id=eos)
+    want = naive(model, idx, 20, eos=eos)
+    want = want[:, : 4 + int((want[:, 4:] == eos).int().argmax(dim=1).max()) + 1]
     engine = InferenceEngine(model, batch_size=2, max_len=32)
     for chunk in (1, 3, 32):
         assert torch.equal(engine.generate(idx, 20, temperature=0.0, eos_token_id=eos, chunk=chunk), want)
     streamed = list(engine.stream(idx, 20, temperature=0.0, chunk=6))
-    assert [p.shape[1] for p in streamed] == [6, 6, 6, 2]
+    assert [p.shape[1] for p in streamed] == [1, 6, 6, 6, 1]  # the prefill's token comes alone, first
     assert torch.equal(torch.cat(streamed, dim=1), free)
 
 
-def test_sampling_is_reproducible_and_follows_the_generator():
-    model = tiny_model()
-    idx = tokens(2, 3)
-    engine = InferenceEngine(model, batch_size=2, max_len=32)
-    run = lambda seed: engine.generate(
-        idx,
-        12,
-        temperature=0.9,
-        top_k=10,
-        top_p=0.9,  # noqa: E731
-        generator=torch.Generator().manual_seed(seed),
-    )
-    assert torch.equal(run(5), run(5))
-    assert not torch.equal(run(5), run(6))
+@pytest.mark.parametrize("prompt_len,new", [(4, 12), (30, 40)], ids=["in_context", "past_context"])
+def test_one_sampler_token_i_uses_uniform_i(prompt_len, new):
+    # Every new token is sample_with_uniform(its logits, the i-th uniform drawn from the generator),
+    # whatever the prompt length and whether the window slid: the same seed, the same draws.
+    model = tiny_model(max_seq_len=32)
+    idx = tokens(2, prompt_len)
+    engine = InferenceEngine(model, batch_size=2, keep_logits=True)
+    settings = dict(temperature=0.9, top_k=10, top_p=0.9)
+    out = engine.generate(idx, new, generator=torch.Generator().manual_seed(5), chunk=5, **settings)
+    uniforms = torch.rand(new, 2, generator=torch.Generator().manual_seed(5))
+    logits = engine.step_logits
+    picked = torch.stack([sample_with_uniform(logits[i], uniforms[i], **settings) for i in range(new)], dim=1)
+    assert torch.equal(out[:, prompt_len:], picked)
+    again = engine.generate(idx, new, generator=torch.Generator().manual_seed(5), chunk=64, **settings)
+    assert torch.equal(again, out)
+    other = engine.generate(idx, new, generator=torch.Generator().manual_seed(6), **settings)
+    assert not torch.equal(other, out)
 
 
 def _filtered_probs64(logits, temperature, top_k, top_p):
-    """The distribution sample_next_token draws from, in float64, by sorting."""
+    """The distribution top-k / top-p sampling draws from, in float64, by sorting."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     order = probs.argsort(descending=True)
     keep = torch.zeros_like(probs, dtype=torch.bool)
@@ -178,7 +236,7 @@ def test_bad_input_raises_one_clear_error():
         InferenceEngine(model, batch_size=1, max_len=49)
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         InferenceEngine(model, batch_size=1, attention="flash")
-    with pytest.raises(ValueError, match="attention='triton' needs"):
+    with pytest.raises(ValueError, match="decode_attention='triton' needs"):
         InferenceEngine(model, batch_size=1, attention="triton")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
         InferenceEngine(model, batch_size=1, cuda_graph=True)
@@ -186,8 +244,6 @@ def test_bad_input_raises_one_clear_error():
     idx = tokens(2, 4)
     with pytest.raises(ValueError, match="built for batch_size=2, got a batch of 3"):
         engine.generate(tokens(3, 4), 2)
-    with pytest.raises(ValueError, match="needs a cache of 19, this engine has max_len=16"):
-        engine.generate(idx, 16)
     right_padded = torch.tensor([[True, True, False, False], [True, True, True, True]])
     with pytest.raises(ValueError, match="left padding"):
         engine.generate(idx, 2, prompt_mask=right_padded)
@@ -195,19 +251,39 @@ def test_bad_input_raises_one_clear_error():
         engine.generate(idx, 2, prompt_mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
         engine.generate(idx, 2, top_p=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -1"):
+        generate(model, idx, -1)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        generate(model, tokens(1, 0), 2)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\)"):
+        generate(model, torch.tensor([[3, 64]]), 2)
 
 
-def test_generate_falls_back_where_the_engine_does_not_apply(monkeypatch):
-    model = tiny_model(torch.float64, max_seq_len=12)
-    idx = tokens(2, 5)
-    # 5 + 20 tokens slide past max_seq_len=12: the growing-cache path's cropping semantics.
-    assert torch.equal(
-        generate(model, idx, 20, temperature=0.0), generate_with_growing_cache(model, idx, 20, temperature=0.0)
-    )
-    monkeypatch.setenv("MQA_LM_GENERATE_ENGINE", "0")
-    assert torch.equal(
-        generate(model, idx, 6, temperature=0.0), generate_with_growing_cache(model, idx, 6, temperature=0.0)
-    )
+def test_static_cache_takes_a_prefill_then_one_token_per_call():
+    model = tiny_model(pos_emb="rope")
+    cache = model.static_cache(1, 16)
+    idx = tokens(1, 6)
+    cache.reset(None, 4)
+    logits, _ = model(idx[:, :4], cache=cache, logits_to_keep=1)
+    for t in (4, 5):  # one token at a time: its position is its slot
+        step, _ = model(idx[:, t : t + 1], cache=cache)
+        logits = torch.cat([logits, step], dim=1)
+    full, _ = model(idx)
+    torch.testing.assert_close(logits, full[:, 3:], rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="only as a prefill into an empty cache; call reset"):
+        model(idx[:, :2], cache=cache)
+    with pytest.raises(ValueError, match=r"max_len must be in \[1, max_seq_len=48\]"):
+        model.static_cache(1, 64)
+
+
+@pytest.mark.parametrize("pos_emb", POS_EMBS)
+def test_dynamic_cache_chunks_equal_one_forward(pos_emb):
+    model = tiny_model(pos_emb=pos_emb)
+    idx = tokens(2, 12)
+    cache = DynamicKVCache()
+    pieces = [model(idx[:, s : s + n], cache=cache)[0] for s, n in ((0, 5), (5, 1), (6, 4), (10, 2))]
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx)[0], rtol=1e-9, atol=1e-9)
 
 
 def test_cache_length_buckets():
@@ -225,10 +301,10 @@ def test_decode_kernel_and_engine_under_interpreter():
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
-def test_rotary_refactor_keeps_forward():
+def test_rotary_at_positions_equals_the_rotation_of_those_positions():
     from mqa_lm.nn.positions import RotaryEmbedding
 
-    rotary = RotaryEmbedding(8, 100.0)
+    rotary = RotaryEmbedding(8, 100.0, max_positions=32)
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     got = rotary(x, offset=4)
     pos = torch.arange(4, 9, dtype=torch.float64)
@@ -238,15 +314,20 @@ def test_rotary_refactor_keeps_forward():
     want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], dim=-1)
     torch.testing.assert_close(got, want)
     assert math.isclose(float(got.norm()), float(x.norm()), rel_tol=1e-9)
+    # Per-row positions: row 0 at 4..8, row 1 at 0..4.
+    positions = torch.stack([torch.arange(4, 9), torch.arange(0, 5)])
+    at = rotary.at(x, positions)
+    torch.testing.assert_close(at[0], want[0])
+    torch.testing.assert_close(at[1], rotary(x[1:], offset=0)[0])
 
 
 def test_compiled_step_equals_eager():
-    # aot_eager traces the step with Dynamo and AOTAutograd (mutated state, sampling) without a
-    # C++ toolchain; inductor runs in tests/test_decode_gpu.py.
+    # aot_eager traces the step with Dynamo and AOTAutograd (the model's forward over the cache,
+    # mutated state, sampling) without a C++ toolchain; inductor runs in tests/test_decode_gpu.py.
     from torch._dynamo.utils import counters
 
     counters.clear()
-    model = tiny_model(pos_emb="alibi", kv_heads=1)
+    model = tiny_model(torch.float32, pos_emb="alibi", kv_heads=1)
     idx = tokens(2, 5)
     eager = InferenceEngine(model, batch_size=2, max_len=40)
     compiled = InferenceEngine(model, batch_size=2, max_len=40, compile="aot_eager")
@@ -257,11 +338,13 @@ def test_compiled_step_equals_eager():
     assert counters["stats"]["unique_graphs"] >= 2  # one graph per sampling setting, no fallback
 
 
-def test_generate_under_and_outside_inference_mode():
+def test_generate_under_and_outside_inference_mode_and_keeps_training_mode():
     # An engine whose buffers were made under inference_mode must not be reused outside it.
-    model = tiny_model()
+    model = tiny_model(attn_pdrop=0.5, resid_pdrop=0.5).train()
     idx = tokens(1, 4)
     with torch.inference_mode():
         inside = generate(model, idx, 8, temperature=0.0)
     outside = generate(model, idx, 8, temperature=0.0)
     assert torch.equal(inside, outside)
+    assert model.training  # generate ran it in eval mode (no dropout) and gave it back as it was
+    assert torch.equal(outside, naive(model.eval(), idx, 8))

@@ -12,7 +12,8 @@ from model_helpers import attention_weights
 from mqa_reference import press_alibi_slopes, ref_alibi, ref_attention, ref_model_logits, ref_norm, ref_qkv
 
 from mqa_lm import MQAConfig, MQATransformer
-from mqa_lm.inference.generate import generate
+from mqa_lm.inference import generate
+from mqa_lm.nn.cache import DynamicKVCache
 
 POS_EMBS = ["learned", "rope", "alibi", "none"]
 
@@ -112,12 +113,12 @@ def test_model_incremental_decoding_equals_full_forward(pos_emb, chunks):
     model = tiny_model(pos_emb=pos_emb, kv_heads=1)
     idx = tokens(3, 14)
     full, _ = model(idx)
-    cache, start = None, 0
+    cache, start = DynamicKVCache(), 0
     for n in chunks:
-        logits, cache = model.decode(idx[:, start : start + n], cache)
+        logits, _ = model(idx[:, start : start + n], cache=cache)
         assert (logits - full[:, start : start + n]).abs().max() <= 1e-5
         start += n
-    assert len(cache) == 2 and cache[0][0].shape == (3, 1, 14, 8)
+    assert len(cache.layers) == 2 and cache.layers[0][0].shape == (3, 1, 14, 8)
 
 
 # ---- loss, tying, init, accounting ---------------------------------------------------------------
@@ -257,13 +258,13 @@ def greedy_by_full_forwards(model: MQATransformer, idx: torch.Tensor, steps: int
 
 
 @pytest.mark.parametrize("pos_emb", POS_EMBS)
-def test_greedy_generate_with_cache_equals_full_forwards_past_max_seq_len(pos_emb):
+def test_greedy_generate_with_crop_equals_full_forwards_past_max_seq_len(pos_emb):
     # fp64 so that no near-tie between two logits can flip an argmax.
     model = tiny_model(torch.float64, pos_emb=pos_emb, max_seq_len=12, init_std=0.5)
     idx = tokens(2, 5)
     with torch.no_grad():
         want = greedy_by_full_forwards(model, idx, 20)
-    got = generate(model, idx, max_new_tokens=20, temperature=0.0)
+    got = generate(model, idx, max_new_tokens=20, temperature=0.0, context_overflow="crop")
     assert got.shape == (2, 25)
     assert torch.equal(got, want)
 
@@ -273,7 +274,7 @@ def test_prompt_longer_than_max_seq_len_is_cropped():
     idx = tokens(2, 15)
     with torch.no_grad():
         want = greedy_by_full_forwards(model, idx, 4)
-    assert torch.equal(generate(model, idx, 4, temperature=0.0), want)
+    assert torch.equal(generate(model, idx, 4, temperature=0.0, context_overflow="crop"), want)
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy():
@@ -323,9 +324,9 @@ def test_eos_stops_rows():
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        (dict(max_new_tokens=-1), r"max_new_tokens must be >= 0, got -1"),
-        (dict(max_new_tokens=2, temperature=-0.5), r"temperature must be >= 0, got -0.5"),
-        (dict(max_new_tokens=2, top_k=0), r"top_k must be >= 1.*got 0"),
+        (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0, got -1"),
+        (dict(max_new_tokens=2, temperature=-0.5), r"temperature must be >= 0 \(0 = greedy\), got -0.5"),
+        (dict(max_new_tokens=2, top_k=0), r"top_k must be an integer >= 1.*got 0"),
         (dict(max_new_tokens=2, top_p=0.0), r"top_p must be in \(0, 1\].*got 0.0"),
         (dict(max_new_tokens=2, top_p=1.5), r"top_p must be in \(0, 1\].*got 1.5"),
     ],
@@ -433,8 +434,12 @@ def test_forward_rejects_bad_inputs():
         model(tokens(2, 3), tokens(2, 4))
     with pytest.raises(ValueError, match=r"sequence of 17 tokens.*exceeds max_seq_len=16"):
         model(tokens(1, 17))
-    _, cache = model.decode(tokens(1, 10))
+    cache = DynamicKVCache()
+    model(tokens(1, 10), cache=cache)
     with pytest.raises(ValueError, match=r"cached 10 \+ new 7.*max_seq_len=16"):
-        model.decode(tokens(1, 7), cache)
-    with pytest.raises(ValueError, match=r"past_key_values has 1 layers, the model 2"):
-        model.decode(tokens(1, 2), cache[:1])
+        model(tokens(1, 7), cache=cache)
+    cache.layers = cache.layers[:1]
+    with pytest.raises(ValueError, match=r"the cache has 1 layers, the model 2"):
+        model(tokens(1, 2), cache=cache)
+    with pytest.raises(ValueError, match=r"positions must have the shape of idx \[1, 3\], got \[1, 2\]"):
+        model(tokens(1, 3), positions=torch.zeros(1, 2, dtype=torch.long))

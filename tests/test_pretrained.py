@@ -255,3 +255,72 @@ def test_init_from_starts_training_from_pretrained_weights(tmp_path, kind):
 
     with pytest.raises(ConfigError, match="init_from='/nope' does not exist"):
         train(compose_cfg(small_run(tmp_path / "third", corpus, "init_from=/nope")))
+
+
+def test_a_tokenizer_path_unlike_the_saved_tokenizer_is_refused_or_warned(tmp_path, caplog):
+    """tokenizer_path overrides the model's own tokenizer: another vocabulary size is refused (its ids
+    would decode to other text), another tokenizer of the same size is one warning line."""
+    import logging
+
+    from mqa_lm.data.tokenizer import vocab_size_of
+
+    own = build_char([TEXT])
+    source = save_pretrained(tiny(), tmp_path / "model", own)
+    smaller = build_char(["abc"])  # fewer ids: the check against the model's vocab_size cannot catch it
+    smaller.save(str(tmp_path / "smaller.json"))
+    n_own, n_smaller = vocab_size_of(own), vocab_size_of(smaller)
+    with pytest.raises(PretrainedError) as err:
+        load_pretrained(source, tokenizer_path=tmp_path / "smaller.json")
+    message = str(err.value)
+    assert f"tokenizer_path={tmp_path / 'smaller.json'} has {n_smaller} ids" in message, message
+    assert f"the tokenizer saved with {source} has {n_own}" in message, message
+    assert "leave tokenizer_path unset" in message and "\n" not in message
+
+    # Same number of ids, other characters: the ids mean other text, but it may be intended.
+    swapped = build_char([TEXT.replace("h", "Q")])
+    assert vocab_size_of(swapped) == n_own
+    swapped.save(str(tmp_path / "swapped.json"))
+    with caplog.at_level(logging.WARNING, logger="mqa_lm"):
+        _, tok = load_pretrained(source, tokenizer_path=tmp_path / "swapped.json")
+    assert tok.to_str() == swapped.to_str()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert str(tmp_path / "swapped.json") in warned[0] and "differs from the tokenizer saved with" in warned[0]
+
+    # The same tokenizer from another file: nothing to say.
+    caplog.clear()
+    own.save(str(tmp_path / "copy.json"))
+    with caplog.at_level(logging.WARNING, logger="mqa_lm"):
+        load_pretrained(source, tokenizer_path=tmp_path / "copy.json")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_init_from_a_transformers_llama_with_its_default_norm_epsilon_trains(tmp_path):
+    """train.py init_from=hf:<dir> on a LlamaConfig() as transformers saves it (rms_norm_eps 1e-6)."""
+    transformers = pytest.importorskip("transformers")
+    from mqa_lm.training import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    tokenizer = build_char([CORPUS])
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save(str(tmp_path / "llama" / "tokenizer.json"))
+    metrics = train(
+        compose_cfg(
+            small_run(
+                tmp_path,
+                corpus,
+                f"init_from=hf:{tmp_path / 'llama'}",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=2",
+                "sample.max_new_tokens=0",
+            )
+        )
+    )
+    assert metrics["val/loss"] > 0
+    trained, _ = load_pretrained(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert trained.config.norm_eps == 1e-6 and trained.config.norm_type == "rmsnorm"

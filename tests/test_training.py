@@ -120,7 +120,7 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         (["data.tokenizer=words"], "unknown data.tokenizer 'words'"),
         (["+data.block=4"], "unknown data keys ['block']"),
         (["sample.max_new_tokens=-1"], "sample.max_new_tokens must be an integer >= 0, got -1"),
-        (["sample.top_k=0"], "sample.top_k must be an integer >= 1 or null, got 0"),
+        (["sample.top_k=0"], "sample.top_k must be an integer >= 1 (or null for all tokens), got 0"),
         (["module.compile=sometimes"], "module.compile must be auto, true or false, got 'sometimes'"),
         (["sample.temperature=-1"], "sample.temperature must be >= 0 (0 = greedy), got -1"),
         (["trainer.val_check_interval=0"], "trainer.val_check_interval must be an integer >= 1"),
@@ -146,7 +146,7 @@ def test_validated_groups_are_the_objects_the_run_uses(tmp_path):
     assert isinstance(run.model, MQAConfig) and run.vocab_from_data  # the model configs leave vocab_size null
     assert isinstance(run.optim, OptimConfig) and run.optim.lr == 3e-4
     assert isinstance(run.data, DataConfig) and run.data.seed == 42 and run.data.paths == ["stdlib"]
-    assert run.compile == "auto" and run.sample.max_new_tokens == 300
+    assert run.compile == "auto" and run.sample.max_new_tokens == 200
     assert not validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.vocab_size=300"])).vocab_from_data
     for precision in ("16", "bf16-mixed", "32-true", "auto"):  # Lightning's values pass (16 arrives as an int)
         validate_config(compose_cfg([f"paths.output_dir={tmp_path}", f"trainer.precision={precision}"]))
@@ -274,7 +274,7 @@ def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override,line",
     [
-        ("sample.top_k=0", "config error: sample.top_k must be an integer >= 1 or null, got 0"),
+        ("sample.top_k=0", "config error: sample.top_k must be an integer >= 1 (or null for all tokens), got 0"),
         ("trainer.val_check_interval=0", "config error: trainer.val_check_interval must be an integer >= 1"),
         ("trainer.precision=foo", "config error: trainer.precision='foo' is not one of auto,"),
         ("seed=abc", "config error: seed must be an integer, got 'abc'"),
@@ -503,9 +503,9 @@ def _closed_port_url() -> str:
         (
             "latin1.txt",
             "caf\u00e9 au lait ".encode("latin-1") * 50,
-            "{path} is not valid UTF-8: invalid continuation byte at byte 3",
+            "{path}: not UTF-8 at byte 3 (invalid continuation byte); convert it",
         ),
-        ("binary.bin", bytes(range(256)) * 8, "{path} is not valid UTF-8: invalid start byte at byte 128"),
+        ("binary.bin", bytes(range(256)) * 8, "{path}: not UTF-8 at byte 128 (invalid start byte); convert it"),
         (
             "ten.txt",
             b"0123456789",
@@ -525,6 +525,7 @@ def test_unusable_sources_are_one_data_error_before_the_trainer(tmp_path, name, 
         train(compose_cfg(small_run(tmp_path, path)))
     assert str(err.value).startswith(message.format(path=path)), str(err.value)
     assert not (tmp_path / "run").exists()  # no logger, checkpoint or run file was made
+    assert not (tmp_path / "cache").exists()  # nor an empty data cache, one more per try
 
 
 def test_silent_url_is_one_data_error(tmp_path, monkeypatch):
@@ -633,3 +634,37 @@ def test_last_checkpoint_holds_the_final_weights_when_later_validations_do_not_i
     assert last["global_step"] == 10
     best = [p.name for p in ckpts.glob("step*.ckpt")]
     assert len(best) == 1 and best[0].startswith("step000004-"), best
+
+
+class MoveDataAway:
+    """A callback that moves the prepared data directory away once the datamodule is set up, as a user
+    tidying the cache while a run lives would (Lightning sets the datamodule up before callbacks)."""
+
+    def __new__(cls, destination: str):
+        import lightning as L
+
+        class _Move(L.Callback):
+            def setup(self, trainer, pl_module, stage):
+                os.rename(trainer.datamodule._dir, destination)
+
+        return _Move()
+
+
+def test_a_run_keeps_reading_its_data_after_the_prepared_directory_moves(tmp_path, corpus):
+    moved = tmp_path / "moved-away"
+    metrics = train(
+        compose_cfg(
+            small_run(
+                tmp_path,
+                corpus,
+                "callbacks=none",
+                "+callbacks.move._target_=test_training.MoveDataAway",
+                f"+callbacks.move.destination={moved}",
+                "trainer.max_steps=4",
+                "trainer.val_check_interval=2",
+                "sample.max_new_tokens=0",
+            )
+        )
+    )
+    assert moved.is_dir() and not list((tmp_path / "cache").glob("*/train.bin"))
+    assert metrics["val/loss"] > 0  # two validations read val.bin from the moved directory

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from mqa_lm.callbacks.attention import is_sharded
+from mqa_lm.data.tokenizer import EOT
+from mqa_lm.inference import GenerationConfig
 
 if TYPE_CHECKING:
     from mqa_lm.lit_module import MQALitModule
@@ -22,9 +25,10 @@ class SampleLogger(L.Callback):
             ``num_samples`` validation windows (the same every time) are the prompts.
         num_samples: validation-window prompts to use when ``prompts`` is empty.
         prompt_tokens: length of those prompts.
-        max_new_tokens, temperature, top_k: generation settings.
-        seed: the sampling seed, so successive tables differ by the model, not by chance.
         filename: appended to under ``trainer.default_root_dir`` (rank 0).
+        generation: :class:`~mqa_lm.inference.GenerationConfig` fields (``max_new_tokens`` 64 here);
+            ``seed`` fixes the draws, so successive tables differ by the model, not by chance (sample
+            ``i`` uses ``seed + i``).
     """
 
     def __init__(
@@ -32,31 +36,18 @@ class SampleLogger(L.Callback):
         prompts: list[str] | None = None,
         num_samples: int = 2,
         prompt_tokens: int = 16,
-        max_new_tokens: int = 64,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        seed: int = 0,
         filename: str = "samples.txt",
+        **generation: Any,
     ) -> None:
         super().__init__()
-        for name, value, low in (
-            ("num_samples", num_samples, 1),
-            ("prompt_tokens", prompt_tokens, 1),
-            ("max_new_tokens", max_new_tokens, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"callbacks.samples.{name} must be an integer >= {low}, got {value!r}")
-        if not temperature >= 0:
-            raise ValueError(f"callbacks.samples.temperature must be >= 0 (0 = greedy), got {temperature!r}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"callbacks.samples.top_k must be >= 1 or null, got {top_k!r}")
+        for name, value in (("num_samples", num_samples), ("prompt_tokens", prompt_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"callbacks.samples.{name} must be an integer >= 1, got {value!r}")
+        # Short continuations by default: they print after every validation.
+        self.generation = GenerationConfig.from_dict({"max_new_tokens": 64, **generation}, prefix="callbacks.samples.")
         self.prompts = list(prompts or [])
         self.num_samples = num_samples
         self.prompt_tokens = prompt_tokens
-        self.max_new_tokens = max_new_tokens
-        self.temperature = float(temperature)
-        self.top_k = top_k
-        self.seed = seed
         self.filename = filename
 
     def _prompt_ids(self, trainer: L.Trainer) -> list[list[int]]:
@@ -77,9 +68,8 @@ class SampleLogger(L.Callback):
         module = cast("MQALitModule", pl_module)  # the only module this callback is attached to
         rows = []
         for i, prompt in enumerate(self._prompt_ids(trainer)):
-            ids = module.sample(
-                prompt, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed + i
-            )
+            settings = dataclasses.replace(self.generation, seed=self.generation.seed + i)
+            ids = module.sample(prompt, settings, eos_token_id=datamodule.tokenizer.token_to_id(EOT))
             rows.append([step, datamodule.decode(prompt), datamodule.decode(ids[len(prompt) :])])
         text = "\n".join(f"--- sample {i} (step {step}) ---\n{p}|>>|{c}" for i, (_, p, c) in enumerate(rows))
         print(f"\nsamples at step {step} (prompt|>>|continuation):\n{text}\n", flush=True)

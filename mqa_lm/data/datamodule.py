@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from mqa_lm.data.datasets import ResumeSampler, TrainBatches, TrainLoader, ValWindows
-from mqa_lm.data.prepare import DataSettings, data_key, prepare, prepared_dir
+from mqa_lm.data.prepare import DataSettings, data_key, discarded_on_error, prepare, prepared_dir
 from mqa_lm.data.config import DataConfig
 from mqa_lm.data.sources import SourceFile, resolve_sources
 from mqa_lm.data.store import SPLITS, TokenFile, file_sha256, read_json, split_paths, stale_reason
@@ -99,35 +99,58 @@ class TextDataModule(pl.LightningDataModule):
         # the same data, so neither the token files nor the tokenizer are read and hashed twice.
         if self._key is not None and data_key(files, self.settings) == self._key:
             return
-        directory, key = prepare(files, self.settings, self.cache_root)
-        for split in SPLITS:
-            meta = read_json(split_paths(directory, split)[1])
-            if meta is None:
-                raise ValueError(f"the {split} token file in {directory} has no readable sidecar; delete {directory}")
-            self._check_long_enough(split, meta["num_tokens"])
+        key = data_key(files, self.settings)
+        # Data too short for one window is found once the tokens exist: a directory made for it goes too.
+        with discarded_on_error(self.cache_root, prepared_dir(self.cache_root, files, self.settings, key)):
+            directory, key = prepare(files, self.settings, self.cache_root)
+            for split in SPLITS:
+                meta = read_json(split_paths(directory, split)[1])
+                if meta is None:
+                    raise ValueError(
+                        f"data: the {split} token file in {directory} has no readable sidecar; delete {directory}"
+                    )
+                self._check_long_enough(split, meta["num_tokens"])
         if directory != self._dir:  # the sources changed since the last setup(): forget what it opened
             self._splits, self._tokenizer, self._tokenizer_sha256 = {}, None, None
         self._dir, self._key = directory, key
 
     def setup(self, stage: str | None = None) -> None:
-        """Open the prepared tokenizer and token files (every rank); needs :meth:`prepare_data` first."""
+        """Open the prepared tokenizer and both token files (every rank); needs :meth:`prepare_data` first.
+
+        The token files are memory-mapped here, not at their first batch, so a run keeps reading them
+        if the prepared directory is moved or deleted while it trains (the mapping holds the file).
+        A missing or unusable directory is a ValueError starting ``data:`` that names it.
+        """
         directory, key = self._locate()
         if self._splits and self._splits["train"].path.parent == directory:
-            return  # already open (train.py may call setup before the Trainer does)
+            return  # already open (train.py sets up before the Trainer does)
         tokenizer_path = directory / "tokenizer.json"
+        if not directory.is_dir():
+            raise ValueError(
+                f"data: the prepared data directory {directory} is missing; call prepare_data() first (train.py "
+                "and Lightning do, on local rank 0), or again if it was moved or deleted since"
+            )
         if not tokenizer_path.is_file():
-            raise RuntimeError(
-                f"no prepared data at {directory}; call prepare_data() before setup() "
+            raise ValueError(
+                f"data: {directory} holds no prepared tokenizer.json; call prepare_data() before setup() "
                 "(Lightning does this on local rank 0)"
             )
         sha = file_sha256(tokenizer_path)
         for split in SPLITS:
             why = stale_reason(directory, split, key, sha)
             if why is not None:
-                raise RuntimeError(
-                    f"prepared {split} split in {directory} is not usable ({why}); call prepare_data() to rebuild it"
+                raise ValueError(
+                    f"data: the prepared {split} split in {directory} is not usable ({why}); call prepare_data() "
+                    "to rebuild it"
                 )
-        self._splits = {split: TokenFile.open(directory, split) for split in SPLITS}
+        try:
+            splits = {split: TokenFile.open(directory, split).map() for split in SPLITS}
+        except OSError as err:
+            raise ValueError(
+                f"data: cannot open the prepared token files in {directory} ({err}); call prepare_data() "
+                "to rebuild them"
+            ) from None
+        self._splits = splits
         for split, tokens in self._splits.items():
             self._check_long_enough(split, len(tokens))
         self._dir, self._key = directory, key

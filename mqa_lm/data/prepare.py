@@ -12,6 +12,7 @@ training part. ``<|endoftext|>`` separates documents within a split.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mqa_lm.data.sources import STDLIB, Corpus, SourceFile, download, scan_corpus
 from mqa_lm.data.store import (
+    CACHE_MARKER,
     FORMAT_VERSION,
     SPLITS,
     atomic_write,
@@ -86,6 +88,56 @@ def prepared_dir(cache_root: Path, files: list[SourceFile], settings: DataSettin
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:32] or "corpus"
     kind = f"bpe{settings.vocab_size}" if settings.tokenizer == "bpe" else settings.tokenizer
     return cache_root / f"{slug}-{kind}-{key[:12]}"
+
+
+# What prepare() writes into a prepared directory (besides CACHE_MARKER and atomic_write's temp files).
+PREPARED_FILES = ("tokenizer.json", *(f"{split}.{ext}" for split in SPLITS for ext in ("bin", "json")))
+
+
+def _new_dirs(directory: Path) -> list[Path]:
+    """``directory`` and those of its ancestors that do not exist yet, deepest first."""
+    new = []
+    while not directory.exists() and directory != directory.parent:
+        new.append(directory)
+        directory = directory.parent
+    return new
+
+
+def _only_marker_left(directory: Path) -> bool:
+    try:
+        return [p.name for p in directory.iterdir()] in ([], [CACHE_MARKER])
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def discarded_on_error(cache_root: Path, directory: Path) -> Iterator[None]:
+    """Undo what a failed preparation of ``directory`` made: a data error must not leave an empty or
+    useless cache directory behind, one more per try.
+
+    Only directories that did not exist when the block started are touched: the prepared directory
+    loses the files preparation writes (:data:`PREPARED_FILES`, then its marker) and is removed if
+    that empties it; the downloads directory and the cache root (and parents made with it) go only
+    when empty but for a marker. Completed downloads are kept (each is a checked copy of its URL, and
+    fetching it again can be slow). An earlier run's data, or anything else already there, is never
+    touched. A Ctrl-C is no error: an interrupted preparation keeps its finished files for the next
+    run to reuse.
+    """
+    new_prepared = _new_dirs(directory)
+    downloads = cache_root / "downloads"
+    new_others = [d for d in [*_new_dirs(downloads), *_new_dirs(cache_root)] if d not in new_prepared]
+    try:
+        yield
+    except Exception:
+        if directory in new_prepared:
+            for name in PREPARED_FILES:
+                (directory / name).unlink(missing_ok=True)
+        for d in sorted({*new_prepared, *new_others}, key=lambda p: len(p.parts), reverse=True):
+            if d.is_dir() and _only_marker_left(d):
+                (d / CACHE_MARKER).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        raise
 
 
 def split_point(total_chars: int, val_fraction: float) -> int:
@@ -194,10 +246,16 @@ def prepare(files: list[SourceFile], settings: DataSettings, cache_root: Path) -
 
     Does no work when everything is already there and consistent. Otherwise rebuilds only what is
     missing or stale (warning why, when something was there), always from the sources: files are only
-    ever written inside the prepared dir and the downloads dir, never elsewhere.
+    ever written inside the prepared dir and the downloads dir, never elsewhere. A failure leaves no
+    directory it created behind (:func:`discarded_on_error`).
     """
     key = data_key(files, settings)
     directory = prepared_dir(cache_root, files, settings, key)
+    with discarded_on_error(cache_root, directory):
+        return _prepare(files, settings, key, directory)
+
+
+def _prepare(files: list[SourceFile], settings: DataSettings, key: str, directory: Path) -> tuple[Path, str]:
     tokenizer_path = directory / "tokenizer.json"
     tokenizer = _load_existing(tokenizer_path)
     reasons: dict[str, str | None] = {split: "not prepared yet" for split in SPLITS}

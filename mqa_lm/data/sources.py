@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator
 from tqdm.auto import tqdm
 
 from mqa_lm.data.store import CACHE_MARKER, mark_cache_dir, read_json, write_json
-from mqa_lm.files import atomic_write
+from mqa_lm.files import UTF8_FIX, NotUTF8Error, atomic_write
 
 # Parquet files and HF datasets need pyarrow / datasets, which the [hf] extra installs.
 INSTALL_HINT = 'pip install -e ".[hf]"'
@@ -61,6 +61,13 @@ _LONE_NEWLINE = re.compile(r"(?<=\S)\n(?=\S)")
 
 class SourceError(ValueError):
     """A source file that cannot be used (not UTF-8, empty, malformed JSONL, changed mid-read)."""
+
+
+class SourceNotUTF8Error(NotUTF8Error, SourceError):
+    """``<path>: not UTF-8 at byte <n> (<reason>); convert it ... or remove it from data.paths``."""
+
+    def __init__(self, path: str | Path, offset: int, reason: str, line: int | None = None) -> None:
+        super().__init__(path, offset, reason, f"{UTF8_FIX} or remove it from data.paths", line)
 
 
 def is_url(entry: str) -> bool:
@@ -308,10 +315,7 @@ def _decoded_blocks(path: Path) -> Iterator[str]:
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as err:
-                raise SourceError(
-                    f"{path} is not valid UTF-8: {err.reason} at byte {consumed - pending + err.start}; "
-                    "convert it (e.g. `iconv -f latin1 -t utf-8`) or remove it from data.paths"
-                ) from None
+                raise SourceNotUTF8Error(path, consumed - pending + err.start, err.reason) from None
             consumed += len(block)
             if first and text:
                 first = False
@@ -394,13 +398,17 @@ def parquet_texts(path: Path, field: str) -> Iterator[str]:
 
 
 def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+    offset = 0  # of the line in the file, so a bad byte is named by its place in the file
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise SourceError(f"{where} is not valid UTF-8 ({err.reason}); convert the file to UTF-8") from None
+                raise SourceNotUTF8Error(path, offset + err.start, err.reason, line=lineno) from None
+            offset += len(raw)
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a BOM is encoding metadata, not text
             if not line.strip():
                 continue
             try:

@@ -95,10 +95,12 @@ def stale_reason(directory: Path, split: str, key: str, tokenizer_sha256: str) -
 
 
 class TokenFile:
-    """A split's flat token array, opened as a read-only ``np.memmap`` on first use.
+    """A split's flat token array, a read-only ``np.memmap`` opened by :meth:`map` (or on first use).
 
-    Pickling drops the map (pickling a memmap would copy the whole array), so each DataLoader worker
-    re-opens the file and the OS page cache is shared between them.
+    Once mapped, the array stays readable if the file is renamed, moved within its file system or
+    deleted: the mapping holds the file, not its path. Forked DataLoader workers (Linux's default)
+    share the map. Pickling drops it (pickling a memmap would copy the whole array), so a worker
+    started with ``spawn`` re-opens the file by its path; the OS page cache is shared either way.
     """
 
     def __init__(self, path: Path, dtype: np.dtype | str, num_tokens: int) -> None:
@@ -112,6 +114,11 @@ class TokenFile:
         if self._array is None:
             self._array = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         return self._array
+
+    def map(self) -> TokenFile:
+        """Open the memory map now (an OSError if the file is gone); returns self."""
+        _ = self.array
+        return self
 
     def __len__(self) -> int:
         return self.num_tokens

@@ -11,16 +11,6 @@ from __future__ import annotations
 import torch
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """One ValueError naming the first bad sampling argument (the messages of ``generate``)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
-
-
 def sample_with_uniform(
     logits: torch.Tensor,
     uniform: torch.Tensor,
@@ -30,7 +20,7 @@ def sample_with_uniform(
 ) -> torch.Tensor:
     """One token per row of ``logits`` [batch, vocab] from ``uniform`` [batch] in [0, 1).
 
-    Same distribution as :func:`mqa_lm.model.sample_next_token`: temperature 0 is greedy;
+    Temperature 0 is greedy;
     ``top_k`` keeps the k likeliest tokens; ``top_p`` keeps the smallest set whose probability
     reaches p (a token is dropped when the tokens before it already reach p; the first stays).
     """

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
+from mqa_lm.inference.config import GenerationConfig
 from mqa_lm.inference.engine import InferenceEngine, cache_length
-from mqa_lm.inference.generate import generate
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -42,28 +42,43 @@ def left_pad(rows: list[list[int]], device: torch.device | str) -> tuple[torch.T
 
 
 class TextStreamer:
-    """Prints one row's continuation as its tokens arrive. Byte-level BPE can split a character
-    across tokens, so text ending in an incomplete character is held back until it completes."""
+    """Prints one row's continuation as its tokens arrive, decoding only what is new.
+
+    Byte-level BPE can split a character across tokens, so text ending in an incomplete character is
+    held back until it completes. New tokens are decoded after a few already printed ones (their
+    text subtracted), so a decoder that treats a sequence's first token specially still joins pieces
+    as it would the whole row, and each chunk costs the same however long the row grows.
+    """
+
+    CONTEXT = 4  # printed tokens decoded again before the new ones
 
     def __init__(self, tokenizer: Tokenizer, out: TextIO | None = None) -> None:
         self.tokenizer = tokenizer
         self.out = out if out is not None else sys.stdout  # looked up now: stdout may be redirected
-        self.ids: list[int] = []
-        self.printed = 0
+        self.printed: list[int] = []  # the last CONTEXT tokens already printed
+        self.pending: list[int] = []  # tokens whose text is not printed yet
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _new_text(self) -> str:
+        context = self._decode(self.printed)
+        return self._decode(self.printed + self.pending)[len(context) :]
 
     def put(self, ids: list[int]) -> None:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        if text.endswith("\ufffd"):
+        self.pending.extend(ids)
+        text = self._new_text()
+        if not text or text.endswith("\ufffd"):
             return
-        self.out.write(text[self.printed :])
+        self.out.write(text)
         self.out.flush()
-        self.printed = len(text)
+        self.printed = (self.printed + self.pending)[-self.CONTEXT :]
+        self.pending = []
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        self.out.write(text[self.printed :] + "\n")
+        self.out.write(self._new_text() + "\n")
         self.out.flush()
+        self.printed, self.pending = [], []
 
 
 @torch.no_grad()
@@ -72,48 +87,37 @@ def generate_ids(
     rows: list[list[int]],
     max_new_tokens: int,
     *,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    temperature: float = GenerationConfig.temperature,
+    top_k: int | None = GenerationConfig.top_k,
+    top_p: float | None = GenerationConfig.top_p,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     attention: str = "auto",
     cuda_graph: bool | None = None,
+    compile: bool | str = False,
+    context_overflow: str = GenerationConfig.context_overflow,
     on_tokens: Callable[[list[list[int]]], None] | None = None,
     chunk: int = 8,
 ) -> list[list[int]]:
-    """The new token ids of every row (prompts of any lengths, batched with left padding).
+    """The new token ids of every row (prompts of any lengths, batched with left padding, on one
+    :class:`InferenceEngine`).
 
     ``on_tokens`` gets each row's newest tokens every ``chunk`` steps (streaming). A row stops at
-    ``eos_token_id`` (included). When a prompt plus its continuation exceeds ``max_seq_len``, rows
-    run one at a time through :meth:`MQATransformer.generate`, which slides the context.
+    ``eos_token_id`` (included). Past ``max_seq_len`` the rows stay batched and ``context_overflow``
+    decides (see :func:`mqa_lm.inference.generate`).
     """
     device = model.wte.weight.device
-    limit = model.config.max_seq_len
     longest = max(len(r) for r in rows)
-    if longest + max_new_tokens - 1 > limit:
-        results = []
-        for row in rows:
-            idx = torch.tensor([row], dtype=torch.long, device=device)
-            out = generate(
-                model,
-                idx,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                eos_token_id=eos_token_id,
-                generator=generator,
-            )[0, len(row) :].tolist()
-            results.append(out)
-            if on_tokens is not None:
-                on_tokens([out])
-        return [_cut_at(r, eos_token_id) for r in results]
     ids, mask = left_pad(rows, device)
     engine = InferenceEngine(
-        model, len(rows), cache_length(longest + max_new_tokens - 1, limit), attention=attention, cuda_graph=cuda_graph
+        model,
+        len(rows),
+        cache_length(longest + max_new_tokens - 1, model.config.max_seq_len),
+        attention=attention,
+        cuda_graph=cuda_graph,
+        compile=compile,
     )
-    results = [[] for _ in rows]
+    results: list[list[int]] = [[] for _ in rows]
     for piece in engine.stream(
         ids,
         max_new_tokens,
@@ -124,10 +128,10 @@ def generate_ids(
         eos_token_id=eos_token_id,
         generator=generator,
         chunk=chunk,
+        context_overflow=context_overflow,
     ):
-        new = piece.tolist()
         fresh = []
-        for row, tokens in zip(results, new):
+        for row, tokens in zip(results, piece.tolist()):
             # Past its end-of-sequence a row only repeats it: nothing to show.
             done = eos_token_id is not None and eos_token_id in row
             fresh.append([] if done else _cut_at(tokens, eos_token_id))

@@ -416,3 +416,40 @@ def decode_attention(
 def decode_bytes(batch: int, kv_heads: int, length: int, head_dim: int, element_size: int) -> int:
     """Bytes of K and V one decode step must read at ``length`` cached keys (for GB/s figures)."""
     return 2 * batch * kv_heads * length * head_dim * element_size
+
+
+@torch.library.custom_op(
+    "mqa_lm::decode_attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? lengths, Tensor? key_mask, Tensor? bias, "
+    "float softmax_scale, int? split_size) -> Tensor",
+)
+def decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    softmax_scale: float,
+    split_size: int | None,
+) -> torch.Tensor:
+    """:func:`decode_attention` as a ``torch.library`` op, so a compiled decode step traces through it
+    (no graph break) and Inductor fuses what surrounds it. Inputs are not checked here: the decode
+    step's shapes were fixed when its cache was built."""
+    return decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        lengths=lengths,
+        key_mask=key_mask,
+        bias=bias,
+        softmax_scale=softmax_scale,
+        split_size=split_size,
+        check=False,
+    )
+
+
+@decode_attention_op.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, lengths, key_mask, bias, softmax_scale, split_size):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -15,8 +15,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mqa_lm.kernels import ATTENTION_BACKENDS, reference_attention, resolve_impl
+from mqa_lm.kernels import ATTENTION_BACKENDS, reference_attention, resolve_impl, sdpa_attention
 from mqa_lm.kernels.common import AttentionBackend, allowed_keys
+from mqa_lm.nn.cache import StaticKVCache, StaticLayerCache
 from mqa_lm.nn.linears import LINEARS, build_linear
 from mqa_lm.nn.norms import DEFAULT_EPS, NORMS, build_norm
 from mqa_lm.nn.positions import RotaryEmbedding
@@ -125,7 +126,9 @@ class MultiQueryAttention(nn.Module):
         without checking them again. Takes every argument of ``__init__`` by keyword.
 
         ``MQAConfig`` checks the attention arguments once, with errors naming its fields; the model's
-        blocks then build every layer through here instead of re-checking per layer."""
+        blocks then build every layer through here instead of re-checking per layer. Also takes
+        ``rope_max_positions``: the length of the rotary tables that per-token ``positions`` index
+        (the model's ``max_seq_len``)."""
         block = cls.__new__(cls)
         block._build(**kwargs)
         return block
@@ -148,6 +151,7 @@ class MultiQueryAttention(nn.Module):
         rope_theta: float | None,
         bias: bool,
         norm_eps: float = DEFAULT_EPS,
+        rope_max_positions: int = RotaryEmbedding.DEFAULT_MAX_POSITIONS,
     ) -> None:
         nn.Module.__init__(self)
         self.dim = dim
@@ -168,7 +172,7 @@ class MultiQueryAttention(nn.Module):
         if qk_ln:
             self.q_ln = build_norm(norm_type, dim, device=device, eps=norm_eps)
             self.k_ln = build_norm(norm_type, kv_dim, device=device, eps=norm_eps)
-        self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rope_theta else None
+        self.rotary = RotaryEmbedding(self.head_dim, rope_theta, rope_max_positions) if rope_theta else None
 
     # ---- which kernel: decided once per device type and dtype, not per call ---------------------
 
@@ -215,6 +219,9 @@ class MultiQueryAttention(nn.Module):
         mask: torch.Tensor | None = None,
         causal: bool = True,
         needs_weights: bool = False,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: StaticLayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
         """Attend ``x`` [batch, seq, dim] to itself and to the cached keys/values.
 
@@ -230,11 +237,21 @@ class MultiQueryAttention(nn.Module):
             needs_weights: also return the post-softmax weights [batch, heads, seq, past_len + seq]
                 (before dropout). Kernels that cannot return them (``torch``'s SDPA, ``flash``,
                 ``triton``) run that call through the reference math path instead.
+            positions: int [batch, seq], each token's absolute position for RoPE (default
+                ``past_len + 0..seq-1`` for every row); rows of a left-padded batch count from their
+                first real token. Must stay below the rotary table's ``max_positions``.
+            cache: one layer of a :class:`~mqa_lm.nn.cache.StaticKVCache` instead of
+                ``past_key_value``/``mask``: several tokens fill an empty cache (a prefill, causal among
+                themselves, its key mask hiding padding); one token is written at the cache's slot and
+                attends over the whole buffer through the mask (the fixed-shape decode step).
 
         Returns:
-            ``(context [batch, seq, dim], attn_weights or None, (key, value) after this call)``.
+            ``(context [batch, seq, dim], attn_weights or None, (key, value) after this call)``; with
+            a static ``cache``, its whole key and value buffers.
         """
-        context, weights, _, present = self._attend(x, past_key_value, bias, mask, causal, needs_weights, False)
+        context, weights, _, present = self._attend(
+            x, past_key_value, bias, mask, causal, needs_weights, False, positions, cache
+        )
         return context, weights, present
 
     def probe(
@@ -252,7 +269,9 @@ class MultiQueryAttention(nn.Module):
         Returns:
             ``(context, attn_weights, max_logit [batch, heads] fp32, (key, value))``.
         """
-        context, weights, max_logit, present = self._attend(x, past_key_value, bias, mask, causal, True, True)
+        context, weights, max_logit, present = self._attend(
+            x, past_key_value, bias, mask, causal, True, True, None, None
+        )
         assert weights is not None and max_logit is not None
         return context, weights, max_logit, present
 
@@ -265,13 +284,28 @@ class MultiQueryAttention(nn.Module):
         causal: bool,
         needs_weights: bool,
         needs_max_logit: bool,
+        positions: torch.Tensor | None,
+        cache: StaticLayerCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]:
         batch, q_len = self._check_input(x)
         if x.device.type not in self._device_backends:
             self._resolve_device(x.device)
-        past_len = self._check_cache(past_key_value, batch, x)
-        k_len = past_len + q_len
-        key_padding_mask = self._check_mask(mask, batch, k_len, x.device)
+        # One token into a static cache attends over every slot of it; anything else over what it
+        # brings plus what a growing cache holds.
+        decoding = cache is not None and q_len == 1
+        key_padding_mask: torch.Tensor | None
+        if cache is not None:
+            if past_key_value is not None or mask is not None:
+                raise ValueError("pass either a static cache or past_key_value/mask, not both: the cache has its mask")
+            past_len = 0
+            k_len = cache.owner.max_len if decoding else q_len
+            key_padding_mask = cache.owner.key_mask if decoding else cache.owner.key_mask[:, :q_len]
+            if decoding and positions is None:  # no padding: a row's position is its slot
+                positions = cache.owner.slot.expand(batch)[:, None]
+        else:
+            past_len = self._check_cache(past_key_value, batch, x)
+            k_len = past_len + q_len
+            key_padding_mask = self._check_mask(mask, batch, k_len, x.device)
         bias = self._crop_bias(bias, batch, q_len, k_len)
 
         qkv = self.Wqkv(x)
@@ -286,9 +320,18 @@ class MultiQueryAttention(nn.Module):
         k = k.view(batch, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
-            q = self.rotary(q, offset=past_len)
-            k = self.rotary(k, offset=past_len)
-        if past_key_value is not None:
+            if positions is not None:
+                self._check_positions(positions, batch, q_len)
+                q, k = self.rotary.at(q, positions), self.rotary.at(k, positions)
+            else:
+                q = self.rotary(q, offset=past_len)
+                k = self.rotary(k, offset=past_len)
+        if cache is not None:
+            cache.write(k, v)
+            if decoding:
+                k, v = cache.keys, cache.values
+                q = q.to(k.dtype)
+        elif past_key_value is not None:
             k = torch.cat([past_key_value[0].to(k.dtype), k], dim=2)
             v = torch.cat([past_key_value[1].to(v.dtype), v], dim=2)
 
@@ -301,7 +344,7 @@ class MultiQueryAttention(nn.Module):
                 k,
                 v,
                 softmax_scale=self.softmax_scale,
-                causal=causal,
+                causal=causal and not decoding,
                 bias=bias,
                 key_padding_mask=key_padding_mask,
                 dropout_p=dropout_p,
@@ -311,6 +354,9 @@ class MultiQueryAttention(nn.Module):
                     q, k, softmax_scale=self.softmax_scale, causal=causal, key_padding_mask=key_padding_mask
                 )
             used = "reference"
+        elif decoding:
+            assert cache is not None
+            used, context = _decode_attention(q, k, v, key_padding_mask, bias, self.softmax_scale, cache.owner)
         else:
             kernel = self._kernels.get((q.device.type, q.dtype))
             if kernel is None:
@@ -339,7 +385,7 @@ class MultiQueryAttention(nn.Module):
         if self.verbose >= 2:
             log.info("MultiQueryAttention: %s kernel, q_len=%d k_len=%d dtype=%s", used, q_len, k_len, q.dtype)
 
-        context = context.transpose(1, 2).reshape(batch, q_len, self.dim)
+        context = context.to(qkv.dtype).transpose(1, 2).reshape(batch, q_len, self.dim)
         return self.out_proj(context), weights, max_logit, (k, v)
 
     def _note(self, message: str) -> None:
@@ -390,6 +436,14 @@ class MultiQueryAttention(nn.Module):
             raise ValueError(f"past key {list(key.shape)} and value {list(value.shape)} shapes differ")
         return key.shape[2]
 
+    def _check_positions(self, positions: torch.Tensor, batch: int, q_len: int) -> None:
+        if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex():
+            raise TypeError(
+                f"positions must be an integer tensor [batch, seq], got {getattr(positions, 'dtype', positions)!r}"
+            )
+        if tuple(positions.shape) != (batch, q_len):
+            raise ValueError(f"positions must have shape [batch={batch}, seq={q_len}], got {list(positions.shape)}")
+
     def _check_mask(
         self, mask: torch.Tensor | None, batch: int, k_len: int, device: torch.device
     ) -> torch.Tensor | None:
@@ -432,6 +486,28 @@ class MultiQueryAttention(nn.Module):
         if cols > k_len:
             bias = bias[:, :, :, cols - k_len :]
         return bias
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    softmax_scale: float,
+    cache: StaticKVCache,
+) -> tuple[str, torch.Tensor]:
+    """One query per row over a whole static cache: the Triton split-KV kernel, which stops at the
+    slot, or SDPA over every slot with the key mask (the attention backends' causal prefill kernels
+    have nothing to skip here)."""
+    if cache.decode_attention == "triton":
+        from mqa_lm.kernels.triton_decode import decode_attention_op
+
+        out = decode_attention_op(q, keys, values, cache.lengths, key_mask, bias, softmax_scale, cache.split_size)
+        return "triton decode", out
+    return "sdpa decode", sdpa_attention(
+        q, keys, values, softmax_scale=softmax_scale, causal=False, bias=bias, key_padding_mask=key_mask
+    )
 
 
 def max_attention_logit(

@@ -13,19 +13,27 @@ class RotaryEmbedding(nn.Module):
 
     ``forward(x, offset)`` rotates ``x`` [batch, heads, seq, head_dim] as if its rows sat at absolute
     positions ``offset .. offset + seq - 1``, so cached keys keep the rotation of their position.
+    ``at(x, positions)`` rotates each row by its own positions [batch, seq] (left-padded batches, a
+    decode step in a CUDA graph): a gather from tables of ``max_positions`` rows, made once per
+    (device, dtype) and never regrown, so a captured graph keeps reading the same memory.
 
     The angles are computed in fp64 and the cos/sin tables cached per (device, dtype), grown on
     demand. Nothing is stored as a buffer: ``model.to(torch.bfloat16)`` would otherwise round the
     inverse frequencies to bf16 and rotate every position by a wrong angle.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    DEFAULT_MAX_POSITIONS = 2048
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, max_positions: int = DEFAULT_MAX_POSITIONS) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
+        self.max_positions = max_positions
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        # What at() reads: kept apart from the growing tables, so that growing them never frees it.
+        self._fixed: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables [>= length, head_dim] for positions 0.. (the cached tensors, grown on demand)."""
@@ -44,6 +52,16 @@ class RotaryEmbedding(nn.Module):
         seq = x.shape[-2]
         cos, sin = self.cos_sin(offset + seq, x.device, x.dtype)
         return apply_rotary(x, cos[offset : offset + seq], sin[offset : offset + seq])
+
+    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x`` [batch, heads, seq, head_dim] rotated by ``positions`` [batch, seq] (< ``max_positions``)."""
+        key = (x.device, x.dtype)
+        tables = self._fixed.get(key)
+        if tables is None:
+            cos, sin = self.cos_sin(self.max_positions, x.device, x.dtype)
+            tables = self._fixed[key] = (cos[: self.max_positions], sin[: self.max_positions])
+        cos, sin = tables
+        return apply_rotary(x, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}"
