@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from mqa_lm.cli import fail, hydra_main
 
 MODES = ("tasks", "perplexity")
 
@@ -197,13 +198,15 @@ def run(cfg: DictConfig) -> None:
         run_tasks(cfg)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+# hydra_main: hydra.main, with config files that do not parse and bad overrides as one line (exit 2).
+@hydra_main(config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except UsageError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail("config error", err)
+    except KeyboardInterrupt:
+        fail("\ninterrupted", "evaluation stopped; no results were written", status=130)
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def bad_files(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     latin = tmp_path / "latin1.txt"
-    latin.write_bytes("First Citizen: café".encode("latin-1"))
+    latin.write_bytes("First Citizen: café au lait".encode("latin-1"))
     return {"empty": empty, "latin": latin}
 
 
@@ -230,7 +230,10 @@ def bad_files(tmp_path):
         (["tasks=[tiny_mc]", "num_fewshot=-1"], "num_fewshot must be null .* or an integer >= 0, got -1"),
         (["mode=perplexity"], r"mode=perplexity needs data.paths=\[file.txt,...\]"),
         (["mode=perplexity", "data.paths=[{empty}]"], "data.paths: .*empty.txt is empty"),
-        (["mode=perplexity", "data.paths=[{latin}]"], "data.paths: .*latin1.txt is not valid UTF-8: .* at byte 18"),
+        (
+            ["mode=perplexity", "data.paths=[{latin}]"],
+            r"data.paths: .*latin1.txt: not UTF-8 at byte 18 \(invalid continuation byte\); convert it",
+        ),
         (["mode=perplexity", "data.paths=[/nonexistent.txt]"], "data.paths entry '/nonexistent.txt' matches no file"),
         (["mode=perplexity", "data.paths=[{latin}]", "data.stride=0"], "data.stride must be a positive integer"),
         (["mode=score"], "mode='score' is not one of: tasks, perplexity"),
@@ -279,6 +282,7 @@ def test_command_line_errors_are_one_line_and_exit_2(export):
     for args, message in (
         ([f"ckpt_path={export}", "tasks=[tiny_mc]", "limit=0"], "config error: limit must be null"),
         (["tasks=[tiny_mc]"], "config error: ckpt_path is required"),
+        ([f"ckpt_path={export}", "nonexistent_key=1"], "config error: Could not override 'nonexistent_key'"),
     ):
         done = subprocess.run(
             [sys.executable, "eval.py", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120

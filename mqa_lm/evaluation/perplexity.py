@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mqa_lm.evaluation.scoring import BATCH_SIZE, rolling_windows, score_tails, window_rows
+from mqa_lm.files import read_text_utf8
 from mqa_lm.inference.text import start_ids
 
 if TYPE_CHECKING:
@@ -103,18 +104,12 @@ def perplexity(
 
 
 def read_text_file(path: str | Path) -> str:
-    """The text of a UTF-8 file; ValueError naming the file when it is missing, empty or not UTF-8
-    (with the byte offset of the first invalid byte)."""
+    """The text of a UTF-8 file (a leading byte-order mark dropped); ValueError naming the file when
+    it is missing or empty, :class:`~mqa_lm.files.NotUTF8Error` (a ValueError, with the byte offset
+    of the first invalid byte) when it is not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} is not a file")
-    data = path.read_bytes()
-    if not data:
+    if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty: there is no text to measure; remove it or add text")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not valid UTF-8: {err.reason} at byte {err.start}; convert it "
-            "(e.g. iconv -f latin1 -t utf-8) or remove it"
-        ) from None
+    return read_text_utf8(path)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mqa_lm.files import dir_write_problem
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,9 @@ def results_target(ckpt_path: str | Path, output_path: str | Path | None, key: s
             raise ValueError(f"{key}={str(output_path)!r} is a file; give a directory or a new .json file")
         else:
             target = ResultsTarget(out)
-    existing = target.directory
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK):
-        raise ValueError(
-            f"cannot write results in {target.directory} ({existing} is not writable); "
-            f"pass {key}=<a writable directory>"
-        )
+    problem = dir_write_problem(target.directory)
+    if problem is not None:
+        raise ValueError(f"cannot write results in {target.directory}: {problem}; pass {key}=<a writable directory>")
     return target
 
 
