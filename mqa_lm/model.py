@@ -353,6 +353,12 @@ class MQATransformer(nn.Module):
             split_size=split_size,
         )
 
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final-norm hidden states [batch, seq, d_model] of ``idx``: ``lm_head`` of them is the
+        logits. For callers that need the logits of a few positions only (scoring continuations),
+        which then skip the head's matmul and the [batch, seq, vocab] tensor for the rest."""
+        return self._hidden(idx)
+
     @torch.no_grad()
     def attention_probe(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Diagnostics of one forward on the reference path: per layer, the post-softmax weights

@@ -1,20 +1,16 @@
-"""mqa_lm.inference.text: batched generation from token rows, streaming, and the sliding-window
-perplexity against a per-token computation from the definition."""
+"""mqa_lm.inference.text: batched generation from token rows and streaming (the sliding-window
+perplexity is tested in tests/test_perplexity.py)."""
 
 from __future__ import annotations
 
 import io
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mqa_lm import MQAConfig, MQATransformer
-from mqa_lm.data.tokenizer import build_char, train_bpe
-from mqa_lm.inference.text import TextStreamer, generate_ids, left_pad, perplexity, start_ids
-
-TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n" * 2
+from mqa_lm.data.tokenizer import train_bpe
+from mqa_lm.inference.text import TextStreamer, generate_ids, left_pad
 
 
 @pytest.fixture(autouse=True)
@@ -100,47 +96,3 @@ def test_streamer_never_prints_half_a_character():
     streamer.end()
     assert all("\ufffd" not in s for s in seen)
     assert out.getvalue() == text + "\n"
-
-
-def reference_nll(model, ids, first_target, window, stride):
-    """Per target token j: its log-probability given the context of the window that scores it,
-    by one forward of exactly that context (ids[begin:j]) per token."""
-    nll, scored_until, begin = 0.0, first_target, 0
-    count = 0
-    while scored_until < len(ids):
-        end = min(begin + window, len(ids) - 1)
-        for j in range(scored_until, end + 1):
-            logits, _ = model(torch.tensor([ids[begin:j]]))
-            nll -= F.log_softmax(logits[0, -1].double(), -1)[ids[j]].item()
-            count += 1
-        scored_until = end + 1
-        begin += stride
-    return nll, count
-
-
-@pytest.mark.parametrize("window,stride", [(16, 16), (16, 5), (8, 1)])
-def test_perplexity_matches_per_token_definition(window, stride):
-    tokenizer = build_char([TEXT])
-    model = model_for(tokenizer.get_vocab_size(), max_seq_len=16)
-    texts = [TEXT[:70], TEXT[70:95]]
-    got = perplexity(model, tokenizer, texts, window=window, stride=stride, batch_size=3)
-    want_nll, want_count = 0.0, 0
-    for text in texts:
-        ids = start_ids(tokenizer) + tokenizer.encode(text, add_special_tokens=False).ids
-        nll, count = reference_nll(model, ids, 1, window, stride)
-        want_nll += nll
-        want_count += count
-    assert got.tokens == want_count == 95  # every character scored once
-    assert got.bytes == 95
-    assert math.isclose(got.nll, want_nll, rel_tol=1e-9)
-    assert math.isclose(got.bits_per_byte, want_nll / math.log(2) / 95, rel_tol=1e-9)
-    assert math.isclose(got.perplexity, math.exp(want_nll / 95), rel_tol=1e-9)
-
-
-def test_perplexity_rejects_bad_windows():
-    tokenizer = build_char([TEXT])
-    model = model_for(tokenizer.get_vocab_size(), max_seq_len=16)
-    with pytest.raises(ValueError, match=r"window must be in \[2, max_seq_len=16\], got 17"):
-        perplexity(model, tokenizer, [TEXT], window=17)
-    with pytest.raises(ValueError, match=r"stride must be in \[1, window=8\], got 9"):
-        perplexity(model, tokenizer, [TEXT], window=8, stride=9)

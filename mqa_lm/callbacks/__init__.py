@@ -1,8 +1,9 @@
 """Seeing inside a run: attention maps and statistics, samples, throughput/MFU, gradient norm,
-W&B tracking and the progress bar. Each is a Lightning callback (or logger) with a config under
-``configs/callbacks/`` (``configs/logger/`` for W&B)."""
+W&B tracking, the progress bar and benchmarks (lm-eval). Each is a Lightning callback (or logger)
+with a config under ``configs/callbacks/`` (``configs/logger/`` for W&B)."""
 
 from mqa_lm.callbacks.attention import AttentionMapLogger, attention_entropy, attention_stats
+from mqa_lm.callbacks.benchmarks import LMEvalCallback
 from mqa_lm.callbacks.export import PretrainedExport
 from mqa_lm.callbacks.heatmap import render_heatmap, to_uint8
 from mqa_lm.callbacks.progress import ModelSizeSummary, TokensPerSecondBar, ValidationLine, model_summary, progress_bar
@@ -13,6 +14,7 @@ from mqa_lm.callbacks.tracking import RunMetadata, RunWandbLogger, log_resolved_
 __all__ = [
     "AttentionMapLogger",
     "GradNormMonitor",
+    "LMEvalCallback",
     "ModelSizeSummary",
     "PEAK_FLOPS",
     "PretrainedExport",

@@ -1,16 +1,13 @@
-"""Text in, text out: batched prompts (left padding), streamed continuations, and the perplexity /
-bits per byte of a text with a sliding window. Used by ``generate.py``; independent of Hydra."""
+"""Text in, text out: batched prompts (left padding) and streamed continuations. Used by
+``generate.py`` and the harness model (perplexity lives in :mod:`mqa_lm.evaluation`); independent of Hydra."""
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 import torch
-import torch.nn.functional as F
 
 from mqa_lm.inference.config import GenerationConfig
 from mqa_lm.inference.engine import InferenceEngine, cache_length
@@ -148,85 +145,3 @@ def _cut_at(tokens: list[int], eos: int | None) -> list[int]:
     if eos is not None and eos in tokens:
         return tokens[: tokens.index(eos) + 1]
     return tokens
-
-
-@dataclass
-class Perplexity:
-    tokens: int  # tokens scored
-    bytes: int  # UTF-8 bytes of the texts
-    nll: float  # summed negative log-likelihood, nats
-
-    @property
-    def loss(self) -> float:
-        return self.nll / max(self.tokens, 1)
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.loss)
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nll / math.log(2) / max(self.bytes, 1)
-
-
-@torch.no_grad()
-def perplexity(
-    model: MQATransformer,
-    tokenizer: Tokenizer,
-    texts: list[str],
-    *,
-    window: int | None = None,
-    stride: int | None = None,
-    batch_size: int = 8,
-) -> Perplexity:
-    """Loss, perplexity and bits per byte of ``texts`` under ``model``.
-
-    Each text is tokenised after the document separator (so its first token is scored too) and
-    read in windows of ``window`` tokens (default ``max_seq_len``) that start ``stride`` tokens
-    apart (default half a window): each token is scored once, in the first window where it is
-    not among the first ``window - stride`` positions, so every score after the first window has
-    at least ``window - stride`` tokens of context. ``stride = window`` is plain chunking.
-    """
-    window = window or model.config.max_seq_len
-    if not 2 <= window <= model.config.max_seq_len:
-        raise ValueError(f"window must be in [2, max_seq_len={model.config.max_seq_len}], got {window}")
-    stride = stride or max(1, window // 2)
-    if not 1 <= stride <= window:
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
-    device = model.wte.weight.device
-    total = Perplexity(tokens=0, bytes=0, nll=0.0)
-    pending: list[tuple[list[int], list[int]]] = []
-
-    def flush() -> None:
-        width = max(len(x) for x, _ in pending)
-        inputs = torch.zeros(len(pending), width, dtype=torch.long)
-        targets = torch.full((len(pending), width), -100, dtype=torch.long)
-        for i, (x, y) in enumerate(pending):
-            inputs[i, : len(x)] = torch.tensor(x)
-            targets[i, : len(y)] = torch.tensor(y)
-        logits, _ = model(inputs.to(device))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="sum")
-        total.nll += float(loss)
-        pending.clear()
-
-    for text in texts:
-        ids = start_ids(tokenizer) + tokenizer.encode(text, add_special_tokens=False).ids
-        total.bytes += len(text.encode("utf-8"))
-        first_target = len(start_ids(tokenizer))  # the separator itself is context, not scored
-        scored_until = first_target  # targets [first_target, scored_until) are done
-        begin = 0
-        while scored_until < len(ids):
-            end = min(begin + window, len(ids) - 1)
-            # Inputs ids[begin:end+1) predict ids[begin+1:end+1]; score the ones not yet scored.
-            x = ids[begin:end]
-            y = [t if begin + 1 + i >= scored_until else -100 for i, t in enumerate(ids[begin + 1 : end + 1])]
-            pending.append((x, y))
-            total.tokens += end + 1 - scored_until
-            scored_until = end + 1
-            begin += stride
-            if len(pending) == batch_size:
-                flush()
-    if pending:
-        flush()
-    return total
