@@ -506,9 +506,23 @@ def _decode_attention(
     slot, or SDPA over every slot with the key mask (the attention backends' causal prefill kernels
     have nothing to skip here)."""
     if cache.decode_attention == "triton":
-        from mqa_lm.kernels.triton_decode import decode_attention_op
+        from mqa_lm.kernels.triton_decode import decode_attention, decode_attention_op
 
-        out = decode_attention_op(q, keys, values, cache.lengths, key_mask, bias, softmax_scale, cache.split_size)
+        if torch.compiler.is_compiling():  # traced as a torch.library op: no graph break
+            out = decode_attention_op(q, keys, values, cache.lengths, key_mask, bias, softmax_scale, cache.split_size)
+        else:
+            # Called directly: the op's first eager call imports the compiler stack (4.3 s on an H200).
+            out = decode_attention(
+                q,
+                keys,
+                values,
+                lengths=cache.lengths,
+                key_mask=key_mask,
+                bias=bias,
+                softmax_scale=softmax_scale,
+                split_size=cache.split_size,
+                check=False,
+            )
         return "triton decode", out
     return "sdpa decode", sdpa_attention(
         q, keys, values, softmax_scale=softmax_scale, causal=False, bias=bias, key_padding_mask=key_mask
