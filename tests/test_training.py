@@ -210,8 +210,10 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resumed_run_reaches_the_weights_of_an_uninterrupted_run(tmp_path, corpus):
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_resumed_run_reaches_the_weights_of_an_uninterrupted_run(tmp_path, corpus, optim):
     common = [
+        f"optim={optim}",
         "optim.decay_steps=16",
         "optim.warmup_steps=4",
         "trainer.val_check_interval=8",
@@ -307,8 +309,10 @@ def test_train_py_reports_a_config_error_and_exits_2(tmp_path):
     assert "config error: model.d_model=512 is not divisible by model.heads=7" in proc.stderr
 
 
-def test_fused_adamw_under_bf16_mixed_clips_gradients():
-    """Lightning refuses to clip for fused optimizers; the module clips itself when no scaler exists."""
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_fused_adamw_under_bf16_mixed_clips_gradients(optim):
+    """Lightning refuses to clip for fused optimizers; the module clips itself when no scaler exists.
+    Under optim=muon the fused AdamW sits inside MuonAdamW, which Lightning clips itself."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -319,7 +323,7 @@ def test_fused_adamw_under_bf16_mixed_clips_gradients():
     loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=4)
     module = MQALitModule(
         model=dict(vocab_size=32, max_seq_len=16, n_layers=1, d_model=32, heads=4, attn_impl="torch"),
-        optim=dict(lr=1e-3, warmup_steps=1, fused=True),
+        optim=dict(name=optim, lr=1e-3, warmup_steps=1, fused=True),
     )
     seen: list[float] = []
 
@@ -345,7 +349,7 @@ def test_fused_adamw_under_bf16_mixed_clips_gradients():
         callbacks=[RecordNorm()],
     )
     trainer.fit(module, loader)
-    assert trainer.optimizers[0].param_groups[0]["fused"]
+    assert any(group.get("fused") for group in trainer.optimizers[0].param_groups)
     assert len(seen) == 2 and all(n <= 1e-3 * 1.01 for n in seen), seen
 
 
@@ -412,6 +416,13 @@ def test_resume_target_past_max_steps_or_of_another_shape_stops_before_training(
     )
     with pytest.raises(ConfigError, match="already at trainer.max_steps=8"):
         train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=8")))
+    # An optimizer's state loads only into the same kind of optimizer.
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=16", "optim=muon")))
+    assert str(err.value) == (
+        f"the checkpoint {last} was trained with optim=adamw; this command has optim=muon; use optim=adamw to "
+        "continue it, or start a new run (resume=never, or another hydra.run.dir)"
+    )
     # small_run has model.d_model=32, model.n_layers=2; Hydra keeps the last override of a key.
     with pytest.raises(ConfigError) as err:
         train(
