@@ -33,17 +33,20 @@ MUON_SHARDED_ERROR = (
 class OptimConfig(DictRoundTrip):
     """``optim=adamw``: AdamW + warmup/cosine settings, validated on construction (errors name ``optim.<field>``).
 
-    ``decay_steps`` null means "the run's ``trainer.max_steps``"; after it the rate stays ``min_lr``.
+    ``decay_steps`` null means "the run's ``trainer.max_steps``"; after it the rate stays at the final
+    rate, ``min_lr`` (null: a tenth of ``lr``, so that a command that lowers ``lr`` lowers both).
     :meth:`from_dict` picks the class from ``name`` (``adamw`` -> this class, ``muon`` -> :class:`MuonConfig`).
     """
 
     config_group: ClassVar[str] = "optim"
 
     name: str = "adamw"
-    # Measured on the default CPU run (python train.py, 800 steps, 2026-12-01): 1e-3 with 50 warmup
-    # steps reached val loss 4.3640 at step 800 (116 s), 6e-4 / 6e-5 with 100 warmup steps 4.5783 (135 s).
+    # Measured on python train.py optim=adamw trainer.max_steps=800 (2-core CPU, 2026-12-01): 1e-3 / 1e-4
+    # with 50 warmup steps reached val loss 4.3640 at step 800, 6e-4 / 6e-5 with 100 warmup steps 4.5783
+    # (docs/benchmarks.md). Higher rates did better still there (5e-3: 3.9833) but this is also the rate of
+    # every matrix of the large models FSDP trains, which want less (nanoGPT: 6e-4 for 124M).
     lr: float = 1e-3
-    min_lr: float = 1e-4
+    min_lr: float | None = None
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -60,8 +63,8 @@ class OptimConfig(DictRoundTrip):
             )
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}] or null (lr / 10), got {self.min_lr}")
         if not self.weight_decay >= 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         betas = list(self.betas)
@@ -76,6 +79,11 @@ class OptimConfig(DictRoundTrip):
             raise ValueError(f"optim.decay_steps must be >= 1 (or null for trainer.max_steps), got {self.decay_steps}")
         if self.fused is not None and not isinstance(self.fused, bool):
             raise ValueError(f"optim.fused must be true, false or null, got {self.fused!r}")
+
+    @property
+    def final_lr(self) -> float:
+        """The rate the cosine ends at: ``min_lr``, or a tenth of ``lr`` when it is null."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
     @classmethod
     def from_dict(cls: type[C], values: dict[str, Any]) -> C:
@@ -96,7 +104,7 @@ class MuonConfig(OptimConfig):
     ``betas``, ``eps``, ``fused``), on everything else (embeddings, the LM head, norm gains, biases).
 
     One schedule scales both: every group's rate is its own peak times ``lr_at(step) / lr``, so the
-    Muon rate warms up to ``muon_lr`` and decays to ``muon_lr * min_lr / lr``.
+    Muon rate warms up to ``muon_lr`` and decays to ``muon_lr * final_lr / lr`` (a tenth by default).
 
     Args:
         muon_lr: Muon's peak rate, before ``muon_adjust_lr`` scales it per matrix shape.
@@ -111,7 +119,11 @@ class MuonConfig(OptimConfig):
     """
 
     name: str = "muon"
-    muon_lr: float = 0.02
+    # The AdamW part (embeddings, the tied LM head, gains, biases) takes a higher rate than AdamW on the
+    # whole model: on python train.py, Muon 0.01 with AdamW 5e-3 reached 3.6479 at step 800, with 3e-3
+    # 3.6730, with 2e-3 3.7292; muon_lr 0.02 with 2e-3: 3.7623, 0.05 with 1e-3: 4.3926 (docs/benchmarks.md).
+    lr: float = 5e-3
+    muon_lr: float = 0.01
     muon_weight_decay: float = 0.0
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
@@ -141,7 +153,9 @@ class MuonConfig(OptimConfig):
 # optim.name -> its config class; configs/optim/<name>.yaml selects each (mqa_lm.config_store bases).
 OPTIMIZERS: dict[str, type[OptimConfig]] = {"adamw": OptimConfig, "muon": MuonConfig}
 # What MQALitModule(optim=None) trains with; configs/train.yaml picks the same option (a test checks).
-DEFAULT_OPTIMIZER = "adamw"
+# Muon: on python train.py it reached val loss 3.7571 in 600 steps and less time than AdamW's 4.3640 in
+# 800 (docs/benchmarks.md, time to quality). Not under FSDP (MUON_SHARDED_ERROR): optim=adamw there.
+DEFAULT_OPTIMIZER = "muon"
 
 
 def default_optim_config() -> OptimConfig:
@@ -154,13 +168,15 @@ def _config_name(config_cls: type[OptimConfig]) -> str:
 
 
 def lr_at(step: int, cfg: OptimConfig, decay_steps: int) -> float:
-    """Learning rate after ``step`` optimizer steps: linear warmup from lr/warmup, then cosine to min_lr."""
+    """Learning rate after ``step`` optimizer steps: linear warmup from lr/warmup, then cosine to the
+    final rate (:attr:`OptimConfig.final_lr`)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    final = cfg.final_lr
     if step >= decay_steps:
-        return cfg.min_lr
+        return final
     progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return final + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - final)
 
 
 def split_parameters(model: nn.Module, muon: bool = False) -> dict[str, list[nn.Parameter]]:
