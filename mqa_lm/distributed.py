@@ -35,6 +35,19 @@ def _starts_subprocesses(trainer_cfg: DictConfig) -> bool:
     return target.endswith(_SUBPROCESS_TARGETS) and start_method == "popen"
 
 
+def shards_parameters(trainer_cfg: DictConfig) -> bool:
+    """Whether ``trainer.strategy`` is FSDP or Lightning's ModelParallelStrategy (FSDP2, tensor
+    parallel), whose wrapped parameters are slices of the model's, as named in the composed config."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if isinstance(strategy, str):
+        name = strategy.lower()
+    elif hasattr(strategy, "get"):
+        name = str(strategy.get("_target_", "")).lower()
+    else:
+        name = type(strategy).__name__.lower()
+    return "fsdp" in name or "modelparallel" in name
+
+
 def check_launch(cfg: DictConfig) -> None:
     """Refuse launch combinations that cannot work, before any work; raises ValueError.
 

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from mqa_lm.inference import GenerationConfig, generate
 from mqa_lm.model import MQAConfig, MQATransformer
-from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
+from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler, default_optim_config
 from mqa_lm.pretrained import CHECKPOINT_TOKENIZER_KEY
 
 COMPILE_SCOPES = ("model", "blocks")
@@ -55,7 +55,9 @@ class MQALitModule(L.LightningModule):
             datamodule's tokenizer when the trainer builds the model (``configure_model``); the
             resolved value is written back into the saved hyperparameters, so a checkpoint rebuilds
             the same model.
-        optim: a validated :class:`OptimConfig`, or its fields as a plain dict.
+        optim: a validated :class:`OptimConfig` (or :class:`~mqa_lm.optim.MuonConfig`), or its fields as a
+            plain dict (``name`` picks the optimizer; without it, AdamW, as in checkpoints written before
+            ``optim=muon``); None: :func:`~mqa_lm.optim.default_optim_config`, what ``train.py`` uses.
         compile: wrap the model in ``torch.compile`` (``train()`` resolves ``module.compile: auto``);
             the first training step's time, compilation included, is printed.
         compile_scope: ``model`` compiles the whole forward (loss included) as one graph; ``blocks``
@@ -89,8 +91,10 @@ class MQALitModule(L.LightningModule):
         fields = model.to_dict() if isinstance(model, MQAConfig) else dict(model)
         if vocab_from_data:
             fields["vocab_size"] = None
-        if not isinstance(optim, OptimConfig):
-            optim = OptimConfig.from_dict(dict(optim or {}))
+        if optim is None:
+            optim = default_optim_config()
+        elif not isinstance(optim, OptimConfig):
+            optim = OptimConfig.from_dict(dict(optim))
         self.optim_config = optim
         self.save_hyperparameters({"model": fields, "optim": optim.to_dict(), "compile": compile})
         self.model: MQATransformer | None = None
@@ -206,12 +210,14 @@ class MQALitModule(L.LightningModule):
         """Clip as the Trainer says; a fused AdamW under bf16 is clipped here directly.
 
         Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales
-        gradients itself (fused AdamW), though bf16 has no loss scale to undo; with no GradScaler
-        in play, clipping the gradients as they stand is exactly right.
+        gradients itself (``_step_supports_amp_scaling``: fused AdamW), though bf16 has no loss scale
+        to undo; with no GradScaler in play, clipping the gradients as they stand is exactly right.
+        (``optim=muon``'s :class:`~mqa_lm.optim.MuonAdamW` never unscales itself, fused AdamW inside
+        or not, so Lightning clips it.)
         """
-        fused = any(group.get("fused") for group in optimizer.param_groups)
+        unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if fused and scaler is None and gradient_clip_val:
+        if unscales_itself and scaler is None and gradient_clip_val:
             if gradient_clip_algorithm in (None, "norm"):
                 torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
             else:

@@ -1,40 +1,70 @@
-"""Optimizer and learning-rate schedule: AdamW with weight-decay groups, linear warmup, cosine decay."""
+"""Optimizers and the learning-rate schedule.
+
+``optim=adamw`` (:class:`OptimConfig`): AdamW with weight decay on matrices and embeddings.
+``optim=muon`` (:class:`MuonConfig`): ``torch.optim.Muon`` on every 2-D weight inside the transformer
+blocks and AdamW on the rest, stepped as one optimizer (:class:`MuonAdamW`). Both: linear warmup, then
+cosine decay, one factor for every parameter group.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import nn
 
 from mqa_lm.config_fields import DictRoundTrip
 
+C = TypeVar("C", bound="OptimConfig")
+
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
+
+MUON_SHARDED_ERROR = (
+    "optim=muon needs every weight matrix whole on each rank (its Newton-Schulz step orthogonalises the full "
+    "matrix), but this model's parameters are sharded (trainer=fsdp); train it with trainer=ddp, or keep "
+    "trainer=fsdp with optim=adamw"
+)
+
 
 @dataclass
 class OptimConfig(DictRoundTrip):
-    """AdamW + warmup/cosine settings, validated on construction (errors name ``optim.<field>``).
+    """``optim=adamw``: AdamW + warmup/cosine settings, validated on construction (errors name ``optim.<field>``).
 
-    ``decay_steps`` null means "the run's ``trainer.max_steps``"; after it the rate stays ``min_lr``.
+    ``decay_steps`` null means "the run's ``trainer.max_steps``"; after it the rate stays at the final
+    rate, ``min_lr`` (null: a tenth of ``lr``, so that a command that lowers ``lr`` lowers both).
+    :meth:`from_dict` picks the class from ``name`` (``adamw`` -> this class, ``muon`` -> :class:`MuonConfig`).
     """
 
     config_group: ClassVar[str] = "optim"
 
-    lr: float = 6e-4
-    min_lr: float = 6e-5
+    name: str = "adamw"
+    # Measured on python train.py optim=adamw trainer.max_steps=800 (2-core CPU, 2026-12-01): 1e-3 / 1e-4
+    # with 50 warmup steps reached val loss 4.3640 at step 800, 6e-4 / 6e-5 with 100 warmup steps 4.5783
+    # (docs/benchmarks.md). Higher rates did better still there (5e-3: 3.9833) but this is also the rate of
+    # every matrix of the large models FSDP trains, which want less (nanoGPT: 6e-4 for 124M).
+    lr: float = 1e-3
+    min_lr: float | None = None
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     decay_steps: int | None = None
     fused: bool | None = None  # None: fused AdamW on CUDA, the loop implementation elsewhere
 
     def __post_init__(self) -> None:
+        expected = _config_name(type(self))
+        if self.name != expected:
+            raise ValueError(
+                f"optim.name={self.name!r} does not match {type(self).__name__} (optim.name={expected}); "
+                "OptimConfig.from_dict picks the class from the name"
+            )
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr={self.lr}] or null (lr / 10), got {self.min_lr}")
         if not self.weight_decay >= 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         betas = list(self.betas)
@@ -47,46 +77,239 @@ class OptimConfig(DictRoundTrip):
             raise ValueError(f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ValueError(f"optim.decay_steps must be >= 1 (or null for trainer.max_steps), got {self.decay_steps}")
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise ValueError(f"optim.fused must be true, false or null, got {self.fused!r}")
+
+    @property
+    def final_lr(self) -> float:
+        """The rate the cosine ends at: ``min_lr``, or a tenth of ``lr`` when it is null."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        """The config of the optimizer ``values["name"]`` names (``adamw`` when absent, as in
+        checkpoints written before ``optim=muon`` existed); unknown keys are an error naming them."""
+        name = values.get("name", _config_name(cls))
+        config_cls = OPTIMIZERS.get(name) if isinstance(name, str) else None
+        if config_cls is None or not issubclass(config_cls, cls):
+            valid = ", ".join(n for n, c in OPTIMIZERS.items() if issubclass(c, cls))
+            raise ValueError(f"unknown optim.name {name!r}; valid choices are: {valid} (optim=<name>)")
+        return cast(C, super(OptimConfig, config_cls).from_dict(values))
+
+
+@dataclass
+class MuonConfig(OptimConfig):
+    """``optim=muon``: Muon on every 2-D weight inside the transformer blocks (attention Wqkv and out_proj,
+    the MLP's projections); AdamW, set by the :class:`OptimConfig` fields (``lr``, ``weight_decay``,
+    ``betas``, ``eps``, ``fused``), on everything else (embeddings, the LM head, norm gains, biases).
+
+    One schedule scales both: every group's rate is its own peak times ``lr_at(step) / lr``, so the
+    Muon rate warms up to ``muon_lr`` and decays to ``muon_lr * final_lr / lr`` (a tenth by default).
+
+    Args:
+        muon_lr: Muon's peak rate, before ``muon_adjust_lr`` scales it per matrix shape.
+        muon_weight_decay: decoupled decay of the Muon matrices (each step multiplies them by
+            ``1 - rate * muon_weight_decay``, with the scheduled, unadjusted rate).
+        muon_momentum: Muon's momentum (an exponential average of the gradients).
+        muon_nesterov: use the Nesterov form of that momentum.
+        muon_ns_steps: Newton-Schulz iterations that orthogonalise each update.
+        muon_adjust_lr: ``original`` scales the rate by ``sqrt(max(1, rows / cols))`` (Jordan et al.);
+            ``match_rms_adamw`` by ``0.2 * sqrt(max(rows, cols))`` (Moonshot: AdamW's update size, so
+            ``muon_lr`` near AdamW's rate).
+    """
+
+    name: str = "muon"
+    # The AdamW part (embeddings, the tied LM head, gains, biases) takes a higher rate than AdamW on the
+    # whole model: on python train.py, Muon 0.01 with AdamW 5e-3 reached 3.6479 at step 800, with 3e-3
+    # 3.6730, with 2e-3 3.7292; muon_lr 0.02 with 2e-3: 3.7623, 0.05 with 1e-3: 4.3926 (docs/benchmarks.md).
+    lr: float = 5e-3
+    muon_lr: float = 0.01
+    muon_weight_decay: float = 0.0
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+    muon_adjust_lr: str = "original"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.muon_lr > 0:
+            raise ValueError(f"optim.muon_lr must be > 0, got {self.muon_lr}")
+        if not self.muon_weight_decay >= 0:
+            raise ValueError(f"optim.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not isinstance(self.muon_nesterov, bool):
+            raise ValueError(f"optim.muon_nesterov must be true or false, got {self.muon_nesterov!r}")
+        steps = self.muon_ns_steps
+        # torch.optim.Muon refuses 100 or more.
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
+            raise ValueError(f"optim.muon_ns_steps must be an integer in [1, 99], got {steps!r}")
+        if self.muon_adjust_lr not in MUON_ADJUST_LR:
+            raise ValueError(
+                f"unknown optim.muon_adjust_lr {self.muon_adjust_lr!r}; valid choices are: {', '.join(MUON_ADJUST_LR)}"
+            )
+
+
+# optim.name -> its config class; configs/optim/<name>.yaml selects each (mqa_lm.config_store bases).
+OPTIMIZERS: dict[str, type[OptimConfig]] = {"adamw": OptimConfig, "muon": MuonConfig}
+# What MQALitModule(optim=None) trains with; configs/train.yaml picks the same option (a test checks).
+# Muon: on python train.py it reached val loss 3.7571 in 600 steps and less time than AdamW's 4.3640 in
+# 800 (docs/benchmarks.md, time to quality). Not under FSDP (MUON_SHARDED_ERROR): optim=adamw there.
+DEFAULT_OPTIMIZER = "muon"
+
+
+def default_optim_config() -> OptimConfig:
+    """The optimizer settings of a run that names none: ``DEFAULT_OPTIMIZER`` at its defaults."""
+    return OPTIMIZERS[DEFAULT_OPTIMIZER]()
+
+
+def _config_name(config_cls: type[OptimConfig]) -> str:
+    return next(str(f.default) for f in fields(config_cls) if f.name == "name")
 
 
 def lr_at(step: int, cfg: OptimConfig, decay_steps: int) -> float:
-    """Learning rate after ``step`` optimizer steps: linear warmup from lr/warmup, then cosine to min_lr."""
+    """Learning rate after ``step`` optimizer steps: linear warmup from lr/warmup, then cosine to the
+    final rate (:attr:`OptimConfig.final_lr`)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    final = cfg.final_lr
     if step >= decay_steps:
-        return cfg.min_lr
+        return final
     progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return final + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - final)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices and embeddings (dim >= 2); never biases or norm gains (dim < 2)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+def split_parameters(model: nn.Module, muon: bool = False) -> dict[str, list[nn.Parameter]]:
+    """Every trainable parameter exactly once (a tied weight once), by how it is optimised.
+
+    ``muon``: the 2-D weights inside ``model.blocks`` (only when ``muon`` is set); ``decay``: the
+    other tensors of 2 or more dimensions (embeddings, an untied LM head); ``no_decay``: norm gains
+    and biases. Raises ValueError for Muon on a model whose parameters FSDP has sharded.
+    """
+    muon_ids: set[int] = set()
+    if muon:
+        if _is_sharded(model):
+            raise ValueError(MUON_SHARDED_ERROR)
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.Module):
+            raise ValueError(f"optim=muon trains the 2-D weights of model.blocks; {type(model).__name__} has none")
+        muon_ids = {id(p) for p in blocks.parameters() if p.dim() == 2}
+    groups: dict[str, list[nn.Parameter]] = {"muon": [], "decay": [], "no_decay": []}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        role = "muon" if id(p) in muon_ids else "decay" if p.dim() >= 2 else "no_decay"
+        groups[role].append(p)
+    return groups
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """FSDP (1: wrapped submodules, 2: DTensor parameters) holds a slice of each matrix per rank."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+        isinstance(p, DTensor) for p in model.parameters()
+    )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups: decay matrices and embeddings (dim >= 2); never biases or norm gains (dim < 2)."""
+    groups = split_parameters(model)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"name": "decay", "params": groups["decay"], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, grad_scaling: bool = False) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`. ``fused`` None picks the fused kernel on CUDA unless a
-    GradScaler is in play (fp16), where gradients must be unscaled before clipping."""
+class MuonAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` and ``torch.optim.AdamW`` stepped as one optimizer.
+
+    Lightning's automatic optimization steps one optimizer with one closure, and one LR scheduler
+    should drive every group; so this optimizer's ``param_groups`` are Muon's groups followed by
+    AdamW's (the same dicts: a scheduler or LearningRateMonitor that sets or reads them acts on the
+    inner optimizers), and its ``state`` is the one dict both inner optimizers write (their
+    parameters are disjoint). ``state_dict``/``load_state_dict`` are therefore torch's own, over every
+    group in order; loading re-links the inner optimizers to the loaded groups and state.
+
+    ``step(closure)`` runs the closure once, then Muon's step and AdamW's. Gradient scalers see no
+    fused step here (``_step_supports_amp_scaling`` stays False): they unscale every gradient first,
+    which suits a fused AdamW inside too.
+    """
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon = muon
+        self.adamw = adamw
+        super().__init__([*muon.param_groups, *adamw.param_groups], defaults={})
+        self._link()
+
+    def _link(self) -> None:
+        n_muon = len(self.muon.param_groups)
+        # Each optimizer's __setstate__, as its own load_state_dict would run it: fills group keys a
+        # checkpoint from another torch version may lack.
+        self.muon.__setstate__({"state": self.state, "param_groups": self.param_groups[:n_muon]})
+        self.adamw.__setstate__({"state": self.state, "param_groups": self.param_groups[n_muon:]})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, grad_scaling: bool = False) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups` (``optim=adamw``), or :class:`MuonAdamW` (``optim=muon``).
+
+    ``fused`` None picks the fused AdamW kernel on CUDA unless a GradScaler is in play (fp16), where
+    gradients must be unscaled before clipping. Parameter groups carry a ``name`` (the learning-rate
+    monitor logs ``lr-<optimizer>/<name>``).
+    """
     on_cuda = next(model.parameters()).is_cuda
     fused = (on_cuda and not grad_scaling) if cfg.fused is None else cfg.fused
     # __post_init__ checked that betas holds exactly two numbers.
     betas = cast("tuple[float, float]", tuple(cfg.betas))
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
+    if not isinstance(cfg, MuonConfig):
+        return torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused
+        )
+    groups = split_parameters(model, muon=True)
+    muon = torch.optim.Muon(
+        [{"name": "muon", "params": groups["muon"]}],
+        lr=cfg.muon_lr,
+        weight_decay=cfg.muon_weight_decay,
+        momentum=cfg.muon_momentum,
+        nesterov=cfg.muon_nesterov,
+        ns_steps=cfg.muon_ns_steps,
+        adjust_lr_fn=cfg.muon_adjust_lr,
+    )
+    adamw = torch.optim.AdamW(
+        [
+            {"name": "adamw_decay", "params": groups["decay"], "weight_decay": cfg.weight_decay},
+            {"name": "adamw_no_decay", "params": groups["no_decay"], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=betas,
+        eps=cfg.eps,
+        fused=fused,
+    )
+    return MuonAdamW(muon, adamw)
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, decay_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR whose factor gives :func:`lr_at`; step it once per optimizer step."""
+    """LambdaLR whose factor gives :func:`lr_at` (every group: its own peak rate times the factor);
+    step it once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, decay_steps) / cfg.lr)

@@ -28,7 +28,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from mqa_lm import config_store  # noqa: F401  (registers model/_base before Hydra composes)
 from mqa_lm.callbacks.tracking import log_resolved_config
 from mqa_lm.checkpointing import (
     SPECIAL_CKPT_PATHS,
@@ -41,16 +40,17 @@ from mqa_lm.checkpointing import (
     slurm_environment,
 )
 from mqa_lm.checkpointing.resume import _is_rank_zero
+from mqa_lm.config_store import DATAMODULE_TARGET  # importing it registers the _base nodes Hydra composes
 from mqa_lm.console import quiet_known_noise
 from mqa_lm.data import DataConfig, TextDataModule
 from mqa_lm.data.tokenizer import EOT
-from mqa_lm.distributed import check_launch, global_batch_line
+from mqa_lm.distributed import check_launch, global_batch_line, shards_parameters
 from mqa_lm.inference import GenerationConfig
 from mqa_lm.init_from import InitSource, apply_init_from, load_init_weights
 from mqa_lm.lit_module import COMPILE_SCOPES, MQALitModule, check_vocab_fits
 from mqa_lm.loggers import ResumableCSVLogger
 from mqa_lm.model import MQAConfig
-from mqa_lm.optim import OptimConfig
+from mqa_lm.optim import MUON_SHARDED_ERROR, MuonConfig, OptimConfig
 from mqa_lm.run_dir import RunDirLock, register_resolvers
 
 register_resolvers()  # ${run_id:} in configs/hydra/default.yaml
@@ -183,7 +183,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         model = MQAConfig.from_dict({**model_fields, "vocab_size": 1} if vocab_from_data else model_fields)
         optim = OptimConfig.from_dict(_group(cfg, "optim"))
         data_fields = _group(cfg, "data")
-        target = data_fields.pop("_target_", "mqa_lm.data.TextDataModule")
+        target = data_fields.pop("_target_", DATAMODULE_TARGET)
         data = DataConfig.from_dict(data_fields)
         sample_fields = _group(cfg, "sample")
         sample_prompt = str(sample_fields.pop("prompt", "\n") or "\n")
@@ -203,6 +203,8 @@ def validate_config(cfg: DictConfig) -> RunConfig:
             "lower data.block_size or raise model.max_seq_len"
         )
     _check_trainer(cfg.trainer, optim)
+    if isinstance(optim, MuonConfig) and shards_parameters(cfg.trainer):
+        raise ConfigError(MUON_SHARDED_ERROR)
     compile_setting = (cfg.get("module") or {}).get("compile", False)
     if not (isinstance(compile_setting, bool) or compile_setting == "auto"):
         raise ConfigError(f"module.compile must be auto, true or false, got {compile_setting!r}")
@@ -238,6 +240,15 @@ def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConf
             f"the checkpoint {ckpt_path} is at step {step}, {where} trainer.max_steps={max_steps}, so nothing "
             f"would be trained; raise trainer.max_steps above {step} to continue it, or start fresh "
             "(resume=never, or another hydra.run.dir)"
+        )
+    saved_optim = hparams.get("optim")
+    # An optimizer's state only loads into the same kind of optimizer (Lightning would fail on the
+    # parameter groups' count, naming neither optimizer).
+    if isinstance(saved_optim, dict) and saved_optim.get("name", "adamw") != run.optim.name:
+        before = saved_optim.get("name", "adamw")
+        raise ConfigError(
+            f"the checkpoint {ckpt_path} was trained with optim={before}; this command has optim={run.optim.name}; "
+            f"use optim={before} to continue it, or start a new run (resume=never, or another hydra.run.dir)"
         )
     saved = hparams.get("model")
     if not isinstance(saved, dict):

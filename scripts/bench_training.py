@@ -50,6 +50,8 @@ def train_py(impl: str, compiled: bool, loss: str, args: argparse.Namespace, run
         f"model.loss_impl={loss}",
         f"model.attn_impl={impl}",
         "trainer=gpu",
+        # nanoGPT's optimizer, as the documented runs measured (before optim=muon became the default).
+        "optim=adamw",
         f"trainer.max_steps={args.steps}",
         "trainer.log_every_n_steps=10",
         "data=stdlib",

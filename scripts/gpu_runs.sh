@@ -20,7 +20,8 @@ for stage in "$@"; do
     ;;
   curves)
     # docs/benchmarks.md measured eager runs: module.compile (auto = on for CUDA) stays off unless COMPILE=auto|true.
-    common=(module.compile=${COMPILE:-false} model=gpt2_small trainer=gpu data=stdlib data.max_chars=null data.vocab_size=8192
+    # optim=adamw: the curves of docs/benchmarks.md were measured with it (before optim=muon became the default).
+    common=(module.compile=${COMPILE:-false} optim=adamw model=gpt2_small trainer=gpu data=stdlib data.max_chars=null data.vocab_size=8192
             data.block_size=1024 data.batch_size=16 trainer.max_steps=300 trainer.val_check_interval=100
             trainer.log_every_n_steps=10 optim.warmup_steps=30 sample.max_new_tokens=50 trainer.enable_progress_bar=false
             callbacks.model_checkpoint.save_top_k=0 callbacks.model_checkpoint.save_last=false

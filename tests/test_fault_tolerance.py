@@ -30,18 +30,22 @@ MAX_STEPS = 240
 EVERY = 20
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Path:
-    base = tmp_path_factory.mktemp("ft")
+@pytest.fixture(scope="module", params=["adamw", "muon"])
+def shared(request, tmp_path_factory) -> Path:
+    """The corpus and the runs of one optimizer (optim=<param>): every resume test runs under both."""
+    base = tmp_path_factory.mktemp(f"ft-{request.param}")
     (base / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    (base / "optim").write_text(request.param)
     return base
 
 
 def command(base: Path, run_dir: Path) -> list[str]:
-    """One CPU run: dropout on (so RNG restore matters), deterministic, checkpoints every EVERY steps."""
+    """One CPU run: dropout on (so RNG restore matters), deterministic, checkpoints every EVERY steps,
+    with the optimizer the ``shared`` fixture picked."""
     return [
         sys.executable,
         str(ROOT / "train.py"),
+        f"optim={(base / 'optim').read_text()}",
         "data=text",
         f"data.paths=[{base / 'corpus.txt'}]",
         *tiny_run(base / "cache"),

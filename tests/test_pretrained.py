@@ -155,6 +155,7 @@ def test_a_training_run_is_self_contained(tmp_path):
                 corpus,
                 "trainer.max_steps=4",
                 "trainer.val_check_interval=2",
+                "optim=adamw",  # one rate for every weight
                 "optim.lr=0.1",
                 "optim.min_lr=0.1",
                 "optim.warmup_steps=2",
@@ -233,6 +234,7 @@ def test_init_from_starts_training_from_pretrained_weights(tmp_path, kind):
                 "data.tokenizer=bpe",
                 "data.vocab_size=300",
                 "trainer.max_steps=1",
+                "optim=adamw",  # one rate for every weight
                 "optim.lr=1e-12",
                 "optim.min_lr=0",
                 "optim.warmup_steps=0",

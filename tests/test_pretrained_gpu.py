@@ -33,6 +33,7 @@ def test_fsdp_run_exports_the_best_weights(tmp_path):
         sys.executable,
         str(ROOT / "train.py"),
         "trainer=fsdp",
+        "optim=adamw",
         "trainer.devices=2",
         "trainer.max_steps=8",
         "trainer.val_check_interval=4",

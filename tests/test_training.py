@@ -57,6 +57,8 @@ def test_every_config_option_composes_and_instantiates(tmp_path, corpus, group, 
         overrides += [f"data.name={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
     elif group == "data" or group == "experiment":
         overrides += [f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}"]
+    elif (group, option) == ("trainer", "fsdp"):
+        overrides += ["optim=adamw"]  # Muon, the default optimizer, needs whole matrices
     cfg = compose_cfg(overrides)
     validate_config(cfg)
     instantiate(cfg.data)
@@ -75,8 +77,9 @@ def test_every_config_option_composes_and_instantiates(tmp_path, corpus, group, 
 def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
     gpu = compose_cfg(["experiment=shakespeare_char", f"data.paths=[{corpus}]"])
     assert (gpu.model.n_layers, gpu.model.d_model, gpu.model.heads, gpu.model.kv_heads) == (6, 384, 6, 1)
-    assert (gpu.data.block_size, gpu.data.batch_size, gpu.model.resid_pdrop, gpu.optim.lr) == (256, 64, 0.2, 1e-3)
-    assert gpu.trainer.max_steps == 5000
+    assert (gpu.data.block_size, gpu.data.batch_size, gpu.model.resid_pdrop) == (256, 64, 0.2)
+    # The time-to-quality recipe: Muon, rotary positions, a 1000-step schedule.
+    assert (gpu.optim.name, gpu.optim.muon_lr, gpu.model.pos_emb, gpu.trainer.max_steps) == ("muon", 0.02, "rope", 1000)
     cpu = compose_cfg(["experiment=shakespeare_char_cpu", f"data.paths=[{corpus}]"])
     assert (cpu.model.n_layers, cpu.model.d_model, cpu.model.heads, cpu.data.block_size, cpu.data.batch_size) == (
         4,
@@ -85,7 +88,7 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         64,
         12,
     )
-    assert (cpu.trainer.max_steps, cpu.model.resid_pdrop) == (2000, 0.0)
+    assert (cpu.trainer.max_steps, cpu.model.resid_pdrop, cpu.optim.name, cpu.optim.lr) == (2000, 0.0, "adamw", 1e-3)
     # MQA parameter-matched to nanoGPT's MHA model: the MLP takes what K/V no longer use.
     from mqa_lm import MQAConfig, MQATransformer
 
@@ -210,8 +213,10 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resumed_run_reaches_the_weights_of_an_uninterrupted_run(tmp_path, corpus):
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_resumed_run_reaches_the_weights_of_an_uninterrupted_run(tmp_path, corpus, optim):
     common = [
+        f"optim={optim}",
         "optim.decay_steps=16",
         "optim.warmup_steps=4",
         "trainer.val_check_interval=8",
@@ -307,8 +312,10 @@ def test_train_py_reports_a_config_error_and_exits_2(tmp_path):
     assert "config error: model.d_model=512 is not divisible by model.heads=7" in proc.stderr
 
 
-def test_fused_adamw_under_bf16_mixed_clips_gradients():
-    """Lightning refuses to clip for fused optimizers; the module clips itself when no scaler exists."""
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_fused_adamw_under_bf16_mixed_clips_gradients(optim):
+    """Lightning refuses to clip for fused optimizers; the module clips itself when no scaler exists.
+    Under optim=muon the fused AdamW sits inside MuonAdamW, which Lightning clips itself."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -319,7 +326,7 @@ def test_fused_adamw_under_bf16_mixed_clips_gradients():
     loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=4)
     module = MQALitModule(
         model=dict(vocab_size=32, max_seq_len=16, n_layers=1, d_model=32, heads=4, attn_impl="torch"),
-        optim=dict(lr=1e-3, warmup_steps=1, fused=True),
+        optim=dict(name=optim, lr=1e-3, warmup_steps=1, fused=True),
     )
     seen: list[float] = []
 
@@ -345,7 +352,7 @@ def test_fused_adamw_under_bf16_mixed_clips_gradients():
         callbacks=[RecordNorm()],
     )
     trainer.fit(module, loader)
-    assert trainer.optimizers[0].param_groups[0]["fused"]
+    assert any(group.get("fused") for group in trainer.optimizers[0].param_groups)
     assert len(seen) == 2 and all(n <= 1e-3 * 1.01 for n in seen), seen
 
 
@@ -412,6 +419,13 @@ def test_resume_target_past_max_steps_or_of_another_shape_stops_before_training(
     )
     with pytest.raises(ConfigError, match="already at trainer.max_steps=8"):
         train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=8")))
+    # An optimizer's state loads only into the same kind of optimizer (the first run had the default, muon).
+    with pytest.raises(ConfigError) as err:
+        train(compose_cfg(small_run(second, corpus, f"ckpt_path={last}", "trainer.max_steps=16", "optim=adamw")))
+    assert str(err.value) == (
+        f"the checkpoint {last} was trained with optim=muon; this command has optim=adamw; use optim=muon to "
+        "continue it, or start a new run (resume=never, or another hydra.run.dir)"
+    )
     # small_run has model.d_model=32, model.n_layers=2; Hydra keeps the last override of a key.
     with pytest.raises(ConfigError) as err:
         train(

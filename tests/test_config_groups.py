@@ -1,0 +1,115 @@
+"""Each default is stated once: configs/optim and configs/data compose to their dataclasses' defaults
+except what a file sets (and a file sets only what differs), experiments set only what differs from
+the groups they pick, and the Python API and train.py start from the same optimizer settings."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any
+
+import pytest
+from helpers import CONFIGS, compose_cfg
+from omegaconf import OmegaConf
+
+from mqa_lm.data import DataConfig
+from mqa_lm.optim import OPTIMIZERS, OptimConfig
+
+OPTIM_FILES = sorted(p.stem for p in (CONFIGS / "optim").glob("*.yaml"))
+DATA_FILES = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def own_settings(group: str, name: str) -> dict[str, Any]:
+    """What configs/<group>/<name>.yaml itself sets (its defaults list left out)."""
+    own = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{name}.yaml"))
+    assert isinstance(own, dict)
+    own.pop("defaults", None)
+    return own
+
+
+def field_defaults(config_cls: type) -> dict[str, Any]:
+    return {
+        f.name: f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+        for f in fields(config_cls)
+    }
+
+
+def test_every_optimizer_has_its_option():
+    assert OPTIM_FILES == sorted(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("name", OPTIM_FILES)
+def test_optim_option_composes_to_its_dataclass_defaults_except_what_it_sets(name, tmp_path):
+    composed = OmegaConf.to_container(compose_cfg([f"optim={name}", f"paths.output_dir={tmp_path}"]).optim)
+    own = own_settings("optim", name)
+    # The validated object's values (after __post_init__), not the field declarations.
+    defaults = OPTIMIZERS[name]().to_dict()
+    assert list(composed) == list(defaults)
+    for key, value in composed.items():
+        assert value == (own[key] if key in own else defaults[key]), key
+    for key in own:
+        assert own[key] != defaults[key], f"optim/{name}.yaml repeats the default of {key}"
+
+
+@pytest.mark.parametrize("name", DATA_FILES)
+def test_data_option_composes_to_the_dataclass_defaults_except_what_it_sets(name, tmp_path):
+    composed = OmegaConf.to_container(compose_cfg([f"data={name}", f"paths.output_dir={tmp_path}"]).data)
+    own = own_settings("data", name)
+    defaults = field_defaults(DataConfig)
+    assert composed.pop("_target_") == "mqa_lm.data.TextDataModule"
+    assert list(composed) == list(defaults)
+    # The two settings that follow the run rather than a default.
+    assert (composed.pop("seed"), composed.pop("cache_dir")) == ("${seed}", "${paths.data_dir}")
+    for key, value in composed.items():
+        assert value == (own[key] if key in own else defaults[key]), key
+    for key in own:
+        assert own[key] != defaults[key], f"data/{name}.yaml repeats the default of {key}"
+
+
+def test_data_interpolations_follow_the_run(tmp_path):
+    data = compose_cfg(["seed=7", "paths.data_dir=/somewhere/data", f"paths.output_dir={tmp_path}"]).data
+    assert (data.seed, data.cache_dir) == (7, "/somewhere/data")
+
+
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def group_choices(defaults: list[Any]) -> list[str]:
+    """An experiment's ``override /group: option`` entries as command-line choices."""
+    choices = []
+    for entry in defaults:
+        for key, value in entry.items():
+            assert key.startswith("override /"), entry
+            option = f"[{','.join(value)}]" if isinstance(value, list) else value
+            choices.append(f"{key.removeprefix('override /')}={option}")
+    return choices
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_sets_only_what_differs_from_the_groups_it_picks(name, tmp_path):
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIGS / "experiment" / f"{name}.yaml"))
+    assert isinstance(raw, dict)
+    picked = group_choices(raw.pop("defaults", []))
+    without = OmegaConf.to_container(compose_cfg([*picked, f"paths.output_dir={tmp_path}"]))
+    with_it = OmegaConf.to_container(compose_cfg([f"experiment={name}", f"paths.output_dir={tmp_path}"]))
+    base, result = leaves(without), leaves(with_it)
+    for key, value in leaves(raw).items():
+        assert result[key] == value, key  # the experiment's value is what runs
+        if key in base:
+            assert base[key] != value, f"experiment/{name}.yaml repeats {key}={value!r} of the groups it picks"
+
+
+def test_the_python_api_and_train_py_default_to_the_same_optimizer(tmp_path):
+    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.training import validate_config
+
+    cli = validate_config(compose_cfg([f"paths.output_dir={tmp_path}"])).optim
+    api = MQALitModule(model={"vocab_size": 50, "n_layers": 1, "d_model": 32, "heads": 4}).optim_config
+    assert api == cli and type(api) is type(cli)
+    assert isinstance(cli, OptimConfig)
