@@ -1,5 +1,5 @@
-"""Time to quality on shakespeare_char: ours (``experiment=shakespeare_char``, one run per seed) beside
-nanoGPT's ``train.py config/train_shakespeare_char.py``, in one call. Every output line of every run is
+"""Time to quality on shakespeare_char: ours (``--experiment``, default ``shakespeare_char_muon``; a run per
+seed) beside nanoGPT's ``train.py config/train_shakespeare_char.py``, in one call. Every output line of every run is
 time-stamped from its own process start (start-up, data preparation and compilation included).
 
     python scripts/shakespeare_vs_nanogpt.py --input path/to/input.txt --nanogpt .peers/nanogpt \\
@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--nanogpt", type=Path, default=ROOT / ".peers" / "nanogpt")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339], help="one run of ours per seed")
+    parser.add_argument(
+        "--experiment", default="shakespeare_char_muon", help="our recipe (shakespeare_char: the AdamW one)"
+    )
     parser.add_argument("--gpus", nargs="+", default=["0"], help="GPU indices to spread the runs over")
     parser.add_argument("--logs", type=Path, default=Path(os.environ.get("OUT", "/tmp")), help="logs and the JSON")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/shakespeare_runs"), help="our run directories")
@@ -124,7 +127,7 @@ def main() -> None:
         subprocess.run([sys.executable, "prepare.py"], cwd=data_dir, check=True, capture_output=True)
         theirs_cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py"]
         jobs.append(Job("nanogpt_shakespeare", theirs_cmd, args.nanogpt, THEIRS))
-    data_overrides = ["experiment=shakespeare_char", f"data.paths=[{args.input.resolve()}]"]
+    data_overrides = [f"experiment={args.experiment}", f"data.paths=[{args.input.resolve()}]"]
     if not args.no_prepare:
         # nanoGPT's prepare.py runs before its timed run; ours tokenizes into data/ the same way (one
         # fast_dev_run step on the CPU), so that no seed's clock includes it and no two prepare at once.

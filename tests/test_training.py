@@ -78,8 +78,17 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
     gpu = compose_cfg(["experiment=shakespeare_char", f"data.paths=[{corpus}]"])
     assert (gpu.model.n_layers, gpu.model.d_model, gpu.model.heads, gpu.model.kv_heads) == (6, 384, 6, 1)
     assert (gpu.data.block_size, gpu.data.batch_size, gpu.model.resid_pdrop) == (256, 64, 0.2)
-    # The time-to-quality recipe: Muon, rotary positions, a 1000-step schedule.
-    assert (gpu.optim.name, gpu.optim.muon_lr, gpu.model.pos_emb, gpu.trainer.max_steps) == ("muon", 0.02, "rope", 1000)
+    # nanoGPT's optimizer and schedule (the recipe measured beside it on a GPU).
+    assert (gpu.optim.name, gpu.optim.lr, gpu.model.pos_emb, gpu.trainer.max_steps) == ("adamw", 1e-3, "learned", 5000)
+    # The time-to-quality candidate: Muon, rotary positions, a 1000-step schedule.
+    muon = compose_cfg(["experiment=shakespeare_char_muon", f"data.paths=[{corpus}]"])
+    assert (muon.optim.name, muon.optim.muon_lr, muon.model.pos_emb, muon.trainer.max_steps) == (
+        "muon",
+        0.02,
+        "rope",
+        1000,
+    )
+    assert (muon.model.n_layers, muon.model.d_model, muon.data.batch_size) == (6, 384, 64)
     cpu = compose_cfg(["experiment=shakespeare_char_cpu", f"data.paths=[{corpus}]"])
     assert (cpu.model.n_layers, cpu.model.d_model, cpu.model.heads, cpu.data.block_size, cpu.data.batch_size) == (
         4,
