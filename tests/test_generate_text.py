@@ -7,8 +7,8 @@ import io
 
 import pytest
 import torch
+from model_helpers import model_for
 
-from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import train_bpe
 from mqa_lm.inference.text import TextStreamer, generate_ids, left_pad
 
@@ -16,22 +16,6 @@ from mqa_lm.inference.text import TextStreamer, generate_ids, left_pad
 @pytest.fixture(autouse=True)
 def _no_triton_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-def model_for(vocab, max_seq_len=16, seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = MQAConfig(
-        vocab_size=vocab,
-        max_seq_len=max_seq_len,
-        n_layers=2,
-        d_model=32,
-        heads=4,
-        kv_heads=1,
-        attn_impl="torch",
-        init_std=0.3,
-        **overrides,
-    )
-    return MQATransformer(config).double().eval()
 
 
 @torch.no_grad()

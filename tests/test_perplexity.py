@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import model_for
 
-from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char
 from mqa_lm.evaluation.perplexity import perplexity, read_text_file
 from mqa_lm.evaluation.scoring import rolling_windows, score_tails, truncate_left, window_rows
@@ -23,22 +23,6 @@ TEXT = "the quick brown fox jumps over the lazy dog; pack my box with five dozen
 @pytest.fixture(autouse=True)
 def _no_triton_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-def model_for(vocab, max_seq_len=16, seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = MQAConfig(
-        vocab_size=vocab,
-        max_seq_len=max_seq_len,
-        n_layers=2,
-        d_model=32,
-        heads=4,
-        kv_heads=1,
-        attn_impl="torch",
-        init_std=0.3,
-        **overrides,
-    )
-    return MQATransformer(config).double().eval()
 
 
 # ---- windows ------------------------------------------------------------------------------------

@@ -48,16 +48,9 @@ def generate(
         raise ValueError(f"idx must be integer token ids [batch, seq], got {getattr(idx, 'dtype', type(idx))}")
     if idx.shape[1] == 0:
         raise ValueError("generate needs at least one prompt token")
-    GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        context_overflow=context_overflow,
-    )
+    # Before an engine (and its cache) is built; stream() checks the same for its own callers.
+    GenerationConfig(max_new_tokens, temperature, top_k, top_p, context_overflow=context_overflow)
     model.check_token_ids(idx)  # once per call; the sampled ids are in range by construction
-    if max_new_tokens == 0:
-        return idx
     was_training = model.training
     model.eval()
     try:
