@@ -24,17 +24,10 @@ from omegaconf import DictConfig
 
 from mqa_lm import config_store  # noqa: F401  (registers generation/_base before Hydra composes)
 from mqa_lm.cli import fail, hydra_main
+from mqa_lm.evaluation.placement import check_device, check_dtype, resolve_device, resolve_dtype
 from mqa_lm.files import NotUTF8Error, read_text_utf8
 from mqa_lm.inference.config import GenerationConfig
 
-DTYPES = {
-    "fp32": "float32",
-    "float32": "float32",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-}
 GENERATION_KEYS = tuple(f.name for f in fields(GenerationConfig))
 
 
@@ -60,8 +53,11 @@ def check_config(cfg: DictConfig) -> GenerationConfig:
         raise UsageError(
             f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a run directory, a .ckpt file or an export directory"
         )
-    _choose(str(cfg.device).split(":")[0], ("auto", "cpu", "cuda"), "device")
-    _choose(str(cfg.dtype), ("auto", *DTYPES), "dtype")
+    try:
+        check_device(cfg.device)
+        check_dtype(cfg.dtype)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     try:
         generation = GenerationConfig.from_dict({key: cfg[key] for key in GENERATION_KEYS})
     except ValueError as err:
@@ -98,13 +94,11 @@ def run(cfg: DictConfig) -> None:
     from mqa_lm.inference.text import TextStreamer, generate_ids, start_ids
     from mqa_lm.pretrained import load_pretrained
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device={cfg.device} but CUDA is not available; use device=cpu")
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, DTYPES[cfg.dtype])
+    try:
+        device = resolve_device(str(cfg.device))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    dtype = resolve_dtype(str(cfg.dtype), device)
     started = time.perf_counter()
     extra = {"tokenizer_path": cfg.tokenizer_path} if cfg.tokenizer_path else {}
     model, tokenizer = load_pretrained(str(Path(str(cfg.ckpt_path)).expanduser()), device=device, dtype=dtype, **extra)
