@@ -17,42 +17,34 @@ import glob
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mqa_lm.cli import fail, hydra_main
+from mqa_lm.cli import config_store
+from mqa_lm.cli.main import UsageError, fail, hydra_main
+from mqa_lm.cli.options import ModelLoadError, ModelSource
 
 MODES = ("tasks", "perplexity")
+config_store.register("model_source", "harness")  # what eval.yaml composes
 
 
-class UsageError(ValueError):
-    """A bad option: printed as one line naming it, exit status 2."""
-
-
-def check_common(cfg: DictConfig) -> None:
-    """The options of both modes."""
-    from mqa_lm.evaluation.placement import check_device, check_dtype, resolve_device
-    from mqa_lm.evaluation.tasks import check_positive
+def check_common(cfg: DictConfig) -> ModelSource:
+    """The options of both modes; returns the model to load."""
+    from mqa_lm.utils.config import check_int
 
     if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r} is not one of: {', '.join(MODES)}")
-    if cfg.ckpt_path is None:
-        raise ValueError("ckpt_path is required: pass ckpt_path=<run directory | .ckpt file | export directory>")
-    if not Path(str(cfg.ckpt_path)).expanduser().exists():
-        raise ValueError(
-            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a run directory, a .ckpt file or an export directory"
-        )
-    if cfg.tokenizer_path is not None and not Path(str(cfg.tokenizer_path)).expanduser().is_file():
-        raise ValueError(f"tokenizer_path={cfg.tokenizer_path!r} is not a file; give the path of a tokenizer.json")
-    resolve_device(check_device(cfg.device))  # cuda on a machine without one is refused here
-    check_dtype(cfg.dtype)
-    check_positive(cfg.batch_size, "batch_size")
-    for key in ("window", "stride"):  # against max_seq_len once the model is loaded
-        value = cfg.data[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"data.{key} must be a positive integer or null, got {value!r}")
+        raise UsageError(f"mode={cfg.mode!r} is not one of: {', '.join(MODES)}")
+    source = ModelSource.from_config(cfg)
+    try:
+        check_int(cfg.batch_size, "batch_size")
+        for key in ("window", "stride"):  # against max_seq_len once the model is loaded
+            check_int(cfg.data[key], f"data.{key}", none_ok=True)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return source
 
 
 def text_files(paths: Any) -> list[Path]:
@@ -83,24 +75,7 @@ def read_texts(cfg: DictConfig) -> tuple[list[Path], list[str]]:
     return files, texts
 
 
-def load_model(cfg: DictConfig):
-    """The model on the chosen device and dtype, and its tokenizer (required)."""
-    from mqa_lm.evaluation.placement import resolve_device, resolve_dtype
-    from mqa_lm.pretrained import load_pretrained
-
-    device = resolve_device(str(cfg.device))
-    dtype = resolve_dtype(str(cfg.dtype), device)
-    extra = {"tokenizer_path": str(Path(str(cfg.tokenizer_path)).expanduser())} if cfg.tokenizer_path else {}
-    try:
-        model, tokenizer = load_pretrained(
-            str(Path(str(cfg.ckpt_path)).expanduser()), device=device, dtype=dtype, require_tokenizer=True, **extra
-        )
-    except (ValueError, FileNotFoundError) as err:  # PretrainedError / MissingTokenizerError say what to pass
-        raise UsageError(str(err)) from None
-    return model, tokenizer
-
-
-def run_perplexity(cfg: DictConfig) -> None:
+def run_perplexity(cfg: DictConfig, source: ModelSource) -> None:
     from mqa_lm.evaluation.perplexity import perplexity, perplexity_windows
     from mqa_lm.evaluation.results import results_target, write_results
 
@@ -109,7 +84,7 @@ def run_perplexity(cfg: DictConfig) -> None:
         target = results_target(str(cfg.ckpt_path), cfg.output_path)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    model, tokenizer = load_model(cfg)
+    model, tokenizer, _, _ = source.load()
     try:
         window, stride = perplexity_windows(model.config.max_seq_len, cfg.data.window, cfg.data.stride)
     except ValueError as err:
@@ -140,36 +115,39 @@ def run_perplexity(cfg: DictConfig) -> None:
     print(f"({seconds:.1f} s; results: {path})", file=sys.stderr)
 
 
-def run_tasks(cfg: DictConfig) -> None:
+def run_tasks(cfg: DictConfig, source: ModelSource) -> None:
     from mqa_lm.evaluation import tasks as harness_tasks
     from mqa_lm.evaluation.results import results_target, write_results
 
     try:
         harness_tasks.require_harness("eval.py mode=tasks")
-        names = harness_tasks.check_tasks(plain(cfg.tasks), "tasks")
-        include = harness_tasks.check_include_path(plain(cfg.include_path), "include_path")
-        limit = harness_tasks.check_limit(cfg.limit, "limit")
-        num_fewshot = harness_tasks.check_num_fewshot(cfg.num_fewshot, "num_fewshot")
+        options = harness_tasks.HarnessOptions(
+            **{f.name: plain(cfg[f.name]) for f in fields(harness_tasks.HarnessOptions)}
+        ).checked()
         if not isinstance(cfg.log_samples, bool):
             raise ValueError(f"log_samples must be true or false, got {cfg.log_samples!r}")
         target = results_target(str(cfg.ckpt_path), cfg.output_path)
-        names, manager = harness_tasks.find_tasks(names, include)
+        names, manager = harness_tasks.find_tasks(options.tasks, options.include_path)
         loaded = harness_tasks.load_tasks(names, manager)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
     from mqa_lm.evaluation.harness import MQALM
 
-    model, tokenizer = load_model(cfg)
+    model, tokenizer, _, _ = source.load()
     try:
         lm = MQALM(
-            model, tokenizer, batch_size=cfg.batch_size, rolling_window=cfg.data.window, rolling_stride=cfg.data.stride
+            model,
+            tokenizer,
+            batch_size=options.batch_size,
+            rolling_window=cfg.data.window,
+            rolling_stride=cfg.data.stride,
         )
     except ValueError as err:  # the windows against max_seq_len: the other arguments were checked above
         raise UsageError(f"data.{err}") from None
     start = time.perf_counter()
     results = harness_tasks.run_tasks(
-        lm, loaded, manager, num_fewshot=num_fewshot, limit=limit, log_samples=cfg.log_samples
+        lm, loaded, manager, num_fewshot=options.num_fewshot, limit=options.limit, log_samples=cfg.log_samples
     )
     seconds = time.perf_counter() - start
     samples = results.pop("samples", None)
@@ -188,14 +166,11 @@ def plain(value: Any) -> Any:
 
 
 def run(cfg: DictConfig) -> None:
-    try:
-        check_common(cfg)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    source = check_common(cfg)
     if cfg.mode == "perplexity":
-        run_perplexity(cfg)
+        run_perplexity(cfg, source)
     else:
-        run_tasks(cfg)
+        run_tasks(cfg, source)
 
 
 # hydra_main: hydra.main, with config files that do not parse and bad overrides as one line (exit 2).
@@ -205,6 +180,8 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except UsageError as err:
         fail("config error", err)
+    except ModelLoadError as err:
+        fail("error", err)
     except KeyboardInterrupt:
         fail("\ninterrupted", "evaluation stopped; no results were written", status=130)
 

@@ -22,17 +22,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mqa_lm import config_store  # noqa: F401  (registers generation/_base before Hydra composes)
-from mqa_lm.cli import fail, hydra_main
-from mqa_lm.evaluation.placement import check_device, check_dtype, resolve_device, resolve_dtype
-from mqa_lm.files import NotUTF8Error, read_text_utf8
+from mqa_lm.cli import config_store
+from mqa_lm.cli.main import UsageError, fail, hydra_main
+from mqa_lm.cli.options import ModelLoadError, ModelSource
 from mqa_lm.inference.config import GenerationConfig
+from mqa_lm.utils.config import check_int
+from mqa_lm.utils.files import NotUTF8Error, read_text_utf8
 
 GENERATION_KEYS = tuple(f.name for f in fields(GenerationConfig))
-
-
-class UsageError(ValueError):
-    """A bad option: printed as one line naming it, exit status 2."""
+config_store.register("generation", "model_source")  # what generate.yaml composes
 
 
 def _choose(value, choices, key):
@@ -41,36 +39,26 @@ def _choose(value, choices, key):
     return value
 
 
-def check_config(cfg: DictConfig) -> GenerationConfig:
-    """Every option checked before the model is loaded; returns the sampling settings."""
+def check_config(cfg: DictConfig) -> tuple[ModelSource, GenerationConfig]:
+    """Every option checked before the model is loaded; returns the model and the sampling settings."""
     if cfg.mode == "perplexity":
         raise UsageError(
             "generate.py only samples; perplexity moved to eval.py: "
             f"python eval.py mode=perplexity ckpt_path={cfg.ckpt_path} data.paths=[file.txt]"
         )
     _choose(cfg.mode, ("sample",), "mode")
-    if cfg.ckpt_path is None or not Path(str(cfg.ckpt_path)).expanduser().exists():
-        raise UsageError(
-            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a run directory, a .ckpt file or an export directory"
-        )
-    try:
-        check_device(cfg.device)
-        check_dtype(cfg.dtype)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    source = ModelSource.from_config(cfg)
     try:
         generation = GenerationConfig.from_dict({key: cfg[key] for key in GENERATION_KEYS})
+        check_int(cfg.num_samples, "num_samples")
     except ValueError as err:
         raise UsageError(str(err)) from None
-    value = cfg.num_samples
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"num_samples must be an integer >= 1, got {value!r}")
     if cfg.prompt_file is not None and not Path(str(cfg.prompt_file)).expanduser().is_file():
         raise UsageError(f"prompt_file={cfg.prompt_file!r} is not a file")
     _choose(cfg.attention, ("auto", "triton", "sdpa"), "attention")
     _choose(cfg.cuda_graph, ("auto", True, False), "cuda_graph")
     _choose(cfg.compile, ("auto", True, False), "compile")
-    return generation
+    return source, generation
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -87,28 +75,20 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 
 def run(cfg: DictConfig) -> None:
-    generation = check_config(cfg)
+    source, generation = check_config(cfg)
     prompts = read_prompts(cfg)
     import torch
 
+    from mqa_lm.data.tokenizer import EOT
     from mqa_lm.inference.text import TextStreamer, generate_ids, start_ids
-    from mqa_lm.pretrained import load_pretrained
 
-    try:
-        device = resolve_device(str(cfg.device))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    dtype = resolve_dtype(str(cfg.dtype), device)
     started = time.perf_counter()
-    extra = {"tokenizer_path": cfg.tokenizer_path} if cfg.tokenizer_path else {}
-    model, tokenizer = load_pretrained(str(Path(str(cfg.ckpt_path)).expanduser()), device=device, dtype=dtype, **extra)
-    if tokenizer is None:
-        raise UsageError(f"{cfg.ckpt_path} carries no tokenizer; pass tokenizer_path=/path/to/tokenizer.json")
+    model, tokenizer, device, dtype = source.load()
     loaded = time.perf_counter()
 
     encoded = [tokenizer.encode(p, add_special_tokens=False).ids or start_ids(tokenizer) for p in prompts]
     rows = [ids for ids in encoded for _ in range(cfg.num_samples)]
-    eos = tokenizer.token_to_id("<|endoftext|>") if generation.stop_at_eos else None
+    eos = tokenizer.token_to_id(EOT) if generation.stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(generation.seed)
 
     def shown(ids: list[int]) -> list[int]:
@@ -166,14 +146,11 @@ def run(cfg: DictConfig) -> None:
 # hydra_main: hydra.main, with config files that do not parse and bad overrides as one line (exit 2).
 @hydra_main(config_path="configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from mqa_lm.hf import HFImportError
-    from mqa_lm.pretrained import PretrainedError
-
     try:
         run(cfg)
     except UsageError as err:
         fail("config error", err)
-    except (PretrainedError, HFImportError, NotUTF8Error) as err:
+    except (ModelLoadError, NotUTF8Error) as err:
         fail("error", err)
     except KeyboardInterrupt:
         sys.stdout.flush()

@@ -1,6 +1,6 @@
 """Train an MQA language model: ``python train.py [group=option ...] [key=value ...]``.
 
-Configs live in configs/ (see README.md); the work is done by :func:`mqa_lm.training.train`.
+Configs live in configs/ (see README.md); the work is done by :func:`mqa_lm.training.run.train`.
 """
 
 import os
@@ -11,10 +11,10 @@ from omegaconf import DictConfig
 # Config paths like ${paths.root_dir} resolve against this checkout wherever the command runs from.
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
-from mqa_lm.checkpointing import CheckpointWriteError  # noqa: E402
-from mqa_lm.cli import fail, hydra_main  # noqa: E402
-from mqa_lm.run_dir import RunDirInUseError, remove_if_unused  # noqa: E402
-from mqa_lm.training import ConfigError, DataError, train  # noqa: E402
+from mqa_lm.cli.main import fail, hydra_main  # noqa: E402
+from mqa_lm.training.checkpointing import CheckpointWriteError  # noqa: E402
+from mqa_lm.training.run import ConfigError, DataError, train  # noqa: E402
+from mqa_lm.training.run_dir import RunDirInUseError, remove_if_unused  # noqa: E402
 
 
 # hydra_main: hydra.main, with a config file that does not parse or a hydra.run.dir that cannot be

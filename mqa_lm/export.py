@@ -1,10 +1,10 @@
 """``python -m mqa_lm.export <ckpt_or_dir> <out_dir>``: a transformers directory that
 ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load without custom code.
 
-The input is anything :func:`mqa_lm.pretrained.load_pretrained` reads: an export directory, a run
+The input is anything :func:`mqa_lm.pretrained.directory.load_pretrained` reads: an export directory, a run
 directory (``outputs/<date>/<time>/``) or a Lightning ``.ckpt``. Learned-position GELU/LayerNorm
 models become GPTBigCode (MQA or MHA), RoPE/SwiGLU/RMSNorm models Llama (any kv_heads); a model
-neither computes exactly is refused with one error listing every option in the way (see mqa_lm.hf).
+neither computes exactly is refused with one error listing every option in the way (see mqa_lm.pretrained.hf).
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mqa_lm.pretrained.placement import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +52,9 @@ def main(argv: list[str] | None = None) -> Path:
     ``export error: <what, and the fix>``, as ``train.py`` does for its errors.
     """
     args = build_parser().parse_args(argv)
-    from mqa_lm.files import dir_write_problem
-    from mqa_lm.hf import HFExportError, HFImportError, check_exportable, export_hf
-    from mqa_lm.pretrained import PretrainedError, load_pretrained
+    from mqa_lm.pretrained.directory import PretrainedError, load_pretrained
+    from mqa_lm.pretrained.hf import HFExportError, HFImportError, check_exportable, export_hf
+    from mqa_lm.utils.files import dir_write_problem
 
     # The output directory is checked before the model is read: a typo there costs no load. The export
     # is assembled beside it, so its parent must take new entries too.

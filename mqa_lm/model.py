@@ -1,20 +1,20 @@
 """A decoder-only transformer built from :class:`MultiQueryAttention`.
 
 Read top to bottom: the config, one pre-norm block, the model (embeddings -> blocks -> final norm ->
-tied LM head), then generation with the KV cache.
+tied LM head). ``forward(idx, targets, positions=, cache=)`` serves training, prefill and decoding
+alike; generation is a loop over it in :mod:`mqa_lm.inference`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mqa_lm.config_fields import DictRoundTrip
 from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_args
 from mqa_lm.nn.cache import DynamicKVCache, StaticKVCache, StaticLayerCache
 from mqa_lm.nn.loss import linear_cross_entropy
@@ -22,9 +22,7 @@ from mqa_lm.nn.mlp import MLP
 from mqa_lm.nn.norms import build_norm
 from mqa_lm.nn.positions import alibi_bias as build_alibi_bias
 from mqa_lm.nn.positions import alibi_slopes
-
-if TYPE_CHECKING:
-    pass
+from mqa_lm.utils.config import DictRoundTrip, check_int
 
 POSITION_TYPES = ("learned", "rope", "alibi", "none")
 MLP_TYPES = ("gelu", "swiglu")
@@ -83,9 +81,7 @@ class MQAConfig(DictRoundTrip):
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "heads", "kv_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), f"model.{name}")
         check_attention_args(
             dim=self.d_model,
             heads=self.heads,
@@ -111,8 +107,7 @@ class MQAConfig(DictRoundTrip):
             raise ValueError(f"pos_emb='rope' needs an even head_dim, got d_model/heads = {self.d_model // self.heads}")
         if self.mlp_type not in MLP_TYPES:
             raise ValueError(f"unknown model.mlp_type {self.mlp_type!r}; valid choices are: {', '.join(MLP_TYPES)}")
-        if self.mlp_hidden is not None and self.mlp_hidden < 1:
-            raise ValueError(f"model.mlp_hidden must be positive (or null for the default), got {self.mlp_hidden}")
+        check_int(self.mlp_hidden, "model.mlp_hidden", none_ok=True, hint="null is the MLP type's default width")
         if not self.init_std > 0:
             raise ValueError(f"model.init_std must be > 0, got {self.init_std}")
         if self.loss_impl not in LOSS_IMPLS:
@@ -332,11 +327,12 @@ class MQATransformer(nn.Module):
         is on, else the weights')."""
         config = self.config
         max_len = config.max_seq_len if max_len is None else max_len
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= config.max_seq_len:
-            raise ValueError(
-                f"max_len must be in [1, max_seq_len={config.max_seq_len}], got {max_len!r}; "
-                "the model has positions for max_seq_len tokens"
-            )
+        check_int(
+            max_len,
+            "max_len",
+            maximum=config.max_seq_len,
+            hint=f"the model has positions for max_seq_len={config.max_seq_len} tokens",
+        )
         device = self.wte.weight.device
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar, cast
 import torch
 from torch import nn
 
-from mqa_lm.config_fields import DictRoundTrip
+from mqa_lm.utils.config import DictRoundTrip, check_int
 
 C = TypeVar("C", bound="OptimConfig")
 
@@ -73,10 +73,10 @@ class OptimConfig(DictRoundTrip):
         self.betas = [float(b) for b in betas]
         if not self.eps > 0:
             raise ValueError(f"optim.eps must be > 0, got {self.eps}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.decay_steps is not None and self.decay_steps < 1:
-            raise ValueError(f"optim.decay_steps must be >= 1 (or null for trainer.max_steps), got {self.decay_steps}")
+        check_int(self.warmup_steps, "optim.warmup_steps", minimum=0)
+        check_int(
+            self.decay_steps, "optim.decay_steps", none_ok=True, hint="null ends the schedule at trainer.max_steps"
+        )
         if self.fused is not None and not isinstance(self.fused, bool):
             raise ValueError(f"optim.fused must be true, false or null, got {self.fused!r}")
 
@@ -141,16 +141,14 @@ class MuonConfig(OptimConfig):
         if not isinstance(self.muon_nesterov, bool):
             raise ValueError(f"optim.muon_nesterov must be true or false, got {self.muon_nesterov!r}")
         steps = self.muon_ns_steps
-        # torch.optim.Muon refuses 100 or more.
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100:
-            raise ValueError(f"optim.muon_ns_steps must be an integer in [1, 99], got {steps!r}")
+        check_int(steps, "optim.muon_ns_steps", maximum=99)  # torch.optim.Muon refuses 100 or more
         if self.muon_adjust_lr not in MUON_ADJUST_LR:
             raise ValueError(
                 f"unknown optim.muon_adjust_lr {self.muon_adjust_lr!r}; valid choices are: {', '.join(MUON_ADJUST_LR)}"
             )
 
 
-# optim.name -> its config class; configs/optim/<name>.yaml selects each (mqa_lm.config_store bases).
+# optim.name -> its config class; configs/optim/<name>.yaml selects each (mqa_lm.training.config_store bases).
 OPTIMIZERS: dict[str, type[OptimConfig]] = {"adamw": OptimConfig, "muon": MuonConfig}
 # What MQALitModule(optim=None) trains with; configs/train.yaml picks the same option (a test checks).
 # Muon: on python train.py it reached val loss 3.7571 in 600 steps and less time than AdamW's 4.3640 in

@@ -51,7 +51,7 @@ def sdpa(backend_name: str) -> Attn:
 
 
 def implementations() -> dict[str, Attn]:
-    from mqa_lm.kernels.triton_attention import triton_attention
+    from mqa_lm.kernels.triton.attention import triton_attention
 
     impls: dict[str, Attn] = {
         "ours": lambda q, k, v, causal: triton_attention(q, k, v, causal=causal),

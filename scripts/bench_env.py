@@ -11,10 +11,10 @@ import torch
 
 def chosen_triton_configs() -> dict[str, str]:
     """What the Triton autotuner picked for every key it has tuned so far in this process."""
-    from mqa_lm.kernels import triton_attention
+    from mqa_lm.kernels.triton import attention_launch
 
     found = {}
-    for (kind, family, _tuned), tuner in triton_attention._KERNELS.items():
+    for (kind, family, _tuned), tuner in attention_launch._KERNELS.items():
         for key, config in tuner.cache.items():
             found[f"{kind} d<={family} {'/'.join(map(str, key))}"] = str(config)
     return found

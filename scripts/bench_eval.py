@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
 from mqa_lm.data.tokenizer import train_bpe  # noqa: E402
-from mqa_lm.evaluation.placement import resolve_device  # noqa: E402
-from mqa_lm.hf import export_hf  # noqa: E402
-from mqa_lm.pretrained import load_pretrained, save_pretrained  # noqa: E402
+from mqa_lm.pretrained.directory import load_pretrained, save_pretrained  # noqa: E402
+from mqa_lm.pretrained.hf import export_hf  # noqa: E402
+from mqa_lm.pretrained.placement import resolve_device  # noqa: E402
 
 TASK = "bench_mc"
 SHAPES = {

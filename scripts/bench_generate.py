@@ -227,7 +227,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None:
-    from mqa_lm.kernels.triton_decode import decode_attention, decode_bytes, split_plan
+    from mqa_lm.kernels.triton.decode import decode_attention, decode_bytes, split_plan
 
     copy_gbs = copy_bandwidth(device)
     rows.append(dict(section="attention", name="copy bandwidth (read+write)", gb_per_s=copy_gbs))

@@ -84,7 +84,7 @@ def kernel_step(impl: str, layout: str, args: argparse.Namespace) -> Step:
 
     grad = torch.randn(b, s, h, d, device="cuda", dtype=dt).transpose(1, 2)
     if impl == "triton":
-        from mqa_lm.kernels.triton_attention import triton_attention
+        from mqa_lm.kernels.triton.attention import triton_attention
 
         def attend(q, k, v):
             return triton_attention(q, k, v, causal=True)

@@ -19,7 +19,7 @@ from helpers import ROOT
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import EOT, train_bpe
-from mqa_lm.pretrained import save_pretrained
+from mqa_lm.pretrained.directory import save_pretrained
 
 TASKS = ROOT / "tests" / "tasks"
 # Coriolanus, Act 1 Scene 1 (public domain): what tests/tasks/*.jsonl ask about.
@@ -75,7 +75,7 @@ def tiny_lm(family: str = "gpt_bigcode") -> TinyLM:
 
 @functools.cache
 def _tiny_lm(family: str) -> TinyLM:
-    from mqa_lm.hf import export_hf
+    from mqa_lm.pretrained.hf import export_hf
 
     tokenizer = train_bpe([PLAY], vocab_size=300)
     eot = tokenizer.token_to_id(EOT)

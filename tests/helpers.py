@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from mqa_lm import config_store  # noqa: F401  (the model/optim/data _base nodes, as train.py registers them)
+from mqa_lm.training import config_store  # noqa: F401  (the _base nodes Hydra composes, as train.py registers them)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

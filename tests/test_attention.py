@@ -300,8 +300,8 @@ def test_te_without_transformer_engine_says_how_to_install():
     [
         (dict(dim=30, heads=4), ValueError, r"dim=30 is not divisible by heads=4"),
         (dict(dim=32, heads=8, kv_heads=3), ValueError, r"heads=8 is not divisible by kv_heads=3"),
-        (dict(dim=32, heads=4, kv_heads=0), ValueError, r"kv_heads must be positive, got 0"),
-        (dict(dim=32.0, heads=4), TypeError, r"dim must be an int, got 32.0"),
+        (dict(dim=32, heads=4, kv_heads=0), ValueError, r"kv_heads must be an integer >= 1, got 0"),
+        (dict(dim=32.0, heads=4), TypeError, r"dim must be an integer >= 1, got 32.0"),
         (
             dict(dim=32, heads=4, attn_impl="xformers"),
             ValueError,

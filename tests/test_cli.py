@@ -1,7 +1,7 @@
 """The command lines' own failures: a run directory that cannot be made, a config file that does not parse.
 
 Each is one line on stderr naming the value and the fix, exit status 2, before any work
-(mqa_lm.cli, used by train.py); the helpers are also checked in this process.
+(mqa_lm.cli.main, used by train.py); the helpers are also checked in this process.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import CORPUS, ROOT, run_env, tiny_run
 
-from mqa_lm.cli import check_hydra_command, config_file_error
-from mqa_lm.files import dir_write_problem
+from mqa_lm.cli.main import check_hydra_command, config_file_error
+from mqa_lm.utils.files import dir_write_problem
 
 
 def train_py(tmp_path: Path, *extra: str, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:

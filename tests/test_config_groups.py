@@ -56,7 +56,7 @@ def test_data_option_composes_to_the_dataclass_defaults_except_what_it_sets(name
     composed = OmegaConf.to_container(compose_cfg([f"data={name}", f"paths.output_dir={tmp_path}"]).data)
     own = own_settings("data", name)
     defaults = field_defaults(DataConfig)
-    assert composed.pop("_target_") == "mqa_lm.data.TextDataModule"
+    assert composed.pop("_target_") == "mqa_lm.training.datamodule.TextDataModule"
     assert list(composed) == list(defaults)
     # The two settings that follow the run rather than a default.
     assert (composed.pop("seed"), composed.pop("cache_dir")) == ("${seed}", "${paths.data_dir}")
@@ -106,8 +106,8 @@ def test_experiment_sets_only_what_differs_from_the_groups_it_picks(name, tmp_pa
 
 
 def test_the_python_api_and_train_py_default_to_the_same_optimizer(tmp_path):
-    from mqa_lm.lit_module import MQALitModule
-    from mqa_lm.training import validate_config
+    from mqa_lm.training.module import MQALitModule
+    from mqa_lm.training.run import validate_config
 
     cli = validate_config(compose_cfg([f"paths.output_dir={tmp_path}"])).optim
     api = MQALitModule(model={"vocab_size": 50, "n_layers": 1, "d_model": 32, "heads": 4}).optim_config

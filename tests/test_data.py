@@ -30,10 +30,11 @@ from hydra.utils import instantiate
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 
-from mqa_lm.data import EOT, UNK, DataConfig, TextDataModule, TrainBatches, ValWindows, resolve_sources, stdlib_files
+from mqa_lm.data import EOT, UNK, DataConfig, TrainBatches, ValWindows, resolve_sources, stdlib_files
 from mqa_lm.data import prepare as prepare_mod
 from mqa_lm.data import sources as sources_mod
 from mqa_lm.data.store import read_json, split_paths
+from mqa_lm.training import TextDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -422,7 +423,7 @@ def test_unloadable_tokenizer_is_rebuilt_with_everything_after_it(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(paths=None), ValueError, "data.paths is required"),
+        (dict(paths=None), ValueError, "no data source: set data.paths="),
         (dict(paths=[]), ValueError, "data.paths is empty"),
         (dict(paths=[3]), TypeError, "data.paths entries must be strings"),
         (dict(paths="nope/missing.txt"), ValueError, "'nope/missing.txt' does not exist"),
@@ -440,11 +441,11 @@ def test_unloadable_tokenizer_is_rebuilt_with_everything_after_it(tmp_path):
         ),
         (dict(tokenizer_path="tok.json"), ValueError, "only used with data.tokenizer=file"),
         (dict(vocab_size=100), ValueError, "data.vocab_size=100 does not fit byte-level BPE: it needs at least 257"),
-        (dict(block_size=0), ValueError, "data.block_size must be >= 1, got 0"),
-        (dict(batch_size="8"), TypeError, "data.batch_size must be an integer, got '8'"),
+        (dict(block_size=0), ValueError, "data.block_size must be an integer >= 1, got 0"),
+        (dict(batch_size="8"), TypeError, "data.batch_size must be an integer >= 1, got '8'"),
         (dict(val_fraction=0.0), ValueError, "data.val_fraction must be a number in \\(0, 1\\), got 0.0"),
         (dict(val_fraction=1.5), ValueError, "data.val_fraction must be a number in \\(0, 1\\), got 1.5"),
-        (dict(max_chars=0), ValueError, "data.max_chars must be >= 1"),
+        (dict(max_chars=0), ValueError, "data.max_chars must be an integer >= 1, got 0"),
         (dict(jsonl_field=""), ValueError, "data.jsonl_field must be a non-empty string"),
         (dict(sha256="abc"), ValueError, "data.sha256 is a single hash but data.paths has 0 URLs"),
         (
@@ -701,13 +702,13 @@ def test_data_configs_instantiate(tmp_path):
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     for name in ("stdlib", "text", "shakespeare_char"):
         cfg = compose_cfg([f"data={name}"]).data
-        assert cfg._target_ == "mqa_lm.data.TextDataModule"
+        assert cfg._target_ == "mqa_lm.training.datamodule.TextDataModule"
         assert set(cfg) - {"_target_"} == fields  # every DataConfig field, from text.yaml at least
         assert cfg._get_node("cache_dir")._value() == "${paths.data_dir}"  # the root config's paths group
         assert cfg._get_node("seed")._value() == "${seed}"
         cfg.cache_dir = str(tmp_path / "cache")
         if cfg.paths is None:
-            with pytest.raises(Exception, match="data.paths is required"):
+            with pytest.raises(Exception, match="no data source: set data.paths="):
                 instantiate(cfg)
             cfg.paths = [str(corpus)]
         dm = instantiate(cfg)
@@ -745,7 +746,7 @@ def test_shakespeare_char_matches_nanogpt_preparation(tmp_path):
 
 
 def test_read_text_utf8_names_the_file_and_the_byte(tmp_path):
-    from mqa_lm.files import NotUTF8Error, read_text_utf8
+    from mqa_lm.utils.files import NotUTF8Error, read_text_utf8
 
     good = write(tmp_path / "good.txt", "\ufeffcaf\u00e9\n".encode())
     assert read_text_utf8(good) == "caf\u00e9\n"  # the BOM is encoding metadata, not text

@@ -56,7 +56,7 @@ def rel_err(got, want):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}L{}d{}{}".format(*c[:5], c[6]))
 def test_decode_kernel_bf16_matches_float64(case):
-    from mqa_lm.kernels.triton_decode import decode_attention
+    from mqa_lm.kernels.triton.decode import decode_attention
 
     batch, heads, kv_heads, max_len, head_dim, lengths, extra = case
     gen = torch.Generator(device="cuda").manual_seed(0)

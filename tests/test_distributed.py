@@ -13,10 +13,10 @@ import torch
 from helpers import CORPUS, ROOT, compose_cfg, run_env
 from omegaconf import OmegaConf
 
-from mqa_lm.data import TextDataModule
 from mqa_lm.data.datasets import TrainBatches
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler
+from mqa_lm.training import TextDataModule
 
 STEPS, MICRO, BLOCK, SEED = 12, 4, 16, 1337
 MODEL = dict(n_layers=2, d_model=32, heads=4, max_seq_len=BLOCK)
@@ -289,7 +289,7 @@ def test_fsdp_config_wraps_each_block(checkpointing, state_dict_type):
 
 
 def test_fsdp_rejects_an_unknown_state_dict_type():
-    from mqa_lm.distributed import fsdp_strategy
+    from mqa_lm.training.distributed import fsdp_strategy
 
     with pytest.raises(ValueError, match="state_dict_type must be 'full' or 'sharded', got 'both'"):
         fsdp_strategy(state_dict_type="both")

@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 from eval_helpers import PLAY, TASKS
-from helpers import CONFIGS, ROOT, compose_cfg, run_env
+from helpers import ROOT, compose_cfg, run_env
 from omegaconf import OmegaConf
 
-from mqa_lm.callbacks import LMEvalCallback
-from mqa_lm.training import ConfigError, train
+from mqa_lm.training.callbacks import LMEvalCallback
+from mqa_lm.training.run import ConfigError, train
 
 pytest.importorskip("lm_eval")
 
@@ -103,7 +103,7 @@ def test_metrics_are_logged_at_their_step_and_match_the_saved_model(tmp_path, co
     # The step-6 numbers are those of the weights the run ended with, evaluated afterwards.
     from mqa_lm.evaluation.harness import MQALM
     from mqa_lm.evaluation.tasks import find_tasks, metrics, run_tasks
-    from mqa_lm.pretrained import load_pretrained
+    from mqa_lm.pretrained.directory import load_pretrained
 
     model, tokenizer = load_pretrained(run / "checkpoints" / "last.ckpt")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
@@ -204,7 +204,8 @@ def test_train_py_prints_one_config_error_line(tmp_path, corpus):
 
 
 def test_yaml_defaults_are_the_python_defaults():
-    yaml = OmegaConf.to_container(OmegaConf.load(CONFIGS / "callbacks" / "lm_eval.yaml").lm_eval)
+    # The composed group: lm_eval.yaml over harness/_base (HarnessOptions), as train.py gets it.
+    yaml = OmegaConf.to_container(compose_cfg(["callbacks=[lm_eval]"]).callbacks.lm_eval)
     parameters = inspect.signature(LMEvalCallback).parameters
     assert set(yaml) - {"_target_"} == set(parameters)
     for name, parameter in parameters.items():

@@ -19,7 +19,7 @@ from helpers import ROOT, repo_env
 from hydra import compose, initialize_config_dir
 
 from mqa_lm.evaluation.perplexity import perplexity
-from mqa_lm.pretrained import save_pretrained
+from mqa_lm.pretrained.directory import save_pretrained
 
 sys.path.insert(0, str(ROOT))
 import eval as eval_py  # noqa: E402
@@ -227,7 +227,7 @@ def bad_files(tmp_path):
         (["tasks=[tiny_mc]", "limit=0"], "limit must be null .*, got 0"),
         (["tasks=[tiny_mc]", "limit=-3"], "limit must be null .*, got -3"),
         (["tasks=[]"], "tasks must name at least one task"),
-        (["tasks=[tiny_mc]", "num_fewshot=-1"], "num_fewshot must be null .* or an integer >= 0, got -1"),
+        (["tasks=[tiny_mc]", "num_fewshot=-1"], "num_fewshot must be null or an integer >= 0, got -1; null is each"),
         (["mode=perplexity"], r"mode=perplexity needs data.paths=\[file.txt,...\]"),
         (["mode=perplexity", "data.paths=[{empty}]"], "data.paths: .*empty.txt is empty"),
         (
@@ -235,17 +235,17 @@ def bad_files(tmp_path):
             r"data.paths: .*latin1.txt: not UTF-8 at byte 18 \(invalid continuation byte\); convert it",
         ),
         (["mode=perplexity", "data.paths=[/nonexistent.txt]"], "data.paths entry '/nonexistent.txt' matches no file"),
-        (["mode=perplexity", "data.paths=[{latin}]", "data.stride=0"], "data.stride must be a positive integer"),
+        (["mode=perplexity", "data.paths=[{latin}]", "data.stride=0"], "data.stride must be null or an integer >= 1"),
         (["mode=score"], "mode='score' is not one of: tasks, perplexity"),
         (["device=tpu"], "device='tpu' is not one of"),
         (["batch_size=0"], "batch_size must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_input_is_one_clear_error_before_the_model_loads(export, bad_files, monkeypatch, overrides, message):
-    def no_model(cfg):
+    def no_model(source):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(eval_py, "load_model", no_model)
+    monkeypatch.setattr(eval_py.ModelSource, "load", no_model)
     overrides = [o.format(**bad_files) for o in overrides]
     with pytest.raises(eval_py.UsageError, match=message):
         run_eval(f"ckpt_path={export}", f"include_path={TASKS}", *overrides)
@@ -260,7 +260,7 @@ def test_cuda_without_a_gpu_is_a_config_error(export):
 def test_checkpoint_problems_name_the_fix(tmp_path):
     tiny = tiny_lm()
     bare = save_pretrained(tiny.model, tmp_path / "no_tokenizer")  # no tokenizer.json
-    with pytest.raises(eval_py.UsageError, match="has no tokenizer.json; pass tokenizer_path="):
+    with pytest.raises(eval_py.ModelLoadError, match="has no tokenizer.json; pass tokenizer_path="):
         run_eval(f"ckpt_path={bare}", "tasks=[tiny_mc]", f"include_path={TASKS}", "device=cpu")
     with pytest.raises(eval_py.UsageError, match=r"ckpt_path is required: pass ckpt_path=<run directory"):
         run_eval("tasks=[tiny_mc]")
@@ -293,12 +293,13 @@ def test_command_line_errors_are_one_line_and_exit_2(export):
 
 
 def test_config_defaults_are_the_library_defaults():
-    from omegaconf import OmegaConf
 
     from mqa_lm.evaluation.scoring import BATCH_SIZE
 
-    cfg = OmegaConf.load(ROOT / "configs" / "eval.yaml")
-    assert cfg.batch_size == BATCH_SIZE
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="eval")
+    assert cfg.batch_size == BATCH_SIZE  # harness/_base, from HarnessOptions
+    assert (cfg.device, cfg.dtype, cfg.ckpt_path) == ("auto", "auto", None)  # model_source/_base, from ModelSource
     assert cfg.data.window is None and cfg.data.stride is None  # perplexity()'s own defaults
 
 
@@ -342,5 +343,7 @@ def test_rolling_tasks_use_the_perplexity_windows(export):
         (loglikelihood,) = record["filtered_resps"]
         want = perplexity(tiny.model, tiny.tokenizer, [record["doc"]["text"]], window=48, stride=16).nll
         assert math.isclose(-loglikelihood, want, rel_tol=1e-6)
-    with pytest.raises(eval_py.UsageError, match=r"data.window must be in \[2, max_seq_len=64\], got 65"):
+    with pytest.raises(
+        eval_py.UsageError, match=r"data.window must be an integer in \[2, 64\], got 65; the model's max_seq_len is 64"
+    ):
         run_eval(f"ckpt_path={export}", "tasks=[tiny_ppl]", f"include_path={TASKS}", "device=cpu", "data.window=65")

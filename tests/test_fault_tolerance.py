@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import CORPUS, ROOT, run_env, tiny_run
 
-from mqa_lm.checkpointing import (
+from mqa_lm.training.checkpointing import (
     AtomicCheckpointIO,
     CorruptCheckpointError,
     UnsafeCheckpointError,

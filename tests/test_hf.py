@@ -10,9 +10,9 @@ import torch
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import train_bpe
-from mqa_lm.hf import HFExportError, HFImportError, export_hf
 from mqa_lm.inference import generate
-from mqa_lm.pretrained import from_hf, save_pretrained
+from mqa_lm.pretrained.directory import from_hf, save_pretrained
+from mqa_lm.pretrained.hf import HFExportError, HFImportError, export_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,7 +72,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy_tokens(tmp_pa
     assert hf_tok.decode(tokenizer.encode(TEXT[:80]).ids) == TEXT[:80]
 
     # ... and back: the imported model computes exactly what the original did.
-    from mqa_lm.pretrained import load_pretrained
+    from mqa_lm.pretrained.directory import load_pretrained
 
     back, tok = from_hf(out) if "llama" in name else load_pretrained(out, require_tokenizer=True)
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_from_hf_matches_a_random_transformers_model(tmp_path, family):
     hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")  # sharded: an index and several files
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     model = from_hf(tmp_path / "hf")[0]
-    from mqa_lm.pretrained import load_pretrained
+    from mqa_lm.pretrained.directory import load_pretrained
 
     assert torch.equal(load_pretrained(tmp_path / "hf")[0].wte.weight, model.wte.weight)
     idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
@@ -210,7 +210,7 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
         from_hf(tmp_path)
 
     # load_pretrained reads transformers directories through the same mapping.
-    from mqa_lm.pretrained import load_pretrained
+    from mqa_lm.pretrained.directory import load_pretrained
 
     with pytest.raises(HFImportError, match="model_type='gpt2' is not supported"):
         load_pretrained(tmp_path / "gpt2")
@@ -287,7 +287,7 @@ def test_a_sharded_checkpoint_loads_bit_exactly_and_a_missing_shard_is_named(tmp
     assert torch.equal(sharded["blocks.1.norm_2.weight"], hf.model.layers[1].post_attention_layernorm.weight)
 
     (tmp_path / "sharded" / shards[1]).unlink()
-    from mqa_lm.pretrained import load_pretrained
+    from mqa_lm.pretrained.directory import load_pretrained
 
     for load in (from_hf, load_pretrained):
         with pytest.raises(HFImportError) as err:
@@ -300,7 +300,7 @@ def test_a_sharded_checkpoint_loads_bit_exactly_and_a_missing_shard_is_named(tmp
     # train.py init_from=hf:<it> stops before any work (the weights are read after the Trainer is built).
     from helpers import compose_cfg, tiny_run
 
-    from mqa_lm.training import ConfigError, train
+    from mqa_lm.training.run import ConfigError, train
 
     (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
     overrides = ["data=text", f"data.paths=[{tmp_path / 'corpus.txt'}]", *tiny_run(tmp_path / "cache")]

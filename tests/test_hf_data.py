@@ -20,9 +20,10 @@ pytest.importorskip("pyarrow")
 
 from datasets import Dataset, DatasetDict
 
-from mqa_lm.data import EOT, DataConfig, TextDataModule, hf_data
+from mqa_lm.data import EOT, DataConfig, hf_data
 from mqa_lm.data.store import read_json, split_paths
-from mqa_lm.training import ConfigError, train, validate_config
+from mqa_lm.training import TextDataModule
+from mqa_lm.training.run import ConfigError, train, validate_config
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 WORDS = "the quick brown fox jumps over a lazy dog while query key value heads attend".split()
@@ -209,7 +210,7 @@ def test_train_a_few_steps_from_parquet_and_from_a_saved_dataset(tmp_path, saved
     )
     for metrics in (parquet, hf):
         assert np.isfinite(float(metrics["val/loss"])) and float(metrics["val/loss"]) > 0
-    with pytest.raises(ConfigError, match="data=hf needs data.name="):
+    with pytest.raises(ConfigError, match=r"no data source: set data.paths=.* \(data=text\) or data.name="):
         validate_config(compose_cfg(run_overrides(tmp_path, "data=hf")))
     with pytest.raises(ConfigError, match="data.text_field='content' is not a column"):
         validate_config(compose_cfg(run_overrides(tmp_path, "data=hf", f"data.name={path}", "data.text_field=content")))

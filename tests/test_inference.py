@@ -232,7 +232,9 @@ def test_greedy_and_degenerate_sampling():
 
 def test_bad_input_raises_one_clear_error():
     model = tiny_model()
-    with pytest.raises(ValueError, match=r"max_len must be in \[1, max_seq_len=48\], got 49"):
+    with pytest.raises(
+        ValueError, match=r"max_len must be an integer in \[1, 48\], got 49; the model has positions for max_seq_len=48"
+    ):
         InferenceEngine(model, batch_size=1, max_len=49)
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         InferenceEngine(model, batch_size=1, attention="flash")
@@ -272,7 +274,10 @@ def test_static_cache_takes_a_prefill_then_one_token_per_call():
     torch.testing.assert_close(logits, full[:, 3:], rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="only as a prefill into an empty cache; call reset"):
         model(idx[:, :2], cache=cache)
-    with pytest.raises(ValueError, match=r"max_len must be in \[1, max_seq_len=48\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"max_len must be an integer in \[1, 48\], got \d+; the model has positions for max_seq_len=48",
+    ):
         model.static_cache(1, 64)
 
 

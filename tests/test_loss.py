@@ -112,7 +112,7 @@ def test_under_torch_compile():
         (dict(weight=torch.zeros(V, D + 1)), r"weight must be \[V, d=8\], got torch.float32 \[11, 9\]"),
         (dict(targets=torch.zeros(N + 1, dtype=torch.long)), r"targets must be integer class ids \[N=13\]"),
         (dict(targets=torch.zeros(N)), r"targets must be integer class ids \[N=13\], got torch.float32"),
-        (dict(chunk_size=0), r"chunk_size must be a positive integer, got 0"),
+        (dict(chunk_size=0), r"chunk_size must be an integer >= 1, got 0"),
         (dict(weight=torch.zeros(V, D)), r"hidden \(torch.float64\) and weight \(torch.float32\) must share a dtype"),
     ],
 )

@@ -326,7 +326,7 @@ def test_eos_stops_rows():
     [
         (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0, got -1"),
         (dict(max_new_tokens=2, temperature=-0.5), r"temperature must be >= 0 \(0 = greedy\), got -0.5"),
-        (dict(max_new_tokens=2, top_k=0), r"top_k must be an integer >= 1.*got 0"),
+        (dict(max_new_tokens=2, top_k=0), r"top_k must be null or an integer >= 1, got 0; null keeps all tokens"),
         (dict(max_new_tokens=2, top_p=0.0), r"top_p must be in \(0, 1\].*got 0.0"),
         (dict(max_new_tokens=2, top_p=1.5), r"top_p must be in \(0, 1\].*got 1.5"),
     ],
@@ -345,11 +345,11 @@ def test_generate_rejects_bad_arguments(kwargs, pattern):
 @pytest.mark.parametrize(
     "overrides, error, pattern",
     [
-        (dict(vocab_size=0), ValueError, r"model.vocab_size must be a positive integer, got 0"),
-        (dict(max_seq_len=-3), ValueError, r"model.max_seq_len must be a positive integer, got -3"),
-        (dict(n_layers=2.5), ValueError, r"model.n_layers must be a positive integer, got 2.5"),
+        (dict(vocab_size=0), ValueError, r"model.vocab_size must be an integer >= 1, got 0"),
+        (dict(max_seq_len=-3), ValueError, r"model.max_seq_len must be an integer >= 1, got -3"),
+        (dict(n_layers=2.5), ValueError, r"model.n_layers must be an integer >= 1, got 2.5"),
         (dict(d_model=30), ValueError, r"model.d_model=30 is not divisible by model.heads=4"),
-        (dict(d_model=0), ValueError, r"model.d_model must be a positive integer, got 0"),
+        (dict(d_model=0), ValueError, r"model.d_model must be an integer >= 1, got 0"),
         (dict(heads=4, kv_heads=3), ValueError, r"model.heads=4 is not divisible by model.kv_heads=3"),
         (
             dict(attn_impl="fast"),
@@ -379,7 +379,11 @@ def test_generate_rejects_bad_arguments(kwargs, pattern):
         ),
         (dict(rope_theta=0.0), ValueError, r"model.rope_theta must be > 0, got 0.0"),
         (dict(mlp_type="relu"), ValueError, r"unknown model.mlp_type 'relu'; valid choices are: gelu, swiglu"),
-        (dict(mlp_hidden=0), ValueError, r"model.mlp_hidden must be positive.*got 0"),
+        (
+            dict(mlp_hidden=0),
+            ValueError,
+            r"model.mlp_hidden must be null or an integer >= 1, got 0; null is the MLP type's default width",
+        ),
         (dict(init_std=0.0), ValueError, r"model.init_std must be > 0, got 0.0"),
         (dict(verbose=5), ValueError, r"model.verbose must be 0, 1 or 2, got 5"),
         (dict(softmax_scale=-1.0), ValueError, r"model.softmax_scale must be > 0.*got -1.0"),

@@ -22,7 +22,8 @@ from helpers import CORPUS, ROOT
 from model_helpers import attention_weights
 from PIL import Image
 
-from mqa_lm.callbacks import (
+from mqa_lm.model import MQAConfig, MQATransformer
+from mqa_lm.training.callbacks import (
     AttentionMapLogger,
     TokenThroughputMonitor,
     attention_stats,
@@ -30,10 +31,9 @@ from mqa_lm.callbacks import (
     scrub_secrets,
     to_uint8,
 )
-from mqa_lm.callbacks.heatmap import BACKGROUND
-from mqa_lm.callbacks.throughput import PEAK_FLOPS, chip_key, compute_dtype
-from mqa_lm.callbacks.tracking import RUN_ID_FILE, RunWandbLogger, resolve_mode
-from mqa_lm.model import MQAConfig, MQATransformer
+from mqa_lm.training.callbacks.heatmap import BACKGROUND
+from mqa_lm.training.callbacks.throughput import PEAK_FLOPS, chip_key, compute_dtype
+from mqa_lm.training.callbacks.tracking import RUN_ID_FILE, RunWandbLogger, resolve_mode
 
 FAKE_KEY = "fake0wandb0key0" + "d3adbeef" * 4  # 40 characters, like a real W&B key
 LAYERS, HEADS = 2, 4
@@ -320,7 +320,7 @@ def test_wandb_offline_run_holds_images_stats_samples_and_config(offline_run):
 
 
 def test_offline_run_keeps_the_best_checkpoint_and_the_export_as_artifacts(offline_run):
-    from mqa_lm.pretrained import load_pretrained
+    from mqa_lm.pretrained.directory import load_pretrained
 
     wandb_run, run_id = offline_run["wandb"], (offline_run["run"] / RUN_ID_FILE).read_text().strip()
     (wandb_file,) = wandb_run.glob("run-*.wandb")

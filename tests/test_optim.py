@@ -23,7 +23,7 @@ from mqa_lm.optim import (
     lr_at,
     split_parameters,
 )
-from mqa_lm.training import ConfigError, validate_config
+from mqa_lm.training.run import ConfigError, validate_config
 
 # The quintic Newton-Schulz coefficients of Jordan et al.'s Muon (the values torch.optim.Muon uses).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -309,7 +309,7 @@ def test_muon_run_logs_every_group_rate_and_steps_once_per_accumulated_batch(tmp
 
     from helpers import CORPUS, tiny_run
 
-    from mqa_lm.training import train
+    from mqa_lm.training.run import train
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")

@@ -165,9 +165,11 @@ def test_perplexity_matches_per_token_definition(window, stride):
 def test_perplexity_rejects_bad_windows_and_no_text():
     tokenizer = build_char([TEXT])
     model = model_for(tokenizer.get_vocab_size(), max_seq_len=16)
-    with pytest.raises(ValueError, match=r"window must be in \[2, max_seq_len=16\], got 17"):
+    with pytest.raises(
+        ValueError, match=r"window must be an integer in \[2, 16\], got 17; the model's max_seq_len is 16"
+    ):
         perplexity(model, tokenizer, [TEXT], window=17)
-    with pytest.raises(ValueError, match=r"stride must be in \[1, window=8\], got 9"):
+    with pytest.raises(ValueError, match=r"stride must be an integer in \[1, 8\], got 9; the window is 8 tokens"):
         perplexity(model, tokenizer, [TEXT], window=8, stride=9)
     with pytest.raises(ValueError, match="no token to score"):
         perplexity(model, tokenizer, ["", ""])

@@ -13,7 +13,7 @@ from test_training import small_run
 
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char
-from mqa_lm.pretrained import (
+from mqa_lm.pretrained.directory import (
     MissingTokenizerError,
     PretrainedError,
     load_pretrained,
@@ -141,8 +141,8 @@ def test_a_training_run_is_self_contained(tmp_path):
     """A real short run: the checkpoint carries its tokenizer, the run directory has tokenizer.json
     and model/ holds the best checkpoint's weights."""
     from mqa_lm.data.tokenizer import load_tokenizer
-    from mqa_lm.lit_module import MQALitModule
-    from mqa_lm.training import train
+    from mqa_lm.training.module import MQALitModule
+    from mqa_lm.training.run import train
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
@@ -203,7 +203,7 @@ def test_a_training_run_is_self_contained(tmp_path):
 @pytest.mark.parametrize("kind", ["hf", "run_dir", "ckpt"])
 def test_init_from_starts_training_from_pretrained_weights(tmp_path, kind):
     """train.py init_from=...: the pretrained architecture, tokenizer and weights, whatever model.* says."""
-    from mqa_lm.training import ConfigError, train
+    from mqa_lm.training.run import ConfigError, train
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
@@ -212,7 +212,7 @@ def test_init_from_starts_training_from_pretrained_weights(tmp_path, kind):
     source_model, source_tok = load_pretrained(first / "run")
     if kind == "hf":
         pytest.importorskip("transformers")
-        from mqa_lm.hf import export_hf
+        from mqa_lm.pretrained.hf import export_hf
 
         spec = "hf:" + str(export_hf(source_model, tmp_path / "hf", source_tok))
         source_model, _ = load_pretrained(spec[3:])  # the same weights; norm_type reads back as layernorm
@@ -245,7 +245,7 @@ def test_init_from_starts_training_from_pretrained_weights(tmp_path, kind):
     )
     started, tok = load_pretrained(second / "run" / "checkpoints" / "last.ckpt")
     # Runtime fields (attn_impl, dropouts, ...) keep the run's model.* values; the rest is the source's.
-    from mqa_lm.init_from import RUNTIME_FIELDS
+    from mqa_lm.training.init_from import RUNTIME_FIELDS
 
     def architecture(config):
         return {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS}
@@ -300,7 +300,7 @@ def test_a_tokenizer_path_unlike_the_saved_tokenizer_is_refused_or_warned(tmp_pa
 def test_init_from_a_transformers_llama_with_its_default_norm_epsilon_trains(tmp_path):
     """train.py init_from=hf:<dir> on a LlamaConfig() as transformers saves it (rms_norm_eps 1e-6)."""
     transformers = pytest.importorskip("transformers")
-    from mqa_lm.training import train
+    from mqa_lm.training.run import train
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mqa_lm import MQAConfig, MQATransformer
-from mqa_lm.pretrained import load_pretrained
+from mqa_lm.pretrained.directory import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = (
@@ -67,7 +67,7 @@ def test_fsdp_run_exports_the_best_weights(tmp_path):
 @pytest.mark.parametrize("family", ["gpt_bigcode", "llama"])
 def test_bf16_transformers_export_agrees_on_the_gpu(tmp_path, family):
     transformers = pytest.importorskip("transformers")
-    from mqa_lm.hf import export_hf
+    from mqa_lm.pretrained.hf import export_hf
 
     fields = {"vocab_size": 512, "max_seq_len": 128, "n_layers": 2, "d_model": 256, "heads": 8, "attn_impl": "torch"}
     if family == "llama":

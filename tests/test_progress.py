@@ -14,7 +14,7 @@ import lightning as L
 from helpers import CORPUS, ROOT, compose_cfg
 from test_training import corpus, small_run  # noqa: F401  (corpus is a fixture)
 
-from mqa_lm.training import train
+from mqa_lm.training.run import train
 
 
 def _val_losses(run_dir: Path) -> dict[int, float]:
@@ -94,10 +94,10 @@ def test_train_py_output_is_free_of_known_noise(tmp_path, corpus):  # noqa: F811
 
 
 def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, corpus):  # noqa: F811
-    from mqa_lm.callbacks import TokensPerSecondBar
-    from mqa_lm.data import TextDataModule
-    from mqa_lm.lit_module import MQALitModule
     from mqa_lm.model import MQAConfig
+    from mqa_lm.training import TextDataModule
+    from mqa_lm.training.callbacks import TokensPerSecondBar
+    from mqa_lm.training.module import MQALitModule
 
     screen = io.StringIO()
     bar = TokensPerSecondBar(console_kwargs={"file": screen, "force_terminal": True, "width": 160})

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import CORPUS, ROOT, run_env, tiny_run
 
-from mqa_lm.run_dir import LOCK_NAME, RunDirLock
+from mqa_lm.training.run_dir import LOCK_NAME, RunDirLock
 
 
 def tiny(base: Path, *extra: str) -> list[str]:
@@ -60,7 +60,7 @@ def test_a_live_run_directory_is_refused_and_a_stale_lock_is_taken_over(tmp_path
         [
             sys.executable,
             "-c",
-            "import sys, time; from mqa_lm.run_dir import RunDirLock; "
+            "import sys, time; from mqa_lm.training.run_dir import RunDirLock; "
             f"RunDirLock({str(run_dir)!r}).acquire(); print('locked', flush=True); time.sleep(120)",
         ],
         env=run_env(),
@@ -204,7 +204,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_the_previous_checkpoints_
 def test_a_lock_from_another_host_is_refused_unless_it_is_this_slurm_jobs_earlier_run(tmp_path, monkeypatch):
     import json
 
-    from mqa_lm.run_dir import RunDirInUseError
+    from mqa_lm.training.run_dir import RunDirInUseError
 
     foreign = {"pid": 1, "host": "node-that-is-not-this-one", "started": "2026-01-01 00:00:00", "slurm_job": "77"}
     (tmp_path / LOCK_NAME).write_text(json.dumps(foreign))
@@ -225,8 +225,8 @@ def test_a_second_ctrl_c_stops_at_once_and_releases_the_run_directory(tmp_path):
     the next step boundary (none comes here), the second exits 130 at once, lock released."""
     script = (
         "import os, signal, time\n"
-        "from mqa_lm.checkpointing import PreemptionCallback\n"
-        "from mqa_lm.run_dir import RunDirLock\n"
+        "from mqa_lm.training.checkpointing import PreemptionCallback\n"
+        "from mqa_lm.training.run_dir import RunDirLock\n"
         f"RunDirLock({str(tmp_path)!r}).acquire()\n"
         "cb = PreemptionCallback()\n"
         "signal.signal(signal.SIGINT, cb._handle)\n"

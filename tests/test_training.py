@@ -14,8 +14,8 @@ from helpers import CONFIGS, CORPUS, ROOT, compose_cfg, tiny_run
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mqa_lm.checkpointing import SPECIAL_CKPT_PATHS
-from mqa_lm.training import ConfigError, DataError, build_callbacks, build_loggers, train, validate_config
+from mqa_lm.training.checkpointing import SPECIAL_CKPT_PATHS
+from mqa_lm.training.run import ConfigError, DataError, build_callbacks, build_loggers, train, validate_config
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
@@ -128,11 +128,11 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         # Lightning's model-registry download is not supported: the same message as any missing file.
         (["ckpt_path=registry"], "ckpt_path='registry' does not exist"),
         (["resume=sometimes"], "resume='sometimes' is not one of auto, never"),
-        (["data.block_size=0"], "data.block_size must be >= 1, got 0"),
+        (["data.block_size=0"], "data.block_size must be an integer >= 1, got 0"),
         (["data.tokenizer=words"], "unknown data.tokenizer 'words'"),
         (["+data.block=4"], "unknown data keys ['block']"),
         (["sample.max_new_tokens=-1"], "sample.max_new_tokens must be an integer >= 0, got -1"),
-        (["sample.top_k=0"], "sample.top_k must be an integer >= 1 (or null for all tokens), got 0"),
+        (["sample.top_k=0"], "sample.top_k must be null or an integer >= 1, got 0; null keeps all tokens"),
         (["module.compile=sometimes"], "module.compile must be auto, true or false, got 'sometimes'"),
         (["sample.temperature=-1"], "sample.temperature must be >= 0 (0 = greedy), got -1"),
         (["trainer.val_check_interval=0"], "trainer.val_check_interval must be an integer >= 1"),
@@ -178,7 +178,7 @@ def test_bad_callback_values_stop_with_one_clear_message(tmp_path):
 
 def test_preemption_defaults_are_one_set():
     """The callback's defaults and configs/callbacks/preemption.yaml name the same signals."""
-    from mqa_lm.checkpointing import DEFAULT_REQUEUE_SIGNALS, DEFAULT_SIGNALS, PreemptionCallback
+    from mqa_lm.training.checkpointing import DEFAULT_REQUEUE_SIGNALS, DEFAULT_SIGNALS, PreemptionCallback
 
     yaml = OmegaConf.load(CONFIGS / "callbacks" / "preemption.yaml").preemption
     assert list(yaml.signals) == list(DEFAULT_SIGNALS) and list(yaml.requeue_signals) == list(DEFAULT_REQUEUE_SIGNALS)
@@ -191,7 +191,7 @@ def test_preemption_defaults_are_one_set():
 def test_compile_auto_follows_the_accelerator():
     import lightning as L
 
-    from mqa_lm.training import resolve_compile
+    from mqa_lm.training.run import resolve_compile
 
     cpu = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     assert resolve_compile("auto", cpu) is False
@@ -256,7 +256,7 @@ def test_checkpoint_hyperparameters_are_plain_and_rebuild_the_model(tmp_path, co
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert type(hp["model"]) is dict and hp["model"]["vocab_size"] > 1
-    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.training.module import MQALitModule
 
     module = MQALitModule.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert module.model.config.vocab_size == hp["model"]["vocab_size"]
@@ -288,7 +288,7 @@ def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override,line",
     [
-        ("sample.top_k=0", "config error: sample.top_k must be an integer >= 1 (or null for all tokens), got 0"),
+        ("sample.top_k=0", "config error: sample.top_k must be null or an integer >= 1, got 0; null keeps all tokens"),
         ("trainer.val_check_interval=0", "config error: trainer.val_check_interval must be an integer >= 1"),
         ("trainer.precision=foo", "config error: trainer.precision='foo' is not one of auto,"),
         ("seed=abc", "config error: seed must be an integer, got 'abc'"),
@@ -328,7 +328,7 @@ def test_fused_adamw_under_bf16_mixed_clips_gradients(optim):
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.training.module import MQALitModule
 
     torch.manual_seed(0)
     data = torch.randint(0, 32, (8, 17))
@@ -369,7 +369,7 @@ def test_compiled_module_reports_its_first_step_time(caplog):
     """The first compiled step (tracing and compiling included) is timed once; eager runs say nothing."""
     import logging
 
-    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.training.module import MQALitModule
 
     model = dict(vocab_size=32, max_seq_len=16, n_layers=1, d_model=32, heads=4, attn_impl="torch")
     with caplog.at_level(logging.INFO):
@@ -385,7 +385,7 @@ def test_compiled_module_reports_its_first_step_time(caplog):
 def test_module_takes_the_validated_configs_and_waits_for_the_vocabulary(tmp_path):
     """With model.vocab_size null the module builds nothing until the trainer's datamodule gives the
     size (test_checkpoint_hyperparameters_are_plain_and_rebuild_the_model covers that end to end)."""
-    from mqa_lm.lit_module import MQALitModule
+    from mqa_lm.training.module import MQALitModule
 
     run = validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.n_layers=1", "model.d_model=32"]))
     module = MQALitModule(model=run.model, optim=run.optim, vocab_from_data=run.vocab_from_data)
@@ -398,8 +398,8 @@ def test_module_takes_the_validated_configs_and_waits_for_the_vocabulary(tmp_pat
 def test_compile_scope_blocks_compiles_each_block_in_place():
     """compile_scope=blocks: every block compiled on its own, state_dict keys as in eager; a bad
     scope is one config error naming the key."""
-    from mqa_lm.lit_module import MQALitModule
     from mqa_lm.model import MQAConfig
+    from mqa_lm.training.module import MQALitModule
 
     config = MQAConfig(vocab_size=50, max_seq_len=16, n_layers=2, d_model=32, heads=4)
     eager = MQALitModule(model=config, compile=False)
@@ -594,9 +594,9 @@ def test_module_refuses_a_tokenizer_larger_than_its_vocabulary(tmp_path, corpus)
     """The Python API (no train.py): the module checks once the datamodule's tokenizer exists."""
     import lightning as L
 
-    from mqa_lm.data import TextDataModule
-    from mqa_lm.lit_module import MQALitModule
     from mqa_lm.model import MQAConfig
+    from mqa_lm.training import TextDataModule
+    from mqa_lm.training.module import MQALitModule
 
     dm = TextDataModule(str(corpus), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
     module = MQALitModule(MQAConfig(vocab_size=10, n_layers=1, d_model=32, heads=4, max_seq_len=16))

@@ -74,7 +74,7 @@ def test_block_on_cpu_runs_torch_and_says_why():
 
 @needs_triton
 def test_bad_inputs_raise_one_clear_error():
-    from mqa_lm.kernels.triton_attention import check_attention_inputs
+    from mqa_lm.kernels.triton.attention import check_attention_inputs
 
     q = torch.randn(2, 4, 5, 16)
     k = torch.randn(2, 1, 7, 16)

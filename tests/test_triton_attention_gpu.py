@@ -60,7 +60,7 @@ def poisoned(shape, dtype, transpose=False):
     "case", CASES, ids=lambda c: "b{}h{}kv{}q{}k{}d{}{}{}".format(*c[:6], "c" if c[6] else "", c[7])
 )
 def test_bf16_matches_float64_and_writes_every_element(case):
-    from mqa_lm.kernels.triton_attention import attention_backward, attention_forward
+    from mqa_lm.kernels.triton.attention_launch import attention_backward, attention_forward
 
     batch, heads, kv_heads, q_len, k_len, head_dim, causal, extra = case
     torch.manual_seed(CASES.index(case))
@@ -140,7 +140,7 @@ def test_block_bf16_matches_float64_block():
 def test_repeated_calls_on_fused_qkv_views_match_float64(causal, masked):
     # q, k, v as strided views of one fused projection, called repeatedly with fresh data in fresh
     # tensors: every call after the first reuses the compiled kernels and must stay right.
-    from mqa_lm.kernels.triton_attention import triton_attention
+    from mqa_lm.kernels.triton.attention import triton_attention
 
     batch, seq, heads, head_dim = 4, 1024, 12, 64
     for call in range(3):

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
 from mqa_lm.inference import InferenceEngine  # noqa: E402
-from mqa_lm.kernels.triton_decode import check_decode_inputs, decode_attention, split_plan  # noqa: E402
+from mqa_lm.kernels.triton.decode import check_decode_inputs, decode_attention, split_plan  # noqa: E402
 
 
 def reference64(q, k, v, *, scale, lengths=None, key_mask=None, bias=None):

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 set before Triton is imported"
 )
 
-from mqa_lm.kernels.triton_attention import attention_backward, attention_forward, triton_attention  # noqa: E402
+from mqa_lm.kernels.triton.attention import triton_attention  # noqa: E402
+from mqa_lm.kernels.triton.attention_launch import attention_backward, attention_forward  # noqa: E402
 from mqa_lm.nn.attention import MultiQueryAttention  # noqa: E402
 
 
@@ -167,7 +168,7 @@ def test_autograd_through_custom_op():
 
 
 def test_custom_op_registrations_pass_opcheck():
-    from mqa_lm.kernels import triton_attention as ta
+    from mqa_lm.kernels.triton import attention as ta
 
     q, k, v, bias, mask = make_inputs(1, 4, 2, 9, 11, 16, torch.float32, "mask", seed=7)
     q.requires_grad_()

@@ -1,4 +1,4 @@
-"""``DataConfig``: every setting of :class:`~mqa_lm.data.TextDataModule`, validated on construction.
+"""``DataConfig``: every setting of :class:`~mqa_lm.training.datamodule.TextDataModule`, validated on construction.
 
 Errors name the config key (``data.block_size must be >= 1, got 0``). The checks here touch nothing
 but a ``tokenizer.json`` given with ``tokenizer=file`` and, with ``data.name`` (``data=hf``), the
@@ -14,17 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mqa_lm.config_fields import DictRoundTrip
+from mqa_lm.utils.config import DictRoundTrip, check_int
+from mqa_lm.data.hf_data import DEFAULT_SPLIT, DEFAULT_TEXT_FIELD
 from mqa_lm.data.sources import normalize_paths
 from mqa_lm.data.tokenizer import MIN_BPE_VOCAB, TOKENIZER_KINDS, load_tokenizer
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"data.{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"data.{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 @dataclass
@@ -98,7 +91,7 @@ class DataConfig(DictRoundTrip):
                 f"data.tokenizer_path is only used with data.tokenizer=file, but data.tokenizer={self.tokenizer}; "
                 "set data.tokenizer=file or drop data.tokenizer_path"
             )
-        self.vocab_size = _check_int("vocab_size", self.vocab_size, 1)
+        self.vocab_size = check_int(self.vocab_size, "data.vocab_size")
         if self.tokenizer == "bpe" and not MIN_BPE_VOCAB <= self.vocab_size <= 1 << 31:
             raise ValueError(
                 f"data.vocab_size={self.vocab_size} does not fit byte-level BPE: it needs at least {MIN_BPE_VOCAB} "
@@ -111,10 +104,8 @@ class DataConfig(DictRoundTrip):
             raise ValueError(f"data.val_fraction must be a number in (0, 1), got {fraction!r}; e.g. 0.05")
         self.val_fraction = float(fraction)
         if self.max_chars is not None:
-            self.max_chars = _check_int("max_chars", self.max_chars, 1)
-        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
-            raise TypeError(f"data.seed must be an integer, got {self.seed!r}")
-        self.seed = int(self.seed)
+            self.max_chars = check_int(self.max_chars, "data.max_chars")
+        self.seed = check_int(self.seed, "data.seed", minimum=None)
         if not isinstance(self.cache_dir, (str, Path)) or not str(self.cache_dir):
             raise ValueError(f"data.cache_dir must be a directory path, got {self.cache_dir!r}")
         self.cache_dir = str(self.cache_dir)
@@ -123,16 +114,19 @@ class DataConfig(DictRoundTrip):
             self.paths = normalize_paths(self.paths)
         else:
             self._check_hf_fields()
-        self.block_size = _check_int("block_size", self.block_size, 1)
-        self.batch_size = _check_int("batch_size", self.batch_size, 1)
-        self.val_batches = _check_int("val_batches", self.val_batches, 1)
-        self.num_workers = _check_int("num_workers", self.num_workers, 0)
+        self.block_size = check_int(self.block_size, "data.block_size")
+        self.batch_size = check_int(self.batch_size, "data.batch_size")
+        self.val_batches = check_int(self.val_batches, "data.val_batches")
+        self.num_workers = check_int(self.num_workers, "data.num_workers", minimum=0)
         if isinstance(self.sha256, Mapping):  # an OmegaConf DictConfig -> a plain dict (checkpointable)
             self.sha256 = dict(self.sha256)
 
     def _check_unused_hf_fields(self) -> None:
-        if self.paths is None and (self.split is not None or self.text_field is not None):
-            raise ValueError("data=hf needs data.name=<Hub dataset name, save_to_disk directory or data file>")
+        if self.paths is None:
+            raise ValueError(
+                "no data source: set data.paths=[files, directories, globs, URLs or stdlib] (data=text) or "
+                "data.name=<Hub dataset name, save_to_disk directory or data file> (data=hf)"
+            )
         for key in ("subset", "split", "text_field"):
             if getattr(self, key) is not None:
                 fix = "; for .jsonl/.parquet files in data.paths use data.jsonl_field" if key == "text_field" else ""
@@ -154,8 +148,8 @@ class DataConfig(DictRoundTrip):
                 "use data=text data.paths=... or data=hf data.name=..., not both"
             )
         self.paths = []
-        self.split = "train" if self.split is None else self.split
-        self.text_field = "text" if self.text_field is None else self.text_field
+        self.split = DEFAULT_SPLIT if self.split is None else self.split
+        self.text_field = DEFAULT_TEXT_FIELD if self.text_field is None else self.text_field
         for key in ("split", "text_field"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value:

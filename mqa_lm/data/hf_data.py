@@ -60,14 +60,19 @@ def _local_files(path: Path) -> list[Path]:
     )
 
 
+# What data.split and data.text_field mean when left null (DataConfig fills them in).
+DEFAULT_SPLIT = "train"
+DEFAULT_TEXT_FIELD = "text"
+
+
 @dataclass(frozen=True)
 class HFSource(SourceFile):
     """A ``datasets`` split as one source: ``path`` is the local path, or the Hub name as a path."""
 
     name: str = ""
     subset: str | None = None
-    split: str = "train"
-    text_field: str = "text"
+    split: str = DEFAULT_SPLIT
+    text_field: str = DEFAULT_TEXT_FIELD
     streaming: bool = False
     local: bool = False
     cache_root: str = ""
@@ -142,8 +147,8 @@ def _load(name: str, subset: str | None, split: str, streaming: bool, cache_root
             if split not in loaded:
                 raise _unknown_split(name, split, list(loaded))
             return loaded[split]
-        # A single saved Dataset is one split: the one it records, "train" when it records none.
-        own = str(loaded.split) if loaded.split is not None else "train"
+        # A single saved Dataset is one split: the one it records, the default when it records none.
+        own = str(loaded.split) if loaded.split is not None else DEFAULT_SPLIT
         if split != own:
             raise _unknown_split(name, split, [own])
         return loaded
@@ -232,8 +237,8 @@ def resolve_hf_source(config: Any, cache_root: Path) -> HFSource:
         explicit=True,
         name=name,
         subset=config.subset,
-        split=config.split or "train",
-        text_field=config.text_field or "text",
+        split=config.split or DEFAULT_SPLIT,
+        text_field=config.text_field or DEFAULT_TEXT_FIELD,
         streaming=config.streaming,
         local=local,
         cache_root=os.fspath(cache_root),

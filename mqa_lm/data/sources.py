@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator
 from tqdm.auto import tqdm
 
 from mqa_lm.data.store import CACHE_MARKER, mark_cache_dir, read_json, write_json
-from mqa_lm.files import UTF8_FIX, NotUTF8Error, atomic_write
+from mqa_lm.utils.files import UTF8_FIX, NotUTF8Error, atomic_write
 
 # Parquet files and HF datasets need pyarrow / datasets, which the [hf] extra installs.
 INSTALL_HINT = 'pip install -e ".[hf]"'

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mqa_lm.files import atomic_write
+from mqa_lm.utils.files import atomic_write
 
 # Bump when the meaning of the token files or sidecars changes, so old caches are rebuilt.
 FORMAT_VERSION = 1

@@ -8,9 +8,19 @@
 * :mod:`~mqa_lm.evaluation.tasks`: options, finding and running tasks, their metrics (``eval.py``
   and the training callback); :mod:`~mqa_lm.evaluation.results`: the results files of ``eval.py``.
 
-No Lightning or Hydra below this package; the training callback lives in :mod:`mqa_lm.callbacks`.
+Imports the model, generation's text helpers, model files and :mod:`mqa_lm.utils`; no Lightning or
+Hydra (the training callback lives in :mod:`mqa_lm.training.callbacks`). Names are imported on first use.
 """
 
-from mqa_lm.evaluation.perplexity import Perplexity, perplexity
+from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from mqa_lm.utils.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from mqa_lm.evaluation.perplexity import Perplexity, perplexity
+
+_EXPORTS = {"Perplexity": "mqa_lm.evaluation.perplexity", "perplexity": "mqa_lm.evaluation.perplexity"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = ["Perplexity", "perplexity"]

@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from mqa_lm.data.tokenizer import EOT
 from mqa_lm.evaluation.perplexity import check_stride, check_window, sequence_logprobs
-from mqa_lm.evaluation.placement import check_device, resolve_device, resolve_dtype
 from mqa_lm.evaluation.scoring import BATCH_SIZE, score_tails, truncate_left
 from mqa_lm.inference.text import generate_ids, start_ids
+from mqa_lm.pretrained.placement import check_device, resolve_device, resolve_dtype
+from mqa_lm.utils.config import check_int
 
 if TYPE_CHECKING:
     from lm_eval.api.instance import Instance
@@ -66,7 +67,7 @@ class MQALM(TemplateLM):
             would make every score random) and the tokenizer it was trained with. Or leave them
             out and give ``pretrained``.
         pretrained: a run directory, Lightning ``.ckpt`` or export directory, read by
-            :func:`mqa_lm.pretrained.load_pretrained` (``tokenizer_path`` for one without a tokenizer)
+            :func:`mqa_lm.pretrained.directory.load_pretrained` (``tokenizer_path`` for one without a tokenizer)
             onto ``device`` (``auto`` | ``cpu`` | ``cuda[:i]``) in ``dtype`` (``auto``: bf16 on CUDA);
             ``device`` and ``dtype`` apply to ``pretrained`` only.
         batch_size: rows per forward (an integer; the harness's ``auto`` is not supported).
@@ -100,7 +101,7 @@ class MQALM(TemplateLM):
         if (model is None) == (pretrained is None):
             raise ValueError("give either model (with its tokenizer) or pretrained=<run | .ckpt | export dir>")
         if model is None:
-            from mqa_lm.pretrained import load_pretrained
+            from mqa_lm.pretrained.directory import load_pretrained
 
             where = resolve_device(check_device("auto" if device is None else str(device)))
             model, tokenizer = load_pretrained(
@@ -305,7 +306,5 @@ def _positive_int(value: object, key: str) -> int:
     """``value`` as an int >= 1 (digit strings too: the harness's command line passes text)."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        hint = " (the harness's automatic batch size is not supported)" if str(value).startswith("auto") else ""
-        raise ValueError(f"{key} must be an integer >= 1, got {value!r}{hint}")
-    return value
+    hint = "the harness's automatic batch size is not supported" if str(value).startswith("auto") else ""
+    return check_int(value, key, hint=hint)

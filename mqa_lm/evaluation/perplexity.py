@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mqa_lm.evaluation.scoring import BATCH_SIZE, rolling_windows, score_tails, window_rows
-from mqa_lm.files import read_text_utf8
 from mqa_lm.inference.text import start_ids
+from mqa_lm.utils.config import check_int
+from mqa_lm.utils.files import read_text_utf8
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -39,16 +40,12 @@ class Perplexity:
 def check_window(max_seq_len: int, window: int | None) -> int:
     """``window`` (``max_seq_len`` when None); ValueError unless ``2 <= window <= max_seq_len``."""
     window = max_seq_len if window is None else window
-    if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= max_seq_len:
-        raise ValueError(f"window must be in [2, max_seq_len={max_seq_len}], got {window!r}")
-    return window
+    return check_int(window, "window", minimum=2, maximum=max_seq_len, hint=f"the model's max_seq_len is {max_seq_len}")
 
 
 def check_stride(window: int, stride: int) -> int:
     """``stride``; ValueError unless ``1 <= stride <= window``."""
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window:
-        raise ValueError(f"stride must be in [1, window={window}], got {stride!r}")
-    return stride
+    return check_int(stride, "stride", maximum=window, hint=f"the window is {window} tokens")
 
 
 def perplexity_windows(max_seq_len: int, window: int | None, stride: int | None) -> tuple[int, int]:
@@ -105,7 +102,7 @@ def perplexity(
 
 def read_text_file(path: str | Path) -> str:
     """The text of a UTF-8 file (a leading byte-order mark dropped); ValueError naming the file when
-    it is missing or empty, :class:`~mqa_lm.files.NotUTF8Error` (a ValueError, with the byte offset
+    it is missing or empty, :class:`~mqa_lm.utils.files.NotUTF8Error` (a ValueError, with the byte offset
     of the first invalid byte) when it is not UTF-8."""
     path = Path(path)
     if not path.is_file():

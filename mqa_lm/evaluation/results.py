@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mqa_lm.files import dir_write_problem
+from mqa_lm.utils.files import dir_write_problem
 
 
 @dataclass(frozen=True)

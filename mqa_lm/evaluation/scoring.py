@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from mqa_lm.utils.config import check_int
+
 if TYPE_CHECKING:
     from mqa_lm.model import MQATransformer
 
@@ -123,8 +125,7 @@ def score_tails(
     Log-softmax runs in fp32 (fp64 for an fp64 model) whatever the model's dtype. ``progress`` is
     called with the number of rows finished after each forward.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     limit = model.config.max_seq_len
     keys = []
     for inputs, targets in rows:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mqa_lm.evaluation.scoring import BATCH_SIZE
+from mqa_lm.utils.config import check_int
 
 if TYPE_CHECKING:
     from lm_eval.api.group import Group
@@ -56,18 +60,39 @@ def check_limit(limit: object, key: str) -> int | float | None:
 
 def check_num_fewshot(num_fewshot: object, key: str) -> int | None:
     """``num_fewshot``: null (each task's default) or an integer >= 0."""
-    if num_fewshot is None:
-        return None
-    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
-        raise ValueError(f"{key} must be null (each task's default) or an integer >= 0, got {num_fewshot!r}")
-    return num_fewshot
+    return check_int(num_fewshot, key, minimum=0, none_ok=True, hint="null is each task's default")
 
 
-def check_positive(value: object, key: str) -> int:
-    """``value``, an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-    return value
+@dataclass
+class HarnessOptions:
+    """The lm-evaluation-harness options that ``eval.py`` (``mode=tasks``) and ``callbacks.lm_eval``
+    share: one set of defaults (``harness/_base``, generated from this class, in both configs) and
+    one check.
+
+    Attributes:
+        tasks: harness task names, globs (``arc_*``) or YAML paths, e.g. ``[hellaswag, arc_easy]``.
+        include_path: a directory (or a list) of task YAMLs of your own.
+        num_fewshot: few-shot examples, or null for each task's default.
+        limit: examples per task: an integer >= 1, a fraction in (0, 1), or null for all.
+        batch_size: rows per forward of the model.
+    """
+
+    tasks: Any = field(default_factory=list)
+    include_path: Any = None
+    num_fewshot: int | None = None
+    limit: int | float | None = None
+    batch_size: int = BATCH_SIZE
+
+    def checked(self, prefix: str = "") -> HarnessOptions:
+        """A copy with every value checked (ValueError naming ``prefix`` + the key, before any work)
+        and normalised: ``tasks`` a list of names, ``include_path`` a list of absolute paths."""
+        return HarnessOptions(
+            tasks=check_tasks(self.tasks, f"{prefix}tasks"),
+            include_path=check_include_path(self.include_path, f"{prefix}include_path"),
+            num_fewshot=check_num_fewshot(self.num_fewshot, f"{prefix}num_fewshot"),
+            limit=check_limit(self.limit, f"{prefix}limit"),
+            batch_size=check_int(self.batch_size, f"{prefix}batch_size"),
+        )
 
 
 def check_include_path(include_path: object, key: str) -> list[str]:

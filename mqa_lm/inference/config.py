@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, fields
 from typing import Any, ClassVar
 
-from mqa_lm.config_fields import DictRoundTrip
+from mqa_lm.utils.config import DictRoundTrip, check_int
 
 CONTEXT_OVERFLOW = ("slide", "crop", "error")
 
@@ -46,22 +46,19 @@ class GenerationConfig(DictRoundTrip):
         def bad(name: str, want: str) -> ValueError:
             return ValueError(f"{prefix}{name} must be {want}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise bad("max_new_tokens", "an integer >= 0")
+        check_int(self.max_new_tokens, f"{prefix}max_new_tokens", minimum=0)
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
             raise bad("temperature", ">= 0 (0 = greedy)")
         if not self.temperature >= 0:
             raise bad("temperature", ">= 0 (0 = greedy)")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise bad("top_k", "an integer >= 1 (or null for all tokens)")
+        check_int(self.top_k, f"{prefix}top_k", none_ok=True, hint="null keeps all tokens")
         if self.top_p is not None and (
             isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1
         ):
             raise bad("top_p", "in (0, 1] (or null)")
         if not isinstance(self.stop_at_eos, bool):
             raise bad("stop_at_eos", "true or false")
-        if not _is_int(self.seed):
-            raise bad("seed", "an integer")
+        check_int(self.seed, f"{prefix}seed", minimum=None)
         if self.context_overflow not in CONTEXT_OVERFLOW:
             raise bad("context_overflow", f"one of {', '.join(CONTEXT_OVERFLOW)}")
         self.temperature = float(self.temperature)
@@ -76,7 +73,3 @@ class GenerationConfig(DictRoundTrip):
             names = ", ".join(prefix + k for k in unknown)
             raise ValueError(f"unknown key(s) {names}; valid keys are: {', '.join(sorted(known))}")
         return cls(**values, prefix=prefix)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -32,6 +32,7 @@ import torch
 
 from mqa_lm.inference.config import GenerationConfig
 from mqa_lm.inference.sampling import sample_with_uniform
+from mqa_lm.utils.config import check_int
 
 if TYPE_CHECKING:
     from mqa_lm.model import MQATransformer
@@ -75,8 +76,7 @@ class InferenceEngine:
         keep_logits: bool = False,
         compile: bool | str = False,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_int(batch_size, "batch_size")
         if attention not in ("auto", "triton", "sdpa"):
             raise ValueError(f"unknown attention {attention!r}; valid choices are: auto, triton, sdpa")
         self.cache = model.static_cache(
@@ -304,8 +304,7 @@ class InferenceEngine:
             context_overflow=context_overflow,
         )
         self._check(idx, prompt_mask, max_new_tokens, context_overflow)
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+        check_int(chunk, "chunk")
         chunk = min(chunk, self.chunk_capacity)
         self._logits = []
         if max_new_tokens == 0:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
+from mqa_lm.data.tokenizer import EOT
 from mqa_lm.inference.config import GenerationConfig
 from mqa_lm.inference.engine import InferenceEngine, cache_length
 
@@ -16,8 +17,6 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from mqa_lm.model import MQATransformer
-
-EOT = "<|endoftext|>"
 
 
 def start_ids(tokenizer: Tokenizer) -> list[int]:
@@ -104,7 +103,7 @@ def generate_ids(
 
     ``on_tokens`` gets each row's newest tokens every ``chunk`` steps (streaming). A row stops at
     ``eos_token_id`` (included). Past ``max_seq_len`` the rows stay batched and ``context_overflow``
-    decides (see :func:`mqa_lm.inference.generate`).
+    decides (see :func:`mqa_lm.inference.generation`).
     """
     device = model.wte.weight.device
     longest = max(len(r) for r in rows)

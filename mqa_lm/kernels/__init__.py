@@ -13,7 +13,7 @@ from mqa_lm.kernels.flash import FlashBackend
 from mqa_lm.kernels.reference import reference_attention
 from mqa_lm.kernels.sdpa import TorchBackend, sdpa_attention
 from mqa_lm.kernels.triton_backend import TritonBackend
-from mqa_lm.registry import Registry
+from mqa_lm.utils.registry import Registry
 
 ATTENTION_BACKENDS: Registry[AttentionBackend] = Registry("attn_impl")
 ATTENTION_BACKENDS.register("torch")(TorchBackend())

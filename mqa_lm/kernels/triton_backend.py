@@ -1,4 +1,4 @@
-"""``attn_impl='triton'``: our MQA/GQA flash-attention kernels (:mod:`mqa_lm.kernels.triton_attention`).
+"""``attn_impl='triton'``: our MQA/GQA flash-attention kernels (:mod:`mqa_lm.kernels.triton.attention`).
 
 They run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was
 imported (how CI and users debug them). Anything else a call needs that the kernels cannot do
@@ -61,7 +61,7 @@ class TritonBackend(AttentionBackend):
         return None
 
     def __call__(self, q, k, v, *, softmax_scale, causal, bias, key_padding_mask, dropout_p):  # type: ignore[override]
-        from mqa_lm.kernels.triton_attention import triton_attention
+        from mqa_lm.kernels.triton.attention import triton_attention
 
         return triton_attention(
             q, k, v, softmax_scale=softmax_scale, causal=causal, bias=bias, key_padding_mask=key_padding_mask

@@ -21,6 +21,7 @@ from mqa_lm.nn.cache import StaticKVCache, StaticLayerCache
 from mqa_lm.nn.linears import LINEARS, build_linear
 from mqa_lm.nn.norms import DEFAULT_EPS, NORMS, build_norm
 from mqa_lm.nn.positions import RotaryEmbedding
+from mqa_lm.utils.config import check_int
 
 log = logging.getLogger("mqa_lm.attention")
 
@@ -506,7 +507,7 @@ def _decode_attention(
     slot, or SDPA over every slot with the key mask (the attention backends' causal prefill kernels
     have nothing to skip here)."""
     if cache.decode_attention == "triton":
-        from mqa_lm.kernels.triton_decode import decode_attention, decode_attention_op
+        from mqa_lm.kernels.triton.decode import decode_attention, decode_attention_op
 
         if torch.compiler.is_compiling():  # traced as a torch.library op: no graph break
             out = decode_attention_op(q, keys, values, cache.lengths, key_mask, bias, softmax_scale, cache.split_size)
@@ -581,10 +582,7 @@ def check_attention_args(
         return names.get(arg, arg) if names else arg
 
     for arg, value in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name(arg)} must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"{name(arg)} must be positive, got {value}")
+        check_int(value, name(arg))
     if dim % heads:
         raise ValueError(
             f"{name('dim')}={dim} is not divisible by {name('heads')}={heads}; "

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from mqa_lm.utils.config import check_int
+
 KVPair = tuple[torch.Tensor, torch.Tensor]
 DECODE_ATTENTION = ("auto", "triton", "sdpa")
 
@@ -84,7 +86,7 @@ class StaticKVCache:
         max_len: slots per row; at most the model's ``max_seq_len``.
         device, dtype: where and in what dtype K and V are kept.
         decode_attention: the kernel one-token calls use: ``triton`` (the split-KV kernel of
-            :mod:`mqa_lm.kernels.triton_decode`, which reads keys only up to the slot), ``sdpa``
+            :mod:`mqa_lm.kernels.triton.decode`, which reads keys only up to the slot), ``sdpa``
             (PyTorch SDPA over the whole buffer with the mask) or ``auto`` (triton where it runs).
         split_size: keys per program of the Triton kernel (default: from the shapes).
     """
@@ -102,9 +104,8 @@ class StaticKVCache:
         decode_attention: str = "auto",
         split_size: int | None = None,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(batch_size, "batch_size")
+        check_int(max_len, "max_len")
         if decode_attention not in DECODE_ATTENTION:
             raise ValueError(
                 f"unknown decode_attention {decode_attention!r}; valid choices are: {', '.join(DECODE_ATTENTION)}"

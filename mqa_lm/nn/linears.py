@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mqa_lm.registry import Registry
+from mqa_lm.utils.registry import Registry
 
 LINEARS: Registry[Callable[..., nn.Module]] = Registry("fc_type")
 

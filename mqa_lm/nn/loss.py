@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mqa_lm.utils.config import check_int
+
 
 def linear_cross_entropy(
     hidden: torch.Tensor,
@@ -47,8 +49,7 @@ def linear_cross_entropy(
         and not targets.is_floating_point()
     ):
         raise ValueError(f"targets must be integer class ids [N={hidden.shape[0]}], got {_describe(targets)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_int(chunk_size, "chunk_size")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

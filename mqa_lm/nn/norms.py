@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mqa_lm.registry import Registry
+from mqa_lm.utils.registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm_type")
 

@@ -1,0 +1,71 @@
+"""The validated config dataclasses' shared pieces: plain-dict round trips and the integer check.
+
+Checkpoints store hyperparameters as plain containers (so they load with ``weights_only=True``);
+these two methods are the only way in and out, and an unknown key is an error naming the group.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, fields
+from typing import Any, ClassVar, TypeVar
+
+T = TypeVar("T", bound="DictRoundTrip")
+
+
+class DictRoundTrip:
+    """Mixin for dataclasses: ``to_dict()`` and ``from_dict()`` that rejects unknown keys."""
+
+    config_group: ClassVar[str] = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.config_group} keys {unknown}; valid keys are: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+class BadValueError(ValueError, TypeError):
+    """A config value or argument of the wrong type or out of range. Both a ValueError and a
+    TypeError, so callers that catch either (config checks catch ValueError, argument checks of the
+    block API promise TypeError for a non-integer) see it."""
+
+
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (``True`` is an ``int`` to Python, never a count to a config)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(
+    value: Any,
+    key: str,
+    *,
+    minimum: int | None = 1,
+    maximum: int | None = None,
+    none_ok: bool = False,
+    hint: str = "",
+) -> Any:
+    """``value`` as an ``int`` when it is an integer in ``[minimum, maximum]`` (either bound None: open);
+    None when ``none_ok`` and it is None. Otherwise ValueError naming ``key``:
+    ``<key> must be [null or ]an integer >= 1, got <value!r>[; <hint>]``. The one check behind every
+    integer option of the package (config fields, CLI options, function arguments). Raises
+    :class:`BadValueError` (a ValueError and a TypeError)."""
+    if value is None and none_ok:
+        return None
+    if is_int(value) and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return int(value)
+    if minimum is not None and maximum is not None:
+        want = f"an integer in [{minimum}, {maximum}]"
+    elif minimum is not None:
+        want = f"an integer >= {minimum}"
+    elif maximum is not None:
+        want = f"an integer <= {maximum}"
+    else:
+        want = "an integer"
+    null = "null or " if none_ok else ""
+    raise BadValueError(f"{key} must be {null}{want}, got {value!r}" + (f"; {hint}" if hint else ""))
