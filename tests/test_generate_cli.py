@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from mqa_lm import MQAConfig, MQATransformer
 from mqa_lm.data.tokenizer import build_char
 from mqa_lm.inference import generate as lm_generate
-from mqa_lm.pretrained import save_pretrained
+from mqa_lm.pretrained.directory import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,6 +121,7 @@ def test_sampling_is_seeded(export, capsys):
     "overrides, message",
     [
         (["ckpt_path=/nonexistent/run"], "ckpt_path='/nonexistent/run' does not exist"),
+        (["ckpt_path=null"], r"ckpt_path is required: pass ckpt_path=<run directory"),
         (["mode=score"], "mode='score' is not one of: sample"),
         (["mode=perplexity"], "generate.py only samples; perplexity moved to eval.py: python eval.py mode=perplexity"),
         (["context_overflow=wrap"], "context_overflow must be one of slide, crop, error, got 'wrap'"),

@@ -73,3 +73,33 @@ def test_generate_py_imports_no_training_stack(run_dir):
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
     assert imported & set(TRAINING_STACK) == set()
     assert "tokens" in done.stderr  # it did generate
+    loaded = _package_modules(done.stderr)
+    assert [m for m in loaded if m.startswith(NOT_FOR_GENERATION)] == []
+    assert len(loaded) == GENERATE_PY_MODULES, sorted(loaded)
+
+
+# How many of the package's modules each entry point loads, pinned: a new import on these paths is a
+# decision the diff shows (change the number and say why), not a slow creep of start-up time.
+ENTRY_POINT_MODULES = {
+    "import mqa_lm": 3,  # the package, utils and its lazy-export helper: torch is not imported yet
+    "from mqa_lm import MultiQueryAttention": 16,
+    "from mqa_lm import generate, load_pretrained": 29,
+}
+GENERATE_PY_MODULES = 38  # the above, the cli helpers, the engine and the pretrained package
+# Generation needs the model, the engine and the model files; none of these.
+NOT_FOR_GENERATION = ("mqa_lm.training", "mqa_lm.optim", "mqa_lm.data.prepare", "mqa_lm.evaluation", "mqa_lm.export")
+
+
+def _package_modules(importtime_stderr: str) -> set[str]:
+    names = {line.rsplit("|", 1)[-1].strip() for line in importtime_stderr.splitlines() if "|" in line}
+    return {name for name in names if name == "mqa_lm" or name.startswith("mqa_lm.")}
+
+
+@pytest.mark.parametrize("code", sorted(ENTRY_POINT_MODULES))
+def test_entry_points_load_the_pinned_package_modules(code):
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, env=run_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = _package_modules(done.stderr)
+    assert len(loaded) == ENTRY_POINT_MODULES[code], sorted(loaded)
