@@ -15,6 +15,7 @@ from helpers import compose_cfg
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import (
     MUON_SHARDED_ERROR,
+    Muon,
     MuonAdamW,
     MuonConfig,
     OptimConfig,
@@ -273,12 +274,10 @@ def test_bad_muon_values_are_one_config_error_naming_the_key(tmp_path, override,
     assert message in str(err.value)
 
 
-def test_muon_refuses_a_sharded_model_with_the_fix():
-    """Below the config check: a model whose blocks FSDP2 has sharded (DTensor parameters; one gloo
-    rank on the CPU) is refused by the optimizer itself, naming the fix. (FSDP1, Lightning's
-    trainer=fsdp, needs a GPU to wrap; its wrapped modules are refused the same way.)"""
-    import os
-
+def test_muon_takes_an_fsdp2_sharded_model_and_steps_it_like_the_whole_one(monkeypatch, tmp_path):
+    """Blocks sharded by FSDP2 (DTensor parameters; one gloo rank on the CPU): build_optimizer accepts
+    them, and two steps land where the unsharded model's do. (Lightning's trainer=fsdp is FSDP1, flat
+    shards: refused by the config check above, and by split_parameters for wrapped modules.)"""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -286,18 +285,30 @@ def test_muon_refuses_a_sharded_model_with_the_fix():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    x = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(2))
+
+    def two_steps(model):
+        optimizer = build_optimizer(model, MuonConfig(muon_weight_decay=0.1))
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(x, x)[1].backward()
+            optimizer.step()
+
+    whole = tiny_model()
+    two_steps(whole)
+    # A file rendezvous, and no MASTER_* left in the environment for later tests' DDP children.
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         model = tiny_model()
         mesh = init_device_mesh("cpu", (1,))
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
-        with pytest.raises(ValueError) as err:
-            build_optimizer(model, MuonConfig())
-        assert str(err.value) == MUON_SHARDED_ERROR and "trainer=ddp" in str(err.value)
-        build_optimizer(model, OptimConfig())  # AdamW has no such need
+        two_steps(model)
+        for (name, a), b in zip(model.named_parameters(), whole.parameters()):
+            a = a.full_tensor() if hasattr(a, "full_tensor") else a
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
 
@@ -371,3 +382,171 @@ def test_train_py_bad_muon_value_is_one_config_error_line(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=repo_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == ["config error: optim.muon_momentum must be in [0, 1), got 1.5"]
+
+
+def muon_problem(seed: int = 0, steps: int = 3) -> tuple[list[torch.nn.Parameter], list[list[torch.Tensor]]]:
+    """Tall, wide and square matrices, several of one shape (so they batch) and a tall shape whose
+    transpose is one of the wide ones (so they share a batch, each with its own rate); ``steps``
+    gradients for each."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(24, 16)] * 5 + [(16, 40)] * 3 + [(40, 16)] * 2 + [(8, 8)]
+    params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+    grads = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(steps)]
+    return params, grads
+
+
+def run_muon(optimizer: torch.optim.Optimizer, params, grads) -> list[torch.Tensor]:
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+    return [p.detach().clone() for p in params]
+
+
+MUON_ARGS = dict(lr=0.05, weight_decay=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_matches_torch_optim_muon_matrix_by_matrix(adjust, nesterov):
+    params, grads = muon_problem()
+    start = [p.detach().clone() for p in params]
+    ours = run_muon(Muon(params, nesterov=nesterov, adjust_lr_fn=adjust, **MUON_ARGS), params, grads)
+    theirs_params = [torch.nn.Parameter(s.clone()) for s in start]
+    theirs = run_muon(
+        torch.optim.Muon(theirs_params, nesterov=nesterov, adjust_lr_fn=adjust, **MUON_ARGS), theirs_params, grads
+    )
+    for i, (a, b, s) in enumerate(zip(ours, theirs, start)):
+        # Both orthogonalise in bf16; the batched norm and matmuls may round differently, not more.
+        assert relative_error(a - s, (b - s).double()) < 5e-3, (i, tuple(s.shape))
+
+
+def test_a_muon_state_saved_by_torch_optim_muon_resumes_in_ours():
+    """Checkpoints written while optim=muon ran torch.optim.Muon inside MuonAdamW: the same group keys
+    and state, so they load, and the continued run follows torch's own continuation."""
+    cfg = MuonConfig(muon_weight_decay=0.1)
+    x = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(2))
+
+    def steps(model, optimizer, n):
+        for _ in range(n):
+            optimizer.zero_grad()
+            model(x, x)[1].backward()
+            optimizer.step()
+
+    def torch_muon_adamw(model):
+        ours = build_optimizer(model, cfg)
+        group = {k: v for k, v in ours.muon.param_groups[0].items() if k != "params"}
+        lr, wd = group.pop("lr"), group.pop("weight_decay")
+        old = torch.optim.Muon(
+            ours.muon.param_groups[0]["params"],
+            lr=lr,
+            weight_decay=wd,
+            **{k: v for k, v in group.items() if k != "name"},
+        )
+        old.param_groups[0]["name"] = "muon"
+        return MuonAdamW(old, ours.adamw)
+
+    model = tiny_model()
+    old = torch_muon_adamw(model)
+    steps(model, old, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": old.state_dict()}, buffer)
+    steps(model, old, 2)
+
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    resumed = tiny_model()
+    resumed.load_state_dict(ckpt["model"])
+    new = build_optimizer(resumed, cfg)
+    assert isinstance(new.muon, Muon)
+    assert set(new.state_dict()["param_groups"][0]) == set(ckpt["optim"]["param_groups"][0])
+    new.load_state_dict(ckpt["optim"])
+    steps(resumed, new, 2)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        # Two steps from the same state; only the bf16 rounding of the orthogonalisation differs.
+        assert torch.allclose(a, b, atol=1e-4, rtol=0), name
+
+
+def _shared_muon_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    import mqa_lm.optim.muon as muon_module
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    sizes: list[int] = []
+    orthogonalise = muon_module.newton_schulz
+
+    def counted(updates, *args, **kwargs):
+        sizes.append(updates.shape[0])
+        return orthogonalise(updates, *args, **kwargs)
+
+    muon_module.newton_schulz = counted  # our function, counted to show who did which matrix
+    params, grads = muon_problem()
+    final = run_muon(Muon(params, **MUON_ARGS), params, grads)
+    torch.save({"params": final, "sizes": sizes}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_muon_across_two_gloo_ranks_shares_the_work_and_equals_one_process(tmp_path):
+    params, grads = muon_problem()
+    alone = run_muon(Muon(params, **MUON_ARGS), params, grads)
+    torch.multiprocessing.spawn(_shared_muon_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:
+        for a, b in zip(rank["params"], alone):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # 11 matrices a step in three batches (5 of 16 x 24, 3 + 2 of 16 x 40 with the tall ones
+    # transposed, 1 of 8 x 8), dealt round robin across the batches: 6 to rank 0, 5 to rank 1.
+    per_step = [sum(r["sizes"]) / len(grads) for r in ranks]
+    assert per_step == [6, 5]
+
+
+def _fsdp2_muon_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))  # gloo ranks on CPU, also where a GPU is visible
+    model = fsdp2_problem_model()
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = Muon(model.parameters(), **MUON_ARGS)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):  # the same batch on both ranks: the averaged gradient is the one-process one
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    whole = [p.full_tensor() for p in model.parameters()]
+    momentum = [optimizer.state[p]["momentum_buffer"].full_tensor() for p in model.parameters()]
+    if rank == 0:
+        torch.save({"params": whole, "momentum": momentum}, f"{out}/fsdp2.pt")
+    dist.destroy_process_group()
+
+
+def fsdp2_problem_model() -> torch.nn.Sequential:
+    """Linear layers whose rows split unevenly over 2 ranks (5, 40 and 3 rows), tall and wide."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 5, bias=False),
+        torch.nn.Linear(5, 40, bias=False),
+        torch.nn.Linear(40, 16, bias=False),
+        torch.nn.Linear(16, 3, bias=False),
+    )
+
+
+def test_muon_on_fsdp2_shards_across_two_gloo_ranks_equals_one_process(tmp_path):
+    model = fsdp2_problem_model()
+    optimizer = Muon(model.parameters(), **MUON_ARGS)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    torch.multiprocessing.spawn(_fsdp2_muon_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
+    for a, p in zip(sharded["params"], model.parameters()):
+        torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-6)
+    for a, p in zip(sharded["momentum"], model.parameters()):
+        torch.testing.assert_close(a, optimizer.state[p]["momentum_buffer"], rtol=0, atol=1e-7)
