@@ -4,7 +4,10 @@ bare PyTorch loop (the ceiling without Lightning), and nanoGPT's ``bench.py`` --
     python scripts/bench_training.py --nanogpt .peers/nanogpt            # the full comparison
     python scripts/bench_training.py --runs torch:compiled torch:compiled:chunked bare:compiled  # a subset
 
-A run is ``<attn_impl or bare or nanogpt>:<eager|compiled>[:<loss_impl>]``.
+A run is ``<attn_impl or bare or nanogpt>:<eager|compiled>[:<loss_impl>][@<optim>]``: ``@muon`` or
+``@adamw`` picks our runs' optimizer (default: ``--optim``, adamw, nanoGPT's), e.g.
+``torch:compiled@muon torch:compiled@adamw`` compares the two in one call; ``--accumulate N`` sets
+``trainer.accumulate_grad_batches`` (tokens per optimizer step = batch x 1024 x N).
 
 The nanoGPT checkout is fetched by the user into a git-ignored folder (never vendored). Every
 train.py run uses gpt2_small with ``model.vocab_size=50304``, block 1024, ``--batch`` sequences,
@@ -22,6 +25,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +45,7 @@ QUIET = [
 ]
 
 
-def train_py(impl: str, compiled: bool, loss: str, args: argparse.Namespace, run_dir: Path) -> dict:
+def train_py(impl: str, compiled: bool, loss: str, optim: str, args: argparse.Namespace, run_dir: Path) -> dict:
     cmd = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -50,8 +54,8 @@ def train_py(impl: str, compiled: bool, loss: str, args: argparse.Namespace, run
         f"model.loss_impl={loss}",
         f"model.attn_impl={impl}",
         "trainer=gpu",
-        # nanoGPT's optimizer, as the documented runs measured (before optim=muon became the default).
-        "optim=adamw",
+        f"optim={optim}",
+        f"trainer.accumulate_grad_batches={args.accumulate}",
         f"trainer.max_steps={args.steps}",
         "trainer.log_every_n_steps=10",
         "data=stdlib",
@@ -161,15 +165,22 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2_small")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--optim", default="adamw", help="our runs' optimizer unless a run names one (@muon)")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (train.py runs)")
     parser.add_argument("--timeout", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "bench_training.json")
     parser.add_argument("--runs-dir", type=Path, default=Path("/tmp/bench_training_runs"))
     parser.add_argument("override", nargs="*", help="extra train.py overrides for our runs")
     args = parser.parse_args()
+    # Throughput appears once the monitor's window (5 logging steps, one per 10 steps) is full, and
+    # the result is the median of the last 4 windows: fewer steps give no number at all.
+    if args.steps < 80:
+        parser.error(f"--steps {args.steps} is too few: the throughput median needs at least 80 steps")
 
     results: dict[str, dict] = {}
     for run in args.runs:
-        impl, mode, *rest = run.split(":")
+        spec, _, optim = run.partition("@")
+        impl, mode, *rest = spec.split(":")
         compiled = mode == "compiled"
         loss = rest[0] if rest else "torch"
         if impl == "nanogpt":
@@ -177,25 +188,30 @@ def main() -> None:
         elif impl == "bare":
             res = bare_loop(compiled, loss, args)
         else:
-            res = train_py(impl, compiled, loss, args, args.runs_dir / run.replace(":", "_"))
+            # A fresh directory per run: an earlier call's metrics.csv or checkpoint must not be read or resumed.
+            args.runs_dir.mkdir(parents=True, exist_ok=True)
+            run_dir = Path(tempfile.mkdtemp(prefix=run.replace(":", "_") + "-", dir=args.runs_dir))
+            res = train_py(impl, compiled, loss, optim or args.optim, args, run_dir)
         results[run] = res
         print(json.dumps({"run": run, **{k: v for k, v in res.items() if k != "tail"}}), flush=True)
         if "tail" in res:
             print(res["tail"], flush=True)
 
-    base = results.get("nanogpt:compiled", {}).get("tokens_per_s")
-    print(f"\n{args.model}, batch {args.batch} x 1024, bf16; ratio = tokens/s over nanoGPT compiled (same call)")
-    print(f"{'run':<20} {'tokens/s':>10} {'MFU':>7} {'ratio':>7} {'compile s':>10}")
+    base = results.get("nanogpt:compiled", {}).get("tokens_per_s") or next(iter(results.values())).get("tokens_per_s")
+    tokens = args.batch * 1024 * args.accumulate
+    print(f"\n{args.model}, batch {args.batch} x 1024 x accumulate {args.accumulate} ({tokens:,} tokens a step), bf16")
+    print("ratio = tokens/s over nanoGPT compiled, else over the first run (same call)")
+    print(f"{'run':<26} {'tokens/s':>10} {'MFU':>7} {'ratio':>7} {'compile s':>10}")
     for run, res in results.items():
         rate = res.get("tokens_per_s")
         if rate is None:
-            print(f"{run:<20} {'failed':>10}")
+            print(f"{run:<26} {'failed':>10}")
             continue
         mfu = res.get("mfu")
         ratio = f"{rate / base:.2f}" if base else "-"
         mfu_s = f"{100 * mfu:.1f}%" if isinstance(mfu, float) and mfu == mfu else "-"
         comp = f"{res['compile_s']:.1f}" if res.get("compile_s") else "-"
-        print(f"{run:<20} {rate:>10,.0f} {mfu_s:>7} {ratio:>7} {comp:>10}")
+        print(f"{run:<26} {rate:>10,.0f} {mfu_s:>7} {ratio:>7} {comp:>10}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from bench_env import benchmark_environment
 
