@@ -134,7 +134,10 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = run_closure(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         dealt = 0  # matrices dealt to ranks so far this step: the next batch's first goes to rank dealt % world
         for group in self.param_groups:
             # One batch per shape in its wide form (rows <= cols): a tall matrix orthogonalises as its
@@ -217,14 +220,6 @@ class Muon(torch.optim.Optimizer):
             rows.append(owner * share + taken[owner])
             taken[owner] += 1
         return gathered, rows
-
-
-def run_closure(closure: Callable[[], Any] | None) -> Any:
-    """The loss of an optimizer's ``step(closure)``: the closure re-evaluated with gradients on."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
 
 
 def _same(tensors: list[Tensor]) -> list[Tensor]:
