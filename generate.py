@@ -15,8 +15,11 @@ Imports no training code: the process loads only torch, tokenizers, Hydra and th
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -74,6 +77,49 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return prompts
 
 
+def check_window(rows: list[list[int]], generation: GenerationConfig, max_seq_len: int) -> None:
+    """``context_overflow=error`` refuses, before generating, a request that cannot fit the window."""
+    window = max(map(len, rows)) + generation.max_new_tokens - 1
+    if generation.context_overflow == "error" and window > max_seq_len:
+        longest = max(map(len, rows))
+        raise UsageError(
+            f"a prompt of {longest} tokens + max_new_tokens={generation.max_new_tokens} needs a window of "
+            f"{window} tokens, past the model's max_seq_len={max_seq_len} (context_overflow=error); set "
+            f"max_new_tokens<={max_seq_len - longest + 1}, or context_overflow=slide or crop"
+        )
+
+
+@contextmanager
+def interrupt_at_tokens():
+    """Ctrl-C during generation: a flag that the token callback (the yielded function) turns into
+    ``KeyboardInterrupt``, in the generation loop's own frame.
+
+    Python runs a signal handler between bytecodes of whatever is executing, finalizers included (a
+    tensor's or a weak reference's, run by the garbage collector), and a ``KeyboardInterrupt`` raised
+    inside a finalizer is printed as "Exception ignored" and lost: the generation went on. A second
+    Ctrl-C acts at once, as Python's default does.
+    """
+    pending = []
+
+    def on_sigint(signum, frame):
+        pending.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def check() -> None:
+        if pending:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield lambda: None
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    check()  # a Ctrl-C after the last tokens still ends the run as interrupted
+
+
 def run(cfg: DictConfig) -> None:
     source, generation = check_config(cfg)
     prompts = read_prompts(cfg)
@@ -88,6 +134,7 @@ def run(cfg: DictConfig) -> None:
 
     encoded = [tokenizer.encode(p, add_special_tokens=False).ids or start_ids(tokenizer) for p in prompts]
     rows = [ids for ids in encoded for _ in range(cfg.num_samples)]
+    check_window(rows, generation, model.config.max_seq_len)
     eos = tokenizer.token_to_id(EOT) if generation.stop_at_eos else None
     generator = torch.Generator(device=device).manual_seed(generation.seed)
 
@@ -101,31 +148,33 @@ def run(cfg: DictConfig) -> None:
     first: list[float] = []  # when the first tokens arrived
 
     def on_tokens(fresh: list[list[int]]) -> None:
+        interrupted()
         if not first:
             first.append(time.perf_counter())
         if streamer is not None:
             streamer.put(shown(fresh[0]))
 
     start = time.perf_counter()
-    try:
-        new = generate_ids(
-            model,
-            rows,
-            generation.max_new_tokens,
-            temperature=generation.temperature,
-            top_k=generation.top_k,
-            top_p=generation.top_p,
-            eos_token_id=eos,
-            generator=generator,
-            attention=cfg.attention,
-            cuda_graph=None if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph),
-            compile=device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile),
-            context_overflow=generation.context_overflow,
-            on_tokens=on_tokens,
-        )
-    finally:
-        if streamer is not None:
-            streamer.end()
+    with interrupt_at_tokens() as interrupted:
+        try:
+            new = generate_ids(
+                model,
+                rows,
+                generation.max_new_tokens,
+                temperature=generation.temperature,
+                top_k=generation.top_k,
+                top_p=generation.top_p,
+                eos_token_id=eos,
+                generator=generator,
+                attention=cfg.attention,
+                cuda_graph=None if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph),
+                compile=device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile),
+                context_overflow=generation.context_overflow,
+                on_tokens=on_tokens,
+            )
+        finally:
+            if streamer is not None:
+                streamer.end()
     end = time.perf_counter()
     if streamer is None:
         for i, ids in enumerate(new):

@@ -141,6 +141,31 @@ def test_bad_options_fail_before_loading(export, capsys, overrides, message):
         generate.run(cfg)
 
 
+def test_context_overflow_error_past_the_window_is_a_config_error_before_generating(export, capsys):
+    path, model, _ = export
+    # prompt "it was" (6 tokens) + 59 new needs 64 = max_seq_len: fits; one more does not.
+    fits = run_cli(
+        capsys,
+        f"ckpt_path={path}",
+        "prompt=it was",
+        "max_new_tokens=59",
+        "context_overflow=error",
+        "temperature=0",
+        "stop_at_eos=false",
+        "device=cpu",
+    )
+    assert fits.out.startswith("it was")
+    with pytest.raises(generate.UsageError) as err:
+        run_cli(
+            capsys, f"ckpt_path={path}", "prompt=it was", "max_new_tokens=60", "context_overflow=error", "device=cpu"
+        )
+    assert str(err.value) == (
+        "a prompt of 6 tokens + max_new_tokens=60 needs a window of 65 tokens, past the model's max_seq_len=64 "
+        "(context_overflow=error); set max_new_tokens<=59, or context_overflow=slide or crop"
+    )
+    assert capsys.readouterr().out == ""  # nothing was generated
+
+
 def test_command_line_entry_point(export):
     path, model, tokenizer = export
     env = repo_env()
