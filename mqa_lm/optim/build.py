@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mqa_lm.optim.config import MUON_SHARDED_ERROR, MuonConfig, OptimConfig, lr_at
-from mqa_lm.optim.muon import Muon
+from mqa_lm.optim.muon import Muon, run_closure
 
 
 def split_parameters(model: nn.Module, muon: bool = False) -> dict[str, list[nn.Parameter]]:
@@ -91,10 +91,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.muon.step()
         self.adamw.step()
         return loss

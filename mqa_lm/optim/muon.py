@@ -50,6 +50,15 @@ def newton_schulz(
     return x.mT if tall else x
 
 
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """What an optimizer's ``step(closure)`` does first: the closure's loss, computed with gradients
+    enabled (``step`` itself runs under ``no_grad``); None without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """The rate a matrix of ``shape`` takes (as ``torch.optim.Muon``): ``original`` scales by
     ``sqrt(max(1, rows / cols))``, ``match_rms_adamw`` by ``0.2 * sqrt(max(rows, cols))``."""
@@ -134,10 +143,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         dealt = 0  # matrices dealt to ranks so far this step: the next batch's first goes to rank dealt % world
         for group in self.param_groups:
             # One batch per shape in its wide form (rows <= cols): a tall matrix orthogonalises as its
@@ -167,59 +173,69 @@ class Muon(torch.optim.Optimizer):
         # FSDP2: the momentum, decay and step act on this rank's rows; only the iteration needs whole matrices.
         local = _local if sharded else _same
         grads, bufs, weights = local(grads), local(bufs), local(params)
-        momentum = group["momentum"]
+        momentum, nesterov = group["momentum"], group["nesterov"]
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-        if sharded:  # every rank gathers each whole update (what FSDP's forward does for the weights)
-            updates = [_whole(u, p) for u, p in zip(updates, params)]
-        wide = [u.mT if u.size(0) > u.size(1) else u for u in updates]
-        ortho, rows = self._orthogonalise(wide, group, rank, world, process_group, dealt)
-        full = ortho.to(weights[0].dtype)
+        # Across ranks the matrices are dealt round robin, continuing from `dealt` (a rank short in
+        # one shape is first in the next, so the totals even out); each orthogonalises its own.
+        n = len(params)
+        owners = [(dealt + i) % world for i in range(n)]
+        mine = [i for i in range(n) if owners[i] == rank]
+        share = n if world == 1 else -(-n // world)
+        wide = (min(params[0].shape), max(params[0].shape))
+        # The iteration's input, built in place: each update is written once, in bf16 and in its wide
+        # form, into one stack (a third of the memory traffic of stacking fp32 copies and casting).
+        stack = weights[0].new_empty((share, *wide), dtype=torch.bfloat16)
+        if sharded:  # every rank takes part in gathering each whole update (as FSDP's forward does the weights)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+            whole = [_whole(u, p) for u, p in zip(updates, params)]
+        for slot, i in enumerate(mine):
+            out = stack[slot] if params[i].size(0) <= params[i].size(1) else stack[slot].mT
+            if sharded:
+                out.copy_(whole[i])
+            elif nesterov:
+                torch.lerp(grads[i], bufs[i], momentum, out=out)
+            else:
+                out.copy_(bufs[i])
+        ns = (group["ns_steps"], group["ns_coefficients"], group["eps"])
+        if len(mine) == share:
+            ortho = newton_schulz(stack, *ns)
+        else:  # a short share: iterate only this rank's matrices, send zeros for the padding
+            ortho = stack
+            if mine:
+                ortho[: len(mine)] = newton_schulz(stack[: len(mine)], *ns)
+            ortho[len(mine) :].zero_()
+        rows = list(range(n))
+        if world > 1:
+            ortho, rows = _all_gather(ortho, owners, world, process_group)
         lr, decay = group["lr"], group["weight_decay"]
         if decay:
             torch._foreach_mul_(weights, 1 - lr * decay)
-        # The adjusted rate and the orientation depend on the original shape: one foreach add each.
+        # The adjusted rate depends on the original shape: one foreach add per shape, of bf16 views in
+        # the parameter's orientation (added as torch.optim.Muon adds its bf16 update).
         by_shape: dict[torch.Size, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             by_shape[p.shape].append(i)
         for shape, members in by_shape.items():
-            if shape[0] > shape[1]:  # back to tall, contiguous (foreach's fast path wants matching strides)
-                steps = list(torch.stack([full[rows[i]].mT for i in members]).unbind(0))
-            else:
-                steps = [full[rows[i]] for i in members]
+            steps = [ortho[rows[i]].mT if shape[0] > shape[1] else ortho[rows[i]] for i in members]
             if sharded:
                 steps = [_rows_of(step, rank, world, weights[i]) for step, i in zip(steps, members)]
             torch._foreach_add_(
                 [weights[i] for i in members], steps, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape)
             )
 
-    def _orthogonalise(
-        self, updates: list[Tensor], group: dict[str, Any], rank: int, world: int, process_group: Any, dealt: int
-    ) -> tuple[Tensor, list[int]]:
-        """:func:`newton_schulz` of every update: a bf16 stack and, per update, its row in it.
 
-        Across ``world`` ranks the updates are dealt round robin, continuing from ``dealt`` (so a
-        rank short in one shape is first in the next and the totals even out); each rank
-        orthogonalises its own, pads to ``ceil(n / world)`` with zeros and all gather.
-        """
-        steps, coefficients, eps = group["ns_steps"], group["ns_coefficients"], group["eps"]
-        n = len(updates)
-        if world == 1:
-            return newton_schulz(torch.stack(updates), steps, coefficients, eps), list(range(n))
-        owners = [(dealt + i) % world for i in range(n)]
-        share = -(-n // world)
-        mine = [u for u, owner in zip(updates, owners) if owner == rank]
-        local = updates[0].new_zeros((share, *updates[0].shape), dtype=torch.bfloat16)
-        if mine:
-            local[: len(mine)] = newton_schulz(torch.stack(mine), steps, coefficients, eps)
-        gathered = local.new_empty((world * share, *local.shape[1:]))
-        dist.all_gather_into_tensor(gathered, local, group=process_group)
-        taken = [0] * world
-        rows = []
-        for owner in owners:
-            rows.append(owner * share + taken[owner])
-            taken[owner] += 1
-        return gathered, rows
+def _all_gather(local: Tensor, owners: list[int], world: int, process_group: Any) -> tuple[Tensor, list[int]]:
+    """Every rank's orthogonalised share (each ``local``, padded to the same count) in one tensor, and
+    the row in it of each matrix, given the rank that owns it."""
+    share = local.size(0)
+    gathered = local.new_empty((world * share, *local.shape[1:]))
+    dist.all_gather_into_tensor(gathered, local, group=process_group)
+    taken = [0] * world
+    rows = []
+    for owner in owners:
+        rows.append(owner * share + taken[owner])
+        taken[owner] += 1
+    return gathered, rows
 
 
 def _same(tensors: list[Tensor]) -> list[Tensor]:
