@@ -16,8 +16,8 @@ mkdir -p "$out" "$runs"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/cards.txt"
 # Eager, as docs/benchmarks.md measured (module.compile: auto would compile on CUDA); COMPILE=auto to compare.
-# optim=adamw: as measured there, and FSDP needs it (optim=muon, the default, needs whole matrices).
-common=(module.compile=${COMPILE:-false} optim=adamw data=stdlib data.vocab_size=8192 data.block_size=1024 model.attn_impl=${ATTN:-torch}
+# OPTIM=adamw: as measured there (FSDP1 refused Muon; trainer=fsdp is FSDP2 now and takes the default, OPTIM=muon).
+common=(module.compile=${COMPILE:-false} optim=${OPTIM:-adamw} data=stdlib data.vocab_size=8192 data.block_size=1024 model.attn_impl=${ATTN:-torch}
         trainer.val_check_interval=100000 trainer.limit_val_batches=0 trainer.log_every_n_steps=5
         trainer.enable_progress_bar=false optim.warmup_steps=10 sample.max_new_tokens=0
         callbacks.attention_maps.every_n_steps=100000 callbacks.model_checkpoint.save_top_k=0

@@ -264,7 +264,7 @@ def test_optim_name_picks_the_config_class_and_bad_values_name_the_key():
         ("optim.muon_nesterov=maybe", "optim.muon_nesterov must be true or false, got 'maybe'"),
         ("optim.lr=-1", "optim.lr must be > 0, got -1"),
         ("optim.fused=2", "optim.fused must be true, false or null, got 2"),
-        ("trainer=fsdp", MUON_SHARDED_ERROR),
+        ("+trainer.strategy=fsdp", MUON_SHARDED_ERROR),  # Lightning's FSDPStrategy (FSDP1); trainer=fsdp is FSDP2
     ],
 )
 def test_bad_muon_values_are_one_config_error_naming_the_key(tmp_path, override, message):
@@ -276,8 +276,9 @@ def test_bad_muon_values_are_one_config_error_naming_the_key(tmp_path, override,
 
 def test_muon_takes_an_fsdp2_sharded_model_and_steps_it_like_the_whole_one(monkeypatch, tmp_path):
     """Blocks sharded by FSDP2 (DTensor parameters; one gloo rank on the CPU): build_optimizer accepts
-    them, and two steps land where the unsharded model's do. (Lightning's trainer=fsdp is FSDP1, flat
-    shards: refused by the config check above, and by split_parameters for wrapped modules.)"""
+    them, and two steps land where the unsharded model's do. (trainer=fsdp shards this way; Lightning's
+    own FSDPStrategy is FSDP1, flat shards: refused by the config check above, and by split_parameters
+    for wrapped modules.)"""
     import torch.distributed as dist
 
     if not dist.is_available():

@@ -1,5 +1,6 @@
-"""GPU checks of the self-contained run: the FSDP export gathers the full weights, and a bf16 model
-exported to transformers agrees with ours on the GPU. Skipped without CUDA (2 GPUs for FSDP)."""
+"""GPU checks of the self-contained run: the FSDP2 export (trainer=fsdp, optim=muon) gathers the full
+weights, and a bf16 model exported to transformers agrees with ours on the GPU. Skipped without CUDA
+(2 GPUs for FSDP)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ def test_fsdp_run_exports_the_best_weights(tmp_path):
         sys.executable,
         str(ROOT / "train.py"),
         "trainer=fsdp",
-        "optim=adamw",
         "trainer.devices=2",
         "trainer.max_steps=8",
         "trainer.val_check_interval=4",

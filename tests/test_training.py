@@ -57,8 +57,6 @@ def test_every_config_option_composes_and_instantiates(tmp_path, corpus, group, 
         overrides += [f"data.name={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
     elif group == "data" or group == "experiment":
         overrides += [f"data.paths=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}"]
-    elif (group, option) == ("trainer", "fsdp"):
-        overrides += ["optim=adamw"]  # Muon, the default optimizer, needs whole matrices
     cfg = compose_cfg(overrides)
     validate_config(cfg)
     instantiate(cfg.data)
@@ -67,10 +65,7 @@ def test_every_config_option_composes_and_instantiates(tmp_path, corpus, group, 
     build_loggers(cfg)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg.update(precision="32-true", accelerator="cpu", devices=1)
-    strategy = trainer_cfg.get("strategy")
-    if isinstance(strategy, dict) and "fsdp" in strategy.get("_target_", "") and not torch.cuda.is_available():
-        instantiate(strategy)  # Lightning's FSDP needs a GPU accelerator: build the strategy alone on CPU
-        return
+    # trainer=fsdp's FSDP2Strategy (Lightning's ModelParallelStrategy) builds on the CPU as well.
     instantiate(trainer_cfg, logger=False, enable_checkpointing=False)
 
 
@@ -191,14 +186,26 @@ def test_preemption_defaults_are_one_set():
 def test_compile_auto_follows_the_accelerator():
     import lightning as L
 
-    from mqa_lm.training.run import resolve_compile
+    from mqa_lm.training.distributed import FSDP2Strategy
+    from mqa_lm.training.run import resolve_compile, resolve_compile_scope
 
     cpu = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     assert resolve_compile("auto", cpu) is False
     assert resolve_compile(True, cpu) is True and resolve_compile(False, cpu) is False
+    fsdp_cpu = L.Trainer(
+        accelerator="cpu", devices=1, strategy=FSDP2Strategy(), logger=False, enable_checkpointing=False
+    )
+    assert resolve_compile("auto", fsdp_cpu) is False
+    # compile_scope=auto: each block on its own under FSDP2 (its collectives between the graphs).
+    assert resolve_compile_scope("auto", cpu) == "model" and resolve_compile_scope("auto", fsdp_cpu) == "blocks"
+    assert resolve_compile_scope("model", fsdp_cpu) == "model"
     if torch.cuda.is_available():
         gpu = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False)
         assert resolve_compile("auto", gpu) is True
+        fsdp_gpu = L.Trainer(
+            accelerator="gpu", devices=1, strategy=FSDP2Strategy(), logger=False, enable_checkpointing=False
+        )
+        assert resolve_compile("auto", fsdp_gpu) is True
 
 
 def test_callbacks_none_trains_without_checkpoints_or_fault_tolerance(tmp_path, corpus):
@@ -407,7 +414,7 @@ def test_compile_scope_blocks_compiles_each_block_in_place():
     assert all(block._compiled_call_impl is not None for block in blocks.model.blocks)
     assert blocks.model._compiled_call_impl is None
     assert list(blocks.state_dict()) == list(eager.state_dict())
-    with pytest.raises(ConfigError, match="module.compile_scope must be one of model, blocks, got 'layers'"):
+    with pytest.raises(ConfigError, match="module.compile_scope must be one of auto, model, blocks, got 'layers'"):
         validate_config(compose_cfg(["module.compile_scope=layers"]))
 
 

@@ -14,8 +14,9 @@ MUON_ADJUST_LR = ("original", "match_rms_adamw")
 
 MUON_SHARDED_ERROR = (
     "optim=muon needs each weight matrix as a matrix (its Newton-Schulz step orthogonalises the whole "
-    "matrix), but trainer=fsdp (Lightning's FSDPStrategy) flattens each block's parameters into one shard; "
-    "train it with trainer=ddp, or keep trainer=fsdp with optim=adamw"
+    "matrix), but Lightning's FSDPStrategy (FSDP1) flattens each block's parameters into one shard; "
+    "use trainer=fsdp (FSDP2, which shards each matrix by rows and works with Muon) or trainer=ddp, "
+    "or keep this strategy with optim=adamw"
 )
 
 
@@ -142,7 +143,8 @@ class MuonConfig(OptimConfig):
 OPTIMIZERS: dict[str, type[OptimConfig]] = {"adamw": OptimConfig, "muon": MuonConfig}
 # What MQALitModule(optim=None) trains with; configs/train.yaml picks the same option (a test checks).
 # Muon: on python train.py it reached val loss 3.7571 in 600 steps and less time than AdamW's 4.3640 in
-# 800 (docs/benchmarks.md, time to quality). Not under FSDP (MUON_SHARDED_ERROR): optim=adamw there.
+# 800 (docs/benchmarks.md, time to quality). trainer=fsdp (FSDP2) takes it too; Lightning's FSDPStrategy
+# (FSDP1, flat shards) does not (MUON_SHARDED_ERROR).
 DEFAULT_OPTIMIZER = "muon"
 
 

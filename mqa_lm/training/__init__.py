@@ -7,7 +7,7 @@ Lightning.
   schedule, compile); :mod:`~mqa_lm.training.datamodule`: :class:`TextDataModule`;
 * :mod:`~mqa_lm.training.config_store`: the ``model``/``optim``/``data`` base nodes generated from
   their dataclasses; :mod:`~mqa_lm.training.init_from`: ``init_from=`` a pretrained model;
-* :mod:`~mqa_lm.training.distributed`: launch checks, the global batch, the FSDP strategy;
+* :mod:`~mqa_lm.training.distributed`: launch checks, the global batch, ``trainer=fsdp`` (FSDP2);
 * :mod:`~mqa_lm.training.run_dir`: run directories and their lock; :mod:`~mqa_lm.training.loggers`:
   the resumable CSV logger; :mod:`~mqa_lm.training.console`: third-party noise silenced;
 * :mod:`~mqa_lm.training.callbacks` (observability, exports, progress, lm-eval) and

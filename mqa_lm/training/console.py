@@ -25,8 +25,9 @@ _FILTER = _DropNoise()
 
 
 def quiet_known_noise() -> None:
-    """Drop the litlogger tip and the "Skipping ... ModelSummary" note from Lightning's logs, and
-    torch's ``LeafSpec`` deprecation warning that Lightning's own pytree code triggers. Idempotent."""
+    """Drop the litlogger tip and the "Skipping ... ModelSummary" note from Lightning's logs, torch's
+    ``LeafSpec`` deprecation warning that Lightning's own pytree code triggers, and FSDP2's warning
+    about our blocks' view outputs. Idempotent."""
     for name in _LIGHTNING_INFO_LOGGERS:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
@@ -34,4 +35,11 @@ def quiet_known_noise() -> None:
     # Raised inside lightning.pytorch.utilities._pytree (Lightning's to fix, nothing a user can do).
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    # trainer=fsdp: a block returns its (key, value) as views of one projection; the model drops them
+    # in training and never writes into a block's outputs, which is what the warning is about.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"FSDP2-wrapped module \(FSDP(Block|CheckpointWrapper)\) returned a view tensor",
+        category=UserWarning,
     )

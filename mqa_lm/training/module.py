@@ -18,6 +18,7 @@ from mqa_lm.inference import GenerationConfig, generate
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler, default_optim_config
 from mqa_lm.pretrained.directory import CHECKPOINT_TOKENIZER_KEY
+from mqa_lm.training.distributed import is_fully_sharded, shard_model, shard_options
 
 COMPILE_SCOPES = ("model", "blocks")
 
@@ -72,7 +73,9 @@ class MQALitModule(L.LightningModule):
         compile_scope: ``model`` compiles the whole forward (loss included) as one graph; ``blocks``
             compiles each transformer block on its own (``nn.Module.compile``), so under data
             parallelism each block's gradients are ready, and can be all-reduced, as soon as its
-            backward ends instead of after the whole backward graph.
+            backward ends instead of after the whole backward graph; under FSDP2 (``trainer=fsdp``)
+            its all-gathers and reduce-scatters then run between the graphs (``train()`` resolves
+            ``module.compile_scope: auto`` to this there, to ``model`` elsewhere).
         vocab_from_data: with an :class:`MQAConfig`, ignore its ``vocab_size`` and take the
             tokenizer's (the config was validated with a stand-in because ``model.vocab_size`` is null).
 
@@ -128,23 +131,30 @@ class MQALitModule(L.LightningModule):
         self.__dict__["_run_model"] = run_model
 
     def configure_model(self) -> None:
+        """Build the model once the tokenizer is known (``vocab_size: null``), or check that its
+        vocabulary fits the tokenizer's; then, under a strategy with a device mesh (``trainer=fsdp``:
+        :class:`~mqa_lm.training.distributed.FSDP2Strategy`), shard it with FSDP2, once, before the
+        first forward (a compiled wrapper traces lazily, so it compiles the sharded modules)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.model is not None:
             # Runs after prepare_data: the first step would otherwise fail with an IndexError.
             tokenizer_vocab = getattr(datamodule, "vocab_size", None)
             if isinstance(tokenizer_vocab, int):
                 check_vocab_fits(self.model.config.vocab_size, tokenizer_vocab)
-            return
-        vocab_size = getattr(datamodule, "vocab_size", None)
-        if vocab_size is None:
-            raise ValueError(
-                "model.vocab_size is null and no datamodule with a tokenizer is attached; "
-                "set model.vocab_size or train with a datamodule"
-            )
-        if self._model_config is not None:  # validated already: only the vocabulary changes
-            self._build(dataclasses.replace(self._model_config, vocab_size=int(vocab_size)))
         else:
-            self._build(MQAConfig.from_dict({**self.hparams["model"], "vocab_size": int(vocab_size)}))
+            vocab_size = getattr(datamodule, "vocab_size", None)
+            if vocab_size is None:
+                raise ValueError(
+                    "model.vocab_size is null and no datamodule with a tokenizer is attached; "
+                    "set model.vocab_size or train with a datamodule"
+                )
+            if self._model_config is not None:  # validated already: only the vocabulary changes
+                self._build(dataclasses.replace(self._model_config, vocab_size=int(vocab_size)))
+            else:
+                self._build(MQAConfig.from_dict({**self.hparams["model"], "vocab_size": int(vocab_size)}))
+        mesh = self.device_mesh  # set by Lightning's ModelParallelStrategy (and ours) before this hook
+        if mesh is not None and not is_fully_sharded(trained_model(self)):  # a later fit/validate: sharded already
+            shard_model(trained_model(self), mesh, **shard_options(self.trainer))
 
     @property
     def config(self) -> MQAConfig:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import lightning as L
 import torch
@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from mqa_lm.data.config import DataConfig
 from mqa_lm.data.tokenizer import EOT
 from mqa_lm.inference import GenerationConfig
-from mqa_lm.model import MQAConfig
+from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import MUON_SHARDED_ERROR, MuonConfig, OptimConfig
 from mqa_lm.training.callbacks.tracking import log_resolved_config
 from mqa_lm.training.checkpointing import (
@@ -48,7 +48,14 @@ from mqa_lm.training.checkpointing.resume import _is_rank_zero
 from mqa_lm.training.config_store import DATAMODULE_TARGET  # importing it registers the _base nodes Hydra composes
 from mqa_lm.training.console import quiet_known_noise
 from mqa_lm.training.datamodule import TextDataModule
-from mqa_lm.training.distributed import check_launch, global_batch_line, shards_parameters
+from mqa_lm.training.distributed import (
+    check_launch,
+    check_strategy,
+    flattens_parameters,
+    full_model_state,
+    global_batch_line,
+    is_fully_sharded,
+)
 from mqa_lm.training.init_from import InitSource, apply_init_from, load_init_weights
 from mqa_lm.training.loggers import ResumableCSVLogger
 from mqa_lm.training.module import COMPILE_SCOPES, MQALitModule, check_vocab_fits
@@ -111,13 +118,26 @@ def resolve_precision(trainer_cfg: DictConfig) -> str | int:
 
 
 def resolve_compile(setting: str | bool, trainer: L.Trainer) -> bool:
-    """``module.compile``: ``auto`` is on when ``trainer`` runs on CUDA, except under FSDP (Dynamo
-    fails on the FSDP-wrapped blocks there: measured on 2x H200, torch 2.11); booleans force it."""
+    """``module.compile``: ``auto`` is on when ``trainer`` runs on CUDA, except under Lightning's own
+    FSDPStrategy (FSDP1: Dynamo fails on its wrapped blocks, measured on 2x H200, torch 2.11); under
+    ``trainer=fsdp`` (FSDP2) each block compiles after ``fully_shard`` wrapped it (``compile_scope``
+    auto: blocks), as torchtitan does (ran on one H100, 2026-12-06); booleans force it."""
     if setting == "auto":
         from lightning.pytorch.strategies import FSDPStrategy
 
         return isinstance(trainer.accelerator, CUDAAccelerator) and not isinstance(trainer.strategy, FSDPStrategy)
     return bool(setting)
+
+
+def resolve_compile_scope(scope: str, trainer: L.Trainer) -> str:
+    """``module.compile_scope``: ``auto`` is ``blocks`` under a strategy that shards the model with
+    FSDP2 (its all-gathers and reduce-scatters then run between the compiled graphs), else ``model``;
+    the others are kept."""
+    if scope != "auto":
+        return scope
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return "blocks" if isinstance(trainer.strategy, ModelParallelStrategy) else "model"
 
 
 def _group(cfg: DictConfig, key: str) -> dict[str, Any]:
@@ -203,14 +223,18 @@ def validate_config(cfg: DictConfig) -> RunConfig:
             "lower data.block_size or raise model.max_seq_len"
         )
     _check_trainer(cfg.trainer, optim)
-    if isinstance(optim, MuonConfig) and shards_parameters(cfg.trainer):
+    try:
+        check_strategy(cfg.trainer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if isinstance(optim, MuonConfig) and flattens_parameters(cfg.trainer):
         raise ConfigError(MUON_SHARDED_ERROR)
     compile_setting = (cfg.get("module") or {}).get("compile", False)
     if not (isinstance(compile_setting, bool) or compile_setting == "auto"):
         raise ConfigError(f"module.compile must be auto, true or false, got {compile_setting!r}")
     scope = (cfg.get("module") or {}).get("compile_scope", "model")
-    if scope not in COMPILE_SCOPES:
-        raise ConfigError(f"module.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
+    if scope not in ("auto", *COMPILE_SCOPES):
+        raise ConfigError(f"module.compile_scope must be one of auto, {', '.join(COMPILE_SCOPES)}, got {scope!r}")
     ckpt_path = cfg.get("ckpt_path")
     return RunConfig(
         model=model,
@@ -398,6 +422,8 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
         raise
     module_cfg = _group(cfg, "module") or {"_target_": "mqa_lm.training.module.MQALitModule"}
     module_cfg.pop("compile", None)
+    if "compile_scope" in module_cfg:
+        module_cfg["compile_scope"] = resolve_compile_scope(module_cfg["compile_scope"], trainer)
     module = instantiate(module_cfg, _partial_=True)(
         model=run.model,
         optim=run.optim,
@@ -412,8 +438,15 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    sampler = module
+    if run.sample.max_new_tokens > 0 and module.model is not None and is_fully_sharded(module.model):
+        # Rank 0 alone cannot run the sharded model: every rank gathers the weights, rank 0 samples.
+        state = full_model_state(module.model)
+        if state is not None:
+            sampler = MQALitModule(model=module.config, optim=module.optim_config)
+            cast(MQATransformer, sampler.model).load_state_dict(state)
     if trainer.is_global_zero:
-        report(cfg, run, trainer, module, datamodule, metrics)
+        report(cfg, run, trainer, sampler, datamodule, metrics)
     return metrics
 
 

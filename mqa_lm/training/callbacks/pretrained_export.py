@@ -26,8 +26,9 @@ class PretrainedExport(L.Callback):
     The export is rewritten only when the validation score beats the best so far (strictly, as
     ``ModelCheckpoint`` decides), so ``<run>/model/`` holds the same weights as the best checkpoint.
     A run that never validates is exported once at the end. Only rank zero writes; under a sharded
-    strategy (FSDP) every rank takes part in gathering the full weights first. The best score is
-    part of the checkpoint, so a resumed run does not replace a better export with a worse one.
+    strategy (``trainer=fsdp``, or Lightning's FSDPStrategy) every rank takes part in gathering the
+    full weights first. The best score is part of the checkpoint, so a resumed run does not replace
+    a better export with a worse one.
 
     Args:
         dirpath: the export directory (``<run>/model``).
@@ -84,9 +85,12 @@ class PretrainedExport(L.Callback):
         from lightning.pytorch.strategies import FSDPStrategy
 
         from mqa_lm.training.callbacks.attention import is_sharded
+        from mqa_lm.training.distributed import full_model_state, is_fully_sharded
 
         if not is_sharded(trainer):
             return trained_model(pl_module).state_dict() if trainer.is_global_zero else None
+        if is_fully_sharded(trained_model(pl_module)):  # trainer=fsdp (FSDP2): every rank gathers, rank 0 gets it
+            return full_model_state(trained_model(pl_module))
         if isinstance(trainer.strategy, FSDPStrategy):
             from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
 

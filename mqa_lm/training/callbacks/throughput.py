@@ -206,4 +206,6 @@ class GradNormMonitor(L.Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads, norm_type=self.norm_type)
+            if hasattr(norm, "full_tensor"):  # FSDP2's gradient shards (DTensor): a partial norm per rank
+                norm = norm.full_tensor()
             pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
