@@ -224,12 +224,16 @@ class Muon(torch.optim.Optimizer):
             )
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; older torch has only the first.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _all_gather(local: Tensor, owners: list[int], world: int, process_group: Any) -> tuple[Tensor, list[int]]:
     """Every rank's orthogonalised share (each ``local``, padded to the same count) in one tensor, and
     the row in it of each matrix, given the rank that owns it."""
     share = local.size(0)
     gathered = local.new_empty((world * share, *local.shape[1:]))
-    dist.all_gather_into_tensor(gathered, local, group=process_group)
+    _all_gather_single(gathered, local, group=process_group)
     taken = [0] * world
     rows = []
     for owner in owners:
