@@ -94,6 +94,19 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def distances_to_reference(base: Path, weights: dict[str, torch.Tensor], optim: str) -> tuple[float, float]:
+    """(to the one-process loop on both ranks' batches, to the nearer of the loops on one rank's batches
+    twice). Had both ranks drawn the same batches, a 2-rank run would equal the second; the second
+    distance is asserted large, so the first one's bound means something."""
+    both_ranks = max_diff(weights, reference_weights(base, [0, 1], optim))
+    wrong = min(
+        max_diff(weights, reference_weights(base, [0, 0], optim)),
+        max_diff(weights, reference_weights(base, [1, 1], optim)),
+    )
+    assert wrong > 1e-2
+    return both_ranks, wrong
+
+
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base, optim):
     run_dir = base / f"ddp-{optim}"
@@ -117,13 +130,7 @@ def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base,
     assert f"global batch: {MICRO} (micro-batch) x 1 (accumulation) x 2 (world size) = {2 * MICRO} sequences" in out
     assert out.count("final metrics:") == 1  # the report (and its sample) come from rank 0 only
 
-    ddp = last_weights(run_dir)
-    both_ranks = max_diff(ddp, reference_weights(base, [0, 1], optim))
-    # Had both ranks drawn rank 0's batches, DDP would equal one process on those; it does not.
-    wrong = min(
-        max_diff(ddp, reference_weights(base, [0, 0], optim)), max_diff(ddp, reference_weights(base, [1, 1], optim))
-    )
-    assert wrong > 1e-2
+    both_ranks, wrong = distances_to_reference(base, last_weights(run_dir), optim)
     if optim == "adamw":
         assert both_ranks < 1e-5
     else:
@@ -442,12 +449,7 @@ def test_compiled_two_gloo_processes_train_as_the_eager_one_process_reference(ba
     out = train_two_ranks(base, run_dir, strategy, "adamw", "module.compile=true")
     assert "compile + first step" in out
     compiled = last_weights(run_dir)
-    both_ranks = max_diff(compiled, reference_weights(base, [0, 1], "adamw"))
-    wrong = min(
-        max_diff(compiled, reference_weights(base, [0, 0], "adamw")),
-        max_diff(compiled, reference_weights(base, [1, 1], "adamw")),
-    )
-    assert wrong > 1e-2
+    both_ranks, wrong = distances_to_reference(base, compiled, "adamw")
     # The eager runs' bound: Inductor's float32 kernels changed nothing measurable (measured on this
     # CPU: fsdp 2.3e-6, ddp 1.8e-6, against 1.0e-2 for the wrong batches).
     assert both_ranks < 1e-5, (both_ranks, wrong)
@@ -463,12 +465,7 @@ def test_compiled_two_gloo_processes_train_as_the_eager_one_process_reference(ba
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 def test_fsdp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base, straight_runs, optim):
-    fsdp = last_weights(straight(base, straight_runs, "fsdp", optim))
-    both_ranks = max_diff(fsdp, reference_weights(base, [0, 1], optim))
-    wrong = min(
-        max_diff(fsdp, reference_weights(base, [0, 0], optim)), max_diff(fsdp, reference_weights(base, [1, 1], optim))
-    )
-    assert wrong > 1e-2
+    both_ranks, wrong = distances_to_reference(base, last_weights(straight(base, straight_runs, "fsdp", optim)), optim)
     # The DDP test's bounds: FSDP2 reduce-scatters where DDP all-reduces, in float32 both (measured:
     # adamw 2.7e-6; muon 3.5e-3 against 4.0e-2 for the wrong batches, from Muon's bfloat16 iteration).
     if optim == "adamw":

@@ -24,11 +24,12 @@ from torch import Tensor
 from torch import distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from mqa_lm.optim.config import MUON_ADJUST_LR
+
 # Keller Jordan's quintic coefficients and torch.optim.Muon's defaults (its group keys are ours, so an
 # optimizer state saved by either loads into the other).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
-ADJUST_LR = ("original", "match_rms_adamw")
 
 
 def newton_schulz(
@@ -67,7 +68,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
         return lr * math.sqrt(max(1.0, rows / cols))
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
-    raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}; valid choices are: {', '.join(ADJUST_LR)}")
+    raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}; valid choices are: {', '.join(MUON_ADJUST_LR)}")
 
 
 class Muon(torch.optim.Optimizer):
@@ -105,8 +106,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon weight_decay must be >= 0, got {weight_decay}")
         if not (isinstance(ns_steps, int) and 1 <= ns_steps < 100):
             raise ValueError(f"Muon ns_steps must be an integer in [1, 99], got {ns_steps!r}")
-        if adjust_lr_fn is not None and adjust_lr_fn not in ADJUST_LR:
-            raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}; valid choices are: {', '.join(ADJUST_LR)}")
+        if adjust_lr_fn is not None and adjust_lr_fn not in MUON_ADJUST_LR:
+            raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}; valid choices are: {', '.join(MUON_ADJUST_LR)}")
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
