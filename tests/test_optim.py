@@ -422,6 +422,49 @@ def test_batched_muon_matches_torch_optim_muon_matrix_by_matrix(adjust, nesterov
         assert relative_error(a - s, (b - s).double()) < 5e-3, (i, tuple(s.shape))
 
 
+def test_symmetric_row_blocks_compute_the_same_products_on_the_cpu():
+    """The row-block form is the same sums as the whole products: on the CPU, equal bit for bit."""
+    from mqa_lm.optim.muon import newton_schulz
+
+    updates = torch.randn(3, 64, 160, generator=torch.Generator().manual_seed(1))
+    plain = newton_schulz(updates, 5, splits=1)
+    for splits in (2, 4):
+        assert torch.equal(newton_schulz(updates, 5, splits=splits), plain), splits
+        assert torch.equal(newton_schulz(updates.mT, 5, splits=splits), plain.mT), splits
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+def test_symmetric_row_blocks_on_the_gpu_are_as_close_to_float64_as_the_whole_products():
+    from mqa_lm.optim.muon import newton_schulz, symmetric_splits
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for count, m, n in [(3, 1024, 4096), (2, 2048, 8192)]:
+        updates = torch.randn(count, m, n, device="cuda", generator=gen)
+        assert symmetric_splits(m, n, updates.device) > 1, (m, n)
+        plain, blocked = newton_schulz(updates, 5, splits=1), newton_schulz(updates, 5)
+        for i in range(count):
+            exact = newton_schulz_reference(updates[i], 5)
+            err_plain, err_blocked = relative_error(plain[i], exact), relative_error(blocked[i], exact)
+            assert err_blocked <= 1.25 * err_plain + 1e-4, (m, n, i, err_blocked, err_plain)
+
+
+@requires_cuda
+def test_muon_on_the_gpu_matches_torch_optim_muon_with_row_blocks():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1024, 4096)] * 2 + [(4096, 1024)] + [(2048, 2048)] * 2 + [(256, 2048)]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+    grads = [[torch.randn(s, device="cuda", generator=gen) for s in shapes] for _ in range(3)]
+    start = [p.detach().clone() for p in params]
+    ours = run_muon(Muon(params, **MUON_ARGS), params, grads)
+    theirs_params = [torch.nn.Parameter(s.clone()) for s in start]
+    theirs = run_muon(torch.optim.Muon(theirs_params, **MUON_ARGS), theirs_params, grads)
+    for i, (a, b, s) in enumerate(zip(ours, theirs, start)):
+        assert relative_error(a - s, (b - s).double()) < 1e-2, (i, tuple(s.shape))
+
+
 def test_a_muon_state_saved_by_torch_optim_muon_resumes_in_ours():
     """Checkpoints written while optim=muon ran torch.optim.Muon inside MuonAdamW: the same group keys
     and state, so they load, and the continued run follows torch's own continuation."""
