@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("/tmp/shakespeare_runs"), help="our run directories")
     parser.add_argument("--no-nanogpt", action="store_true", help="ours only; compare with --target")
     parser.add_argument("--target", type=float, default=None, help="the val loss to reach without a nanoGPT run")
+    parser.add_argument("--bar", type=float, default=0.5, help="the share of nanoGPT's time each seed must beat")
     parser.add_argument("--no-prepare", action="store_true", help="let each of our runs prepare the data itself")
     parser.add_argument("override", nargs="*", help="extra overrides for our train.py")
     args = parser.parse_args()
@@ -161,7 +162,7 @@ def main() -> None:
         tail = "\n".join(line for _, line in job.lines[-30:])
         print(f"{job.name} failed (exit {job.returncode}) or printed no validation:\n{tail}")
 
-    result: dict = {"gpus": args.gpus, "overrides": args.override, "runs": {}}
+    result: dict = {"gpus": args.gpus, "overrides": args.override, "bar": args.bar, "runs": {}}
     target = args.target
     their_at = None
     if theirs is not None and theirs.curve():
@@ -173,7 +174,7 @@ def main() -> None:
             f"nanoGPT (GPU {theirs.gpu}): best val {target:.4f}, first at step {their_at[1]} "
             f"after {their_at[0]:.1f} s; whole run {theirs.wall:.1f} s"
         )
-    reached = 0
+    reached = within_bar = 0
     for job in ours:
         curve = job.curve()
         result["runs"][job.name] = {"gpu": job.gpu, "wall_s": job.wall, "curve": curve}
@@ -187,6 +188,7 @@ def main() -> None:
             ratio = f" ({at[0] / their_at[0]:.2f}x nanoGPT's time)" if their_at else ""
             line += f"; reached {target:.4f} at step {at[1]} after {at[0]:.1f} s{ratio}"
             reached += their_at is None or at[0] < their_at[0]
+            within_bar += their_at is not None and at[0] <= args.bar * their_at[0]
         elif target is not None:
             line += f"; never reached {target:.4f}"
         print(f"{line}; whole run {job.wall:.1f} s")
@@ -196,6 +198,8 @@ def main() -> None:
         print(
             f"{reached} of {len(ours)} seeds reached {target:.4f}" + (" in less time than nanoGPT" if their_at else "")
         )
+        if their_at:
+            print(f"{within_bar} of {len(ours)} seeds reached it in <= {args.bar}x nanoGPT's time")
     for job in jobs:
         print(job.name, " ".join(f"{step}:{v:.4f}@{s:.0f}s" for s, step, v in job.curve()))
     (args.logs / "shakespeare_vs_nanogpt.json").write_text(json.dumps(result, indent=1))
