@@ -29,6 +29,7 @@ from mqa_lm.cli import config_store
 from mqa_lm.cli.main import UsageError, fail, hydra_main
 from mqa_lm.cli.options import ModelLoadError, ModelSource
 from mqa_lm.inference.config import GenerationConfig
+from mqa_lm.nn.cache import DECODE_ATTENTION
 from mqa_lm.utils.config import check_int
 from mqa_lm.utils.files import NotUTF8Error, read_text_utf8
 
@@ -58,7 +59,7 @@ def check_config(cfg: DictConfig) -> tuple[ModelSource, GenerationConfig]:
         raise UsageError(str(err)) from None
     if cfg.prompt_file is not None and not Path(str(cfg.prompt_file)).expanduser().is_file():
         raise UsageError(f"prompt_file={cfg.prompt_file!r} is not a file")
-    _choose(cfg.attention, ("auto", "triton", "sdpa"), "attention")
+    _choose(cfg.attention, DECODE_ATTENTION, "attention")
     _choose(cfg.cuda_graph, ("auto", True, False), "cuda_graph")
     _choose(cfg.compile, ("auto", True, False), "compile")
     return source, generation
@@ -160,16 +161,12 @@ def run(cfg: DictConfig) -> None:
             new = generate_ids(
                 model,
                 rows,
-                generation.max_new_tokens,
-                temperature=generation.temperature,
-                top_k=generation.top_k,
-                top_p=generation.top_p,
+                generation,
                 eos_token_id=eos,
                 generator=generator,
                 attention=cfg.attention,
                 cuda_graph=None if cfg.cuda_graph == "auto" else bool(cfg.cuda_graph),
                 compile=device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile),
-                context_overflow=generation.context_overflow,
                 on_tokens=on_tokens,
             )
         finally:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
 from mqa_lm.inference import InferenceEngine  # noqa: E402
+from mqa_lm.inference.config import GenerationConfig  # noqa: E402
 from mqa_lm.nn.cache import DynamicKVCache  # noqa: E402
 
 
@@ -114,11 +115,11 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             except Exception as err:  # noqa: BLE001 - one failure must not stop the run
                 rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
                 continue
-            variants[name] = lambda e=engine, idx=idx, new=new: e.generate(idx, new, temperature=0.0)
+            variants[name] = lambda e=engine, idx=idx, new=new: e.generate(idx, GenerationConfig(new, temperature=0.0))
             if name.endswith("graph triton"):
                 gen = torch.Generator(device=device)
                 variants[name + " top-k/top-p"] = lambda e=engine, idx=idx, new=new, gen=gen: e.generate(
-                    idx, new, temperature=0.8, top_k=50, top_p=0.95, generator=gen.manual_seed(1)
+                    idx, GenerationConfig(new, temperature=0.8, top_k=50, top_p=0.95), generator=gen.manual_seed(1)
                 )
         for name, fn in variants.items():
             try:
@@ -307,11 +308,11 @@ def profile_step(args, device: torch.device, dtype: torch.dtype) -> None:
     model = build_model(args, device, dtype)
     engine = InferenceEngine(model, 1, max_len=args.max_seq_len, attention="triton", cuda_graph=False)
     idx = torch.randint(0, args.vocab, (1, args.prompt), device=device)
-    engine.generate(idx, 8, temperature=0.0)
+    engine.generate(idx, GenerationConfig(8, temperature=0.0))
     steps = 16
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.generate(idx, steps + 1, temperature=0.0)
+        engine.generate(idx, GenerationConfig(steps + 1, temperature=0.0))
         sync(device)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     kernels = sum(e.count for e in events) / (steps + 1)

@@ -41,6 +41,7 @@ def main() -> None:
     mark("cuda init")
     from mqa_lm import load_pretrained
     from mqa_lm.inference import InferenceEngine
+    from mqa_lm.inference.config import GenerationConfig
 
     mark("import mqa_lm")
     model, tokenizer = load_pretrained(args.export, device="cuda", dtype=torch.bfloat16)
@@ -70,7 +71,7 @@ def main() -> None:
         previous = at
     profile = cProfile.Profile()
     profile.enable()
-    engine.generate(idx, args.new, temperature=0.0)
+    engine.generate(idx, GenerationConfig(args.new, temperature=0.0))
     torch.cuda.synchronize()
     profile.disable()
     stream = io.StringIO()

@@ -17,6 +17,7 @@ from mqa_lm.inference import (
     InferenceEngine,  # noqa: E402
     generate,
 )
+from mqa_lm.inference.config import GenerationConfig  # noqa: E402
 
 # batch, heads, kv_heads, max_len, head_dim, lengths ("full" or a list), extra
 CASES = [
@@ -118,7 +119,9 @@ def test_engine_bf16_logits_match_full_forwards(pos_emb, attention):
     idx, _ = prompts(3, 17)
     engine = InferenceEngine(model, batch_size=3, max_len=256, attention=attention, keep_logits=True)
     assert engine.cuda_graph
-    out = engine.generate(idx, 100, temperature=0.8, top_k=50, generator=torch.Generator(device="cuda").manual_seed(2))
+    out = engine.generate(
+        idx, GenerationConfig(100, temperature=0.8, top_k=50), generator=torch.Generator(device="cuda").manual_seed(2)
+    )
     with torch.no_grad():
         full, _ = model(out[:, :-1])
     got = engine.step_logits[:100].transpose(0, 1)
@@ -136,20 +139,20 @@ def test_cuda_graph_replay_equals_eager(attention, sampling):
     for graph in (True, False):
         engine = InferenceEngine(model, batch_size=4, max_len=128, attention=attention, cuda_graph=graph)
         gen = torch.Generator(device="cuda").manual_seed(3)
-        runs.append(engine.generate(idx, 90, prompt_mask=mask, generator=gen, **sampling))
+        runs.append(engine.generate(idx, GenerationConfig(90, **sampling), prompt_mask=mask, generator=gen))
     assert torch.equal(runs[0], runs[1])
 
 
 def test_graph_is_reused_across_calls_with_different_prompts():
     model = small_model("alibi", kv_heads=4)
     engine = InferenceEngine(model, batch_size=2, max_len=128)
-    first = engine.generate(prompts(2, 30, seed=4)[0], 50, temperature=0.0)
+    first = engine.generate(prompts(2, 30, seed=4)[0], GenerationConfig(50, temperature=0.0))
     idx, mask = prompts(2, 9, lengths=[9, 3], seed=5)
-    second = engine.generate(idx, 70, prompt_mask=mask, temperature=0.0)
+    second = engine.generate(idx, GenerationConfig(70, temperature=0.0), prompt_mask=mask)
     assert len(engine._graphs) == 1
     fresh = InferenceEngine(model, batch_size=2, max_len=128, cuda_graph=False)
-    assert torch.equal(second, fresh.generate(idx, 70, prompt_mask=mask, temperature=0.0))
-    assert torch.equal(first, fresh.generate(prompts(2, 30, seed=4)[0], 50, temperature=0.0))
+    assert torch.equal(second, fresh.generate(idx, GenerationConfig(70, temperature=0.0), prompt_mask=mask))
+    assert torch.equal(first, fresh.generate(prompts(2, 30, seed=4)[0], GenerationConfig(50, temperature=0.0)))
 
 
 def test_left_padded_rows_equal_rows_alone_bf16():
@@ -157,10 +160,10 @@ def test_left_padded_rows_equal_rows_alone_bf16():
     lengths = [20, 4, 13]
     idx, mask = prompts(3, 20, lengths=lengths, seed=6)
     batched = InferenceEngine(model, batch_size=3, max_len=128, keep_logits=True)
-    batched.generate(idx, 40, prompt_mask=mask, temperature=0.0)
+    batched.generate(idx, GenerationConfig(40, temperature=0.0), prompt_mask=mask)
     for row, n in enumerate(lengths):
         alone = InferenceEngine(model, batch_size=1, max_len=128, keep_logits=True)
-        alone.generate(idx[row : row + 1, 20 - n :], 1, temperature=0.0)
+        alone.generate(idx[row : row + 1, 20 - n :], GenerationConfig(1, temperature=0.0))
         # The first token's logits (prefill) agree to bf16 accuracy whatever the padding.
         assert rel_err(batched.step_logits[0, row], alone.step_logits[0, 0]) < 3e-2
 
@@ -176,7 +179,7 @@ def test_generate_uses_the_engine_and_matches_eager_and_autocast_runs():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         engine = InferenceEngine(model32, batch_size=2, max_len=128, keep_logits=True)
         assert not engine.cuda_graph and engine.dtype == torch.bfloat16
-        out = engine.generate(idx, 30, temperature=0.0)
+        out = engine.generate(idx, GenerationConfig(30, temperature=0.0))
         full, _ = model32(out[:, :-1])
     assert rel_err(engine.step_logits[:30].transpose(0, 1), full[:, 7:].float()) < 3e-2
 
@@ -189,7 +192,7 @@ def test_inductor_compiled_graph_step_matches_full_forwards(attention):
     idx, mask = prompts(2, 10, lengths=[10, 6])
     engine = InferenceEngine(model, batch_size=2, max_len=128, keep_logits=True, compile=True, attention=attention)
     assert engine.cuda_graph
-    out = engine.generate(idx, 40, prompt_mask=mask, temperature=0.0)
+    out = engine.generate(idx, GenerationConfig(40, temperature=0.0), prompt_mask=mask)
     assert out.shape == (2, 50)
     for row, pad in enumerate((0, 4)):
         with torch.no_grad():
@@ -206,6 +209,10 @@ def test_past_the_context_graph_replays_equal_eager(rule):
     for graph in (True, False):
         engine = InferenceEngine(model, batch_size=3, cuda_graph=graph)
         gen = torch.Generator(device="cuda").manual_seed(4)
-        runs.append(engine.generate(idx, 192, prompt_mask=mask, generator=gen, temperature=0.8, context_overflow=rule))
+        runs.append(
+            engine.generate(
+                idx, GenerationConfig(192, temperature=0.8, context_overflow=rule), prompt_mask=mask, generator=gen
+            )
+        )
     assert runs[0].shape == (3, 212)
     assert torch.equal(runs[0], runs[1])

@@ -10,6 +10,7 @@ import torch
 from model_helpers import model_for
 
 from mqa_lm.data.tokenizer import train_bpe
+from mqa_lm.inference.config import GenerationConfig
 from mqa_lm.inference.text import TextStreamer, generate_ids, left_pad
 
 
@@ -44,7 +45,7 @@ def test_rows_of_different_lengths_equal_each_row_alone(pos_emb):
         for acc, new in zip(streamed, fresh):
             acc.extend(new)
 
-    got = generate_ids(model, rows, 20, temperature=0.0, on_tokens=collect, chunk=3)
+    got = generate_ids(model, rows, GenerationConfig(20, temperature=0.0), on_tokens=collect, chunk=3)
     assert got == streamed
     for row, new in zip(rows, got):
         assert new == naive_greedy(model, row, 20)
@@ -53,16 +54,16 @@ def test_rows_of_different_lengths_equal_each_row_alone(pos_emb):
 def test_rows_stop_at_eos_and_long_rows_slide():
     model = model_for(40, max_seq_len=16)
     rows = [[1, 2, 3], [4, 5]]
-    free = generate_ids(model, rows, 10, temperature=0.0)
+    free = generate_ids(model, rows, GenerationConfig(10, temperature=0.0))
     eos = free[0][4]
-    got = generate_ids(model, rows, 10, temperature=0.0, eos_token_id=eos)
+    got = generate_ids(model, rows, GenerationConfig(10, temperature=0.0), eos_token_id=eos)
     assert got[0] == free[0][: free[0].index(eos) + 1]
     if eos in free[1]:
         assert got[1] == free[1][: free[1].index(eos) + 1]
     else:
         assert got[1] == free[1]
     # 3 + 20 tokens exceed max_seq_len=16: the rows stay batched, and crop gives each its last window.
-    long = generate_ids(model, rows, 20, temperature=0.0, context_overflow="crop")
+    long = generate_ids(model, rows, GenerationConfig(20, temperature=0.0, context_overflow="crop"))
     for row, new in zip(rows, long):
         assert new == naive_greedy(model, row, 20)
 

@@ -14,6 +14,7 @@ from helpers import run_interpreted
 
 from mqa_lm import MQAConfig, MQATransformer, generate
 from mqa_lm.inference import InferenceEngine, cache_length, sample_with_uniform
+from mqa_lm.inference.config import GenerationConfig
 from mqa_lm.kernels.triton_backend import triton_importable
 from mqa_lm.nn.cache import DynamicKVCache
 
@@ -74,7 +75,7 @@ def test_greedy_tokens_equal_full_forwards_in_context(pos_emb, kv_heads):
     want = naive(model, idx, 30)
     engine = InferenceEngine(model, batch_size=2, max_len=40)
     assert engine.attention == "sdpa" and not engine.cuda_graph
-    assert torch.equal(engine.generate(idx, 30, temperature=0.0, chunk=7), want)
+    assert torch.equal(engine.generate(idx, GenerationConfig(30, temperature=0.0), chunk=7), want)
     assert torch.equal(generate(model, idx, 30, temperature=0.0), want)
 
 
@@ -89,7 +90,9 @@ def test_past_the_context_each_rule_equals_its_naive_loop(pos_emb, rule):
     assert torch.equal(generate(model, idx, 48, temperature=0.0, context_overflow=rule), want)
     engine = InferenceEngine(model, batch_size=2)
     for chunk in (1, 5, 64):
-        assert torch.equal(engine.generate(idx, 48, temperature=0.0, chunk=chunk, context_overflow=rule), want)
+        assert torch.equal(
+            engine.generate(idx, GenerationConfig(48, temperature=0.0, context_overflow=rule), chunk=chunk), want
+        )
     # A prompt longer than the context: crop reads its last max_seq_len tokens, as nanoGPT does.
     long_prompt = tokens(2, 23, seed=3)
     assert torch.equal(
@@ -120,7 +123,9 @@ def test_engine_logits_equal_full_forwards_of_the_generated_text(overrides):
     model = tiny_model(**overrides)
     idx = tokens(3, 6)
     engine = InferenceEngine(model, batch_size=3, max_len=32, keep_logits=True)
-    out = engine.generate(idx, 20, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3))
+    out = engine.generate(
+        idx, GenerationConfig(20, temperature=1.0, top_k=20), generator=torch.Generator().manual_seed(3)
+    )
     with torch.no_grad():
         full, _ = model(out[:, :-1])
     torch.testing.assert_close(engine.step_logits.transpose(0, 1), full[:, 5:], rtol=1e-9, atol=1e-9)
@@ -137,7 +142,9 @@ def test_left_padded_batch_equals_rows_run_alone(pos_emb, rule):
     idx = tokens(3, width, seed=2)
     mask = torch.arange(width)[None, :] >= (width - torch.tensor(lengths))[:, None]
     engine = InferenceEngine(model, batch_size=3, keep_logits=True)
-    batched = engine.generate(idx, 30, prompt_mask=mask, temperature=0.0, context_overflow=rule)[:, width:]
+    batched = engine.generate(idx, GenerationConfig(30, temperature=0.0, context_overflow=rule), prompt_mask=mask)[
+        :, width:
+    ]
     batched_logits = engine.step_logits.clone()
     # crop computes each row's own last window, so rows equal themselves alone throughout; slide
     # re-prefills the batch's last half window when the batch's cache is full (after 24 - 9 + 1
@@ -146,7 +153,7 @@ def test_left_padded_batch_equals_rows_run_alone(pos_emb, rule):
     for row, n in enumerate(lengths):
         prompt = idx[row : row + 1, width - n :]
         alone = InferenceEngine(model, batch_size=1, keep_logits=True)
-        single = alone.generate(prompt, 30, temperature=0.0, context_overflow=rule)[:, n:]
+        single = alone.generate(prompt, GenerationConfig(30, temperature=0.0, context_overflow=rule))[:, n:]
         assert torch.equal(batched[row, :same], single[0, :same]), f"row {row}"
         torch.testing.assert_close(batched_logits[:same, row], alone.step_logits[:same, 0], rtol=1e-9, atol=1e-9)
     # The longest row has no padding: its every window is the naive rule's.
@@ -162,8 +169,10 @@ def test_eos_and_chunks_match_the_naive_loop():
     want = want[:, : 4 + int((want[:, 4:] == eos).int().argmax(dim=1).max()) + 1]
     engine = InferenceEngine(model, batch_size=2, max_len=32)
     for chunk in (1, 3, 32):
-        assert torch.equal(engine.generate(idx, 20, temperature=0.0, eos_token_id=eos, chunk=chunk), want)
-    streamed = list(engine.stream(idx, 20, temperature=0.0, chunk=6))
+        assert torch.equal(
+            engine.generate(idx, GenerationConfig(20, temperature=0.0), eos_token_id=eos, chunk=chunk), want
+        )
+    streamed = list(engine.stream(idx, GenerationConfig(20, temperature=0.0), chunk=6))
     assert [p.shape[1] for p in streamed] == [1, 6, 6, 6, 1]  # the prefill's token comes alone, first
     assert torch.equal(torch.cat(streamed, dim=1), free)
 
@@ -176,14 +185,16 @@ def test_one_sampler_token_i_uses_uniform_i(prompt_len, new):
     idx = tokens(2, prompt_len)
     engine = InferenceEngine(model, batch_size=2, keep_logits=True)
     settings = dict(temperature=0.9, top_k=10, top_p=0.9)
-    out = engine.generate(idx, new, generator=torch.Generator().manual_seed(5), chunk=5, **settings)
+    out = engine.generate(idx, GenerationConfig(new, **settings), generator=torch.Generator().manual_seed(5), chunk=5)
     uniforms = torch.rand(new, 2, generator=torch.Generator().manual_seed(5))
     logits = engine.step_logits
     picked = torch.stack([sample_with_uniform(logits[i], uniforms[i], **settings) for i in range(new)], dim=1)
     assert torch.equal(out[:, prompt_len:], picked)
-    again = engine.generate(idx, new, generator=torch.Generator().manual_seed(5), chunk=64, **settings)
+    again = engine.generate(
+        idx, GenerationConfig(new, **settings), generator=torch.Generator().manual_seed(5), chunk=64
+    )
     assert torch.equal(again, out)
-    other = engine.generate(idx, new, generator=torch.Generator().manual_seed(6), **settings)
+    other = engine.generate(idx, GenerationConfig(new, **settings), generator=torch.Generator().manual_seed(6))
     assert not torch.equal(other, out)
 
 
@@ -245,14 +256,14 @@ def test_bad_input_raises_one_clear_error():
     engine = InferenceEngine(model, batch_size=2, max_len=16)
     idx = tokens(2, 4)
     with pytest.raises(ValueError, match="built for batch_size=2, got a batch of 3"):
-        engine.generate(tokens(3, 4), 2)
+        engine.generate(tokens(3, 4), GenerationConfig(2))
     right_padded = torch.tensor([[True, True, False, False], [True, True, True, True]])
     with pytest.raises(ValueError, match="left padding"):
-        engine.generate(idx, 2, prompt_mask=right_padded)
+        engine.generate(idx, GenerationConfig(2), prompt_mask=right_padded)
     with pytest.raises(ValueError, match=r"prompt_mask must be bool \[batch=2, seq=4\]"):
-        engine.generate(idx, 2, prompt_mask=torch.ones(2, 3, dtype=torch.bool))
+        engine.generate(idx, GenerationConfig(2), prompt_mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
-        engine.generate(idx, 2, top_p=1.5)
+        engine.generate(idx, GenerationConfig(2, top_p=1.5))
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -1"):
         generate(model, idx, -1)
     with pytest.raises(ValueError, match="at least one prompt token"):
@@ -337,8 +348,8 @@ def test_compiled_step_equals_eager():
     eager = InferenceEngine(model, batch_size=2, max_len=40)
     compiled = InferenceEngine(model, batch_size=2, max_len=40, compile="aot_eager")
     for kwargs in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.8)):
-        want = eager.generate(idx, 25, generator=torch.Generator().manual_seed(0), **kwargs)
-        got = compiled.generate(idx, 25, generator=torch.Generator().manual_seed(0), **kwargs)
+        want = eager.generate(idx, GenerationConfig(25, **kwargs), generator=torch.Generator().manual_seed(0))
+        got = compiled.generate(idx, GenerationConfig(25, **kwargs), generator=torch.Generator().manual_seed(0))
         assert torch.equal(got, want)
     assert counters["stats"]["unique_graphs"] >= 2  # one graph per sampling setting, no fallback
 

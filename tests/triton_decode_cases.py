@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
 from mqa_lm.inference import InferenceEngine  # noqa: E402
+from mqa_lm.inference.config import GenerationConfig  # noqa: E402
 from mqa_lm.kernels.triton.decode import check_decode_inputs, decode_attention, split_plan  # noqa: E402
 
 
@@ -152,7 +153,7 @@ def test_engine_on_the_kernel_equals_engine_on_sdpa(pos_emb, kv_heads):
     for attention in ("triton", "sdpa"):
         engine = InferenceEngine(model, batch_size=2, max_len=64, attention=attention, keep_logits=True)
         assert engine.attention == attention
-        out = engine.generate(idx, 40, prompt_mask=mask, temperature=0.0)
+        out = engine.generate(idx, GenerationConfig(40, temperature=0.0), prompt_mask=mask)
         runs[attention] = (out, engine.step_logits[:40].clone())
     assert torch.equal(runs["triton"][0], runs["sdpa"][0])
     torch.testing.assert_close(runs["triton"][1], runs["sdpa"][1], rtol=1e-5, atol=1e-5)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from mqa_lm.data.tokenizer import EOT
 from mqa_lm.evaluation.perplexity import check_stride, check_window, sequence_logprobs
 from mqa_lm.evaluation.scoring import BATCH_SIZE, score_tails, truncate_left
+from mqa_lm.inference.config import GenerationConfig
 from mqa_lm.inference.text import generate_ids, start_ids
 from mqa_lm.pretrained.placement import check_device, resolve_device, resolve_dtype
 from mqa_lm.utils.config import check_int
@@ -247,18 +248,20 @@ class MQALM(TemplateLM):
                 "lower the task's max_gen_toks"
             )
         sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
-        settings = {
-            "temperature": float(kwargs["temperature"]) if sample else 0.0,
-            "top_k": kwargs.get("top_k") if sample else None,
-            "top_p": kwargs.get("top_p") if sample else None,
-        }
+        settings = GenerationConfig(
+            max_new_tokens=max_new,
+            temperature=float(kwargs["temperature"]) if sample else 0.0,
+            top_k=kwargs.get("top_k") if sample else None,
+            top_p=kwargs.get("top_p") if sample else None,
+            prefix="generation_kwargs.",
+        )
         encoded = [(self.tok_encode(c) or list(self._start))[-room:] for c in contexts]
         order = sorted(range(len(contexts)), key=lambda i: -len(encoded[i]))
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         texts = [""] * len(contexts)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            new = self._generate_batch([encoded[i] for i in batch], max_new, until, settings, generator)
+            new = self._generate_batch([encoded[i] for i in batch], until, settings, generator)
             for i, ids in zip(batch, new):
                 texts[i] = postprocess_generated_text(self.tok_decode(ids), until, None)
         return texts
@@ -266,9 +269,8 @@ class MQALM(TemplateLM):
     def _generate_batch(
         self,
         rows: list[list[int]],
-        max_new: int,
         until: list[str],
-        settings: dict[str, Any],
+        settings: GenerationConfig,
         generator: torch.Generator,
     ) -> list[list[int]]:
         """New ids of each row. Rows go on after meeting a stop sequence (the text is cut there
@@ -284,13 +286,7 @@ class MQALM(TemplateLM):
 
         try:
             return generate_ids(
-                self.model,
-                rows,
-                max_new,
-                eos_token_id=self._eot,
-                generator=generator,
-                on_tokens=watch,
-                **settings,
+                self.model, rows, settings, eos_token_id=self._eot, generator=generator, on_tokens=watch
             )
         except _AllStopped:
             return produced

@@ -3,7 +3,7 @@ decode step and on-device sampling), its settings (:class:`GenerationConfig`) an
 
 from mqa_lm.inference.config import CONTEXT_OVERFLOW, GenerationConfig
 from mqa_lm.inference.engine import InferenceEngine, cache_length
-from mqa_lm.inference.generation import clear_engines, generate
+from mqa_lm.inference.generation import clear_engines, generate, generate_from_config
 from mqa_lm.inference.sampling import sample_with_uniform
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "cache_length",
     "clear_engines",
     "generate",
+    "generate_from_config",
     "sample_with_uniform",
 ]

@@ -1,8 +1,12 @@
 """``GenerationConfig``: how to sample, validated in one place, with one set of defaults.
 
-``generate()``, ``InferenceEngine.stream``, ``generate_ids``, ``generate.py`` (``configs/generate.yaml``),
-the end-of-run sample of ``train.py`` (``sample.*``) and the samples callback all take these fields and
-these defaults (the Hydra configs get them from ``generation/_base``, built from this dataclass).
+It is the one object that travels: ``generate.py`` (``configs/generate.yaml``), the end-of-run sample
+of ``train.py`` (``sample.*``), the samples callback and lm-eval's generation settings build one,
+validated once, and hand it on through ``generate_from_config`` / ``generate_ids`` to
+``InferenceEngine.stream``, which turns it into the decode step's settings in one place
+(``InferenceEngine.settings``). ``generate()`` keeps its keyword arguments (nanoGPT's signature) and
+builds one from them. The Hydra configs get the fields and defaults from ``generation/_base``, built
+from this dataclass.
 """
 
 from __future__ import annotations

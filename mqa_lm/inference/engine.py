@@ -32,13 +32,18 @@ import torch
 
 from mqa_lm.inference.config import GenerationConfig
 from mqa_lm.inference.sampling import sample_with_uniform
+from mqa_lm.nn.cache import DECODE_ATTENTION
 from mqa_lm.utils.config import check_int
 
 if TYPE_CHECKING:
     from mqa_lm.model import MQATransformer
 
-# (temperature, top_k, top_p, eos): what the captured step bakes in.
+# (temperature, top_k, top_p, eos): what the captured step bakes in (InferenceEngine.settings builds it).
 Settings = tuple[float, "int | None", "float | None", "int | None"]
+
+# Steps per streamed round: how often the host sees the tokens (printing, end-of-sequence and stop
+# checks) when streaming; a non-streaming generate() runs rounds as long as the round buffer holds.
+STREAM_CHUNK = 8
 
 
 class InferenceEngine:
@@ -77,8 +82,8 @@ class InferenceEngine:
         compile: bool | str = False,
     ) -> None:
         check_int(batch_size, "batch_size")
-        if attention not in ("auto", "triton", "sdpa"):
-            raise ValueError(f"unknown attention {attention!r}; valid choices are: auto, triton, sdpa")
+        if attention not in DECODE_ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; valid choices are: {', '.join(DECODE_ATTENTION)}")
         self.cache = model.static_cache(
             batch_size, max_len, dtype=dtype, decode_attention=attention, split_size=split_size
         )
@@ -273,49 +278,49 @@ class InferenceEngine:
                     "ending in a real token (pad prompts on the left)"
                 )
 
+    def settings(self, config: GenerationConfig, eos_token_id: int | None) -> Settings:
+        """What the captured step bakes in, from ``config``: top-k and top-p only where they cut
+        (greedy needs neither), and the end-of-sequence id (None: rows never stop early)."""
+        temperature = config.temperature
+        top_k, top_p = config.top_k, config.top_p
+        return (
+            temperature,
+            int(top_k) if top_k is not None and top_k < self.config.vocab_size and temperature > 0 else None,
+            top_p if top_p is not None and top_p < 1.0 and temperature > 0 else None,
+            int(eos_token_id) if eos_token_id is not None else None,
+        )
+
     @torch.no_grad()
     def stream(
         self,
         idx: torch.Tensor,
-        max_new_tokens: int,
+        config: GenerationConfig,
         *,
         prompt_mask: torch.Tensor | None = None,
-        temperature: float = GenerationConfig.temperature,
-        top_k: int | None = GenerationConfig.top_k,
-        top_p: float | None = GenerationConfig.top_p,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
-        chunk: int = 16,
-        context_overflow: str = GenerationConfig.context_overflow,
+        chunk: int = STREAM_CHUNK,
     ) -> Iterator[torch.Tensor]:
         """Yield the new tokens [batch, n] (on the CPU) every ``chunk`` steps (and the rest at the end).
 
-        ``idx`` [batch, seq] (left-padded where ``prompt_mask`` [batch, seq] is False). The host
-        waits for the device only at those points. Rows that emitted ``eos_token_id`` keep emitting
-        it; generation stops at the first chunk boundary where every row has. Past ``max_len``
-        tokens ``context_overflow`` decides (see the module docstring).
+        ``idx`` [batch, seq] (left-padded where ``prompt_mask`` [batch, seq] is False); ``config``'s
+        ``max_new_tokens``, sampling settings and ``context_overflow`` (its ``stop_at_eos`` and
+        ``seed`` are the caller's: they become ``eos_token_id`` and ``generator``). The host waits for
+        the device only at those points. Rows that emitted ``eos_token_id`` keep emitting it;
+        generation stops at the first chunk boundary where every row has. Past ``max_len`` tokens
+        ``context_overflow`` decides (see the module docstring).
         """
-        # The sampling settings' one validator (errors name the argument).
-        GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            context_overflow=context_overflow,
-        )
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        max_new_tokens, context_overflow = config.max_new_tokens, config.context_overflow
         self._check(idx, prompt_mask, max_new_tokens, context_overflow)
         check_int(chunk, "chunk")
         chunk = min(chunk, self.chunk_capacity)
         self._logits = []
         if max_new_tokens == 0:
             return
-        vocab = self.config.vocab_size
-        settings: Settings = (
-            float(temperature),
-            int(top_k) if top_k is not None and top_k < vocab and temperature > 0 else None,
-            float(top_p) if top_p is not None and top_p < 1.0 and temperature > 0 else None,
-            int(eos_token_id) if eos_token_id is not None else None,
-        )
+        settings = self.settings(config, eos_token_id)
+        temperature = settings[0]
         batch, width = idx.shape
         full, half = self.max_len, max(1, self.max_len // 2)
         # Every row's tokens so far, left-padded as given, on the host: what a re-prefill or a crop
@@ -376,31 +381,24 @@ class InferenceEngine:
     def generate(
         self,
         idx: torch.Tensor,
-        max_new_tokens: int,
+        config: GenerationConfig,
         *,
         prompt_mask: torch.Tensor | None = None,
-        temperature: float = GenerationConfig.temperature,
-        top_k: int | None = GenerationConfig.top_k,
-        top_p: float | None = GenerationConfig.top_p,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
-        chunk: int = 64,
-        context_overflow: str = GenerationConfig.context_overflow,
+        chunk: int | None = None,
     ) -> torch.Tensor:
-        """``idx`` followed by the new tokens; when every row has emitted ``eos_token_id`` the result
+        """``idx`` followed by the new tokens (as :meth:`stream`; ``chunk`` None: rounds as long as the
+        round buffer, since nothing is streamed); when every row has emitted ``eos_token_id`` the result
         ends at the step where the last row did."""
         pieces = list(
             self.stream(
                 idx,
-                max_new_tokens,
+                config,
                 prompt_mask=prompt_mask,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
                 eos_token_id=eos_token_id,
                 generator=generator,
-                chunk=chunk,
-                context_overflow=context_overflow,
+                chunk=self.chunk_capacity if chunk is None else chunk,
             )
         )
         if not pieces:

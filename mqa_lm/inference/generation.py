@@ -44,27 +44,38 @@ def generate(
 
     Engines (a cache each, and their CUDA graphs) are kept per model and reused across calls.
     """
+    config = GenerationConfig(max_new_tokens, temperature, top_k, top_p, context_overflow=context_overflow)
+    return generate_from_config(
+        model, idx, config, eos_token_id=eos_token_id, generator=generator, prompt_mask=prompt_mask
+    )
+
+
+@torch.no_grad()
+def generate_from_config(
+    model: MQATransformer,
+    idx: torch.Tensor,
+    config: GenerationConfig,
+    *,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    prompt_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`generate` with its settings as one validated :class:`GenerationConfig` (how train.py's
+    sample and the samples callback pass theirs); ``config.stop_at_eos`` and ``config.seed`` are the
+    caller's to turn into ``eos_token_id`` and ``generator``."""
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.is_floating_point() or idx.is_complex():
         raise ValueError(f"idx must be integer token ids [batch, seq], got {getattr(idx, 'dtype', type(idx))}")
     if idx.shape[1] == 0:
         raise ValueError("generate needs at least one prompt token")
-    # Before an engine (and its cache) is built; stream() checks the same for its own callers.
-    GenerationConfig(max_new_tokens, temperature, top_k, top_p, context_overflow=context_overflow)
     model.check_token_ids(idx)  # once per call; the sampled ids are in range by construction
     was_training = model.training
     model.eval()
     try:
-        engine = _engine(model, idx, max_new_tokens)
+        engine = _engine(model, idx, config.max_new_tokens)
         return engine.generate(
-            idx.to(engine.device),
-            max_new_tokens,
-            prompt_mask=prompt_mask,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            generator=generator,
-            context_overflow=context_overflow,
+            idx.to(engine.device), config, prompt_mask=prompt_mask, eos_token_id=eos_token_id, generator=generator
         ).to(idx.device)
     finally:
         model.train(was_training)

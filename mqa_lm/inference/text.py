@@ -11,7 +11,7 @@ import torch
 
 from mqa_lm.data.tokenizer import EOT
 from mqa_lm.inference.config import GenerationConfig
-from mqa_lm.inference.engine import InferenceEngine, cache_length
+from mqa_lm.inference.engine import STREAM_CHUNK, InferenceEngine, cache_length
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -84,26 +84,23 @@ class TextStreamer:
 def generate_ids(
     model: MQATransformer,
     rows: list[list[int]],
-    max_new_tokens: int,
+    config: GenerationConfig,
     *,
-    temperature: float = GenerationConfig.temperature,
-    top_k: int | None = GenerationConfig.top_k,
-    top_p: float | None = GenerationConfig.top_p,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     attention: str = "auto",
     cuda_graph: bool | None = None,
     compile: bool | str = False,
-    context_overflow: str = GenerationConfig.context_overflow,
     on_tokens: Callable[[list[list[int]]], None] | None = None,
-    chunk: int = 8,
+    chunk: int = STREAM_CHUNK,
 ) -> list[list[int]]:
     """The new token ids of every row (prompts of any lengths, batched with left padding, on one
     :class:`InferenceEngine`).
 
+    ``config`` gives ``max_new_tokens``, the sampling settings and ``context_overflow`` (past
+    ``max_seq_len`` the rows stay batched and it decides; see :func:`mqa_lm.inference.generation`).
     ``on_tokens`` gets each row's newest tokens every ``chunk`` steps (streaming). A row stops at
-    ``eos_token_id`` (included). Past ``max_seq_len`` the rows stay batched and ``context_overflow``
-    decides (see :func:`mqa_lm.inference.generation`).
+    ``eos_token_id`` (included).
     """
     device = model.wte.weight.device
     longest = max(len(r) for r in rows)
@@ -111,23 +108,14 @@ def generate_ids(
     engine = InferenceEngine(
         model,
         len(rows),
-        cache_length(longest + max_new_tokens - 1, model.config.max_seq_len),
+        cache_length(longest + config.max_new_tokens - 1, model.config.max_seq_len),
         attention=attention,
         cuda_graph=cuda_graph,
         compile=compile,
     )
     results: list[list[int]] = [[] for _ in rows]
     for piece in engine.stream(
-        ids,
-        max_new_tokens,
-        prompt_mask=mask,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=eos_token_id,
-        generator=generator,
-        chunk=chunk,
-        context_overflow=context_overflow,
+        ids, config, prompt_mask=mask, eos_token_id=eos_token_id, generator=generator, chunk=chunk
     ):
         fresh = []
         for row, tokens in zip(results, piece.tolist()):

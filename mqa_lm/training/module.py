@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from tokenizers import Tokenizer
 
-from mqa_lm.inference import GenerationConfig, generate
+from mqa_lm.inference import GenerationConfig, generate_from_config
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler, default_optim_config
 from mqa_lm.pretrained.directory import CHECKPOINT_TOKENIZER_KEY
@@ -255,15 +255,11 @@ class MQALitModule(L.LightningModule):
         ``eos_token_id`` ends the row when ``generation.stop_at_eos``. Returns prompt + continuation ids."""
         generation = generation or GenerationConfig()
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        out = generate(
+        out = generate_from_config(
             trained_model(self),
             idx,
-            generation.max_new_tokens,
-            temperature=generation.temperature,
-            top_k=generation.top_k,
-            top_p=generation.top_p,
+            generation,
             eos_token_id=eos_token_id if generation.stop_at_eos else None,
             generator=torch.Generator(device=self.device).manual_seed(generation.seed),
-            context_overflow=generation.context_overflow,
         )
         return out[0].tolist()
