@@ -172,7 +172,9 @@ def test_generate_uses_the_engine_and_matches_eager_and_autocast_runs():
     model = small_model("learned", kv_heads=1)
     idx, _ = prompts(2, 8)
     got = generate(model, idx, 60, temperature=0.0)
-    eager = InferenceEngine(model, batch_size=2, max_len=128, cuda_graph=False).generate(idx, 60, temperature=0.0)
+    eager = InferenceEngine(model, batch_size=2, max_len=128, cuda_graph=False).generate(
+        idx, GenerationConfig(60, temperature=0.0)
+    )
     assert torch.equal(got, eager)
     # fp32 weights under bf16 autocast (how training samples): the engine runs eagerly in bf16.
     model32 = small_model("rope", kv_heads=2, dtype=torch.float32)
