@@ -148,6 +148,9 @@ def bare_loop(compiled: bool, loss: str, optim: str, args: argparse.Namespace) -
         "step_ms": 1e3 * dt,
         "fwd_bwd_ms": statistics.median(e[0].elapsed_time(e[1]) for e in marks),
         "optimizer_ms": statistics.median(e[1].elapsed_time(e[2]) for e in marks),
+        # A step slower than its kernels often means the allocator freed its cache and retried.
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+        "max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
 
 
