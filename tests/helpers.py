@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -61,6 +62,26 @@ def run_env(**extra: str) -> dict[str, str]:
     cores are shared), unbuffered output (tests read it while the run lives), plus ``extra``."""
     env = {k: v for k, v in repo_env().items() if not k.startswith(LAUNCHER_VARS)}
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _release(package: str) -> tuple[int, int] | None:
+    """(major, minor) of an installed distribution, None when it is not installed."""
+    try:
+        major, minor, *_ = version(package).split(".")
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+def interpreter_unusable() -> str | None:
+    """Why the Triton interpreter cannot run our kernels here, or None. Triton before 3.7 turns a
+    loop bound into a Python int with ``int(array)`` on a one-element array, which NumPy 2.4 made a
+    TypeError (triton-lang/triton#9171, fixed by #9172): every kernel whose loop bounds come from the
+    program id fails under TRITON_INTERPRET=1 there, though it compiles and runs on a GPU."""
+    triton, numpy = _release("triton"), _release("numpy")
+    if triton is not None and numpy is not None and triton < (3, 7) and numpy >= (2, 4):
+        return f"Triton {triton[0]}.{triton[1]}'s interpreter fails on NumPy >= 2.4 (triton-lang/triton#9171)"
+    return None
 
 
 def run_interpreted(cases: str) -> subprocess.CompletedProcess[str]:

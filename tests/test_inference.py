@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import run_interpreted
+from helpers import interpreter_unusable, run_interpreted
 
 from mqa_lm import MQAConfig, MQATransformer, generate
 from mqa_lm.inference import InferenceEngine, cache_length, sample_with_uniform
@@ -311,6 +311,7 @@ def test_cache_length_buckets():
 
 
 @pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+@pytest.mark.skipif(interpreter_unusable() is not None, reason=str(interpreter_unusable()))
 def test_decode_kernel_and_engine_under_interpreter():
     result = run_interpreted("tests/triton_decode_cases.py")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_interpreted
+from helpers import interpreter_unusable, run_interpreted
 
 from mqa_lm.kernels import ATTENTION_BACKENDS
 from mqa_lm.kernels.triton_backend import triton_importable, triton_interpreting
@@ -16,6 +16,7 @@ needs_triton = pytest.mark.skipif(not triton_importable(), reason="Triton is not
 
 
 @needs_triton
+@pytest.mark.skipif(interpreter_unusable() is not None, reason=str(interpreter_unusable()))
 def test_kernels_under_interpreter():
     result = run_interpreted("tests/triton_interpret_cases.py")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
