@@ -21,7 +21,14 @@ class TokensPerSecondBar(RichProgressBar):
 
     With ``trainer.max_steps`` set, the training bar counts optimizer steps to it (``step 120/800``)
     rather than batches of an epoch (an epoch here is the whole run, and ``max_epochs`` is -1).
+
+    The loss and the rest are read every ``trainer.log_every_n_steps`` steps (when the loggers log
+    them) and at the last: Lightning's bar reads its metrics after every batch, and reading the
+    logged loss is an ``.item()``, a host sync that leaves the GPU idle while the next step is
+    launched. The position still moves every step.
     """
+
+    _metrics_read_at: int | None = None
 
     def _counts_steps(self) -> bool:
         return self._trainer is not None and self.trainer.max_steps > 0
@@ -36,13 +43,16 @@ class TokensPerSecondBar(RichProgressBar):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._counts_steps():
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            return
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()  # resumed mid-run
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
+        current = trainer.global_step if self._counts_steps() else batch_idx + 1
+        self._update(self.train_progress_bar_id, current)
+        every = max(1, trainer.log_every_n_steps)
+        due = current > 0 and (current % every == 0 or current >= self.total_train_batches)
+        # Once per such step: with accumulation, global_step repeats over its micro-batches.
+        if due and current != self._metrics_read_at:
+            self._metrics_read_at = current
+            self._update_metrics(trainer, pl_module)
         self.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
