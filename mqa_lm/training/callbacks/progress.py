@@ -47,7 +47,7 @@ class TokensPerSecondBar(RichProgressBar):
             self._initialize_train_progress_bar_id()  # resumed mid-run
         current = trainer.global_step if self._counts_steps() else batch_idx + 1
         self._update(self.train_progress_bar_id, current)
-        every = max(1, trainer.log_every_n_steps)
+        every = max(1, trainer.log_every_n_steps)  # type: ignore[attr-defined]  # set in Trainer.__init__, not declared
         due = current > 0 and (current % every == 0 or current >= self.total_train_batches)
         # Once per such step: with accumulation, global_step repeats over its micro-batches.
         if due and current != self._metrics_read_at:
