@@ -93,19 +93,20 @@ def test_train_py_output_is_free_of_known_noise(tmp_path, corpus):  # noqa: F811
     assert "step 4: val/loss" in proc.stdout  # the validation line stays
 
 
-def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, corpus):  # noqa: F811
+def fit_with_bar(tmp_path: Path, text_file: Path, bar_class: type | None = None, **trainer_args) -> str:
+    """A one-layer model trained on the CPU under ``bar_class`` (TokensPerSecondBar) on a terminal of
+    160 columns, 2 micro-batches a step; returns what the bar drew, escape codes removed."""
     from mqa_lm.model import MQAConfig
     from mqa_lm.training import TextDataModule
     from mqa_lm.training.callbacks import TokensPerSecondBar
     from mqa_lm.training.module import MQALitModule
 
     screen = io.StringIO()
-    bar = TokensPerSecondBar(console_kwargs={"file": screen, "force_terminal": True, "width": 160})
-    dm = TextDataModule(str(corpus), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
+    bar = (bar_class or TokensPerSecondBar)(console_kwargs={"file": screen, "force_terminal": True, "width": 160})
+    dm = TextDataModule(str(text_file), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
     module = MQALitModule(MQAConfig(vocab_size=64, n_layers=1, d_model=32, heads=4, max_seq_len=16))
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=6,
         accumulate_grad_batches=2,
         logger=False,
         enable_checkpointing=False,
@@ -114,9 +115,14 @@ def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, corpus):  # 
         use_distributed_sampler=False,
         callbacks=[bar],
         default_root_dir=tmp_path,
+        **trainer_args,
     )
     trainer.fit(module, datamodule=dm)
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+
+
+def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, corpus):  # noqa: F811
+    text = fit_with_bar(tmp_path, corpus, max_steps=6)
     assert "step" in text and "6/6" in text, text[-2000:]
     assert "Epoch" not in text and "12/12" not in text  # not epochs, not micro-batches
 
@@ -124,38 +130,17 @@ def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, corpus):  # 
 def test_progress_bar_reads_the_metrics_only_when_it_refreshes(tmp_path, corpus):  # noqa: F811
     """Reading the bar's metrics is a host sync on a GPU (the logged loss's ``.item()``): once per
     ``log_every_n_steps`` optimizer steps, not after every micro-batch as Lightning's bar does."""
-    from mqa_lm.model import MQAConfig
-    from mqa_lm.training import TextDataModule
     from mqa_lm.training.callbacks import TokensPerSecondBar
-    from mqa_lm.training.module import MQALitModule
+
+    reads: list[int] = []
 
     class CountingBar(TokensPerSecondBar):
-        reads: list[int] = []
-
         def get_metrics(self, trainer, pl_module):
-            self.reads.append(trainer.global_step)
+            reads.append(trainer.global_step)
             return super().get_metrics(trainer, pl_module)
 
-    screen = io.StringIO()
-    bar = CountingBar(console_kwargs={"file": screen, "force_terminal": True, "width": 160})
-    dm = TextDataModule(str(corpus), tokenizer="char", block_size=16, batch_size=4, cache_dir=str(tmp_path / "c"))
-    module = MQALitModule(MQAConfig(vocab_size=64, n_layers=1, d_model=32, heads=4, max_seq_len=16))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=12,
-        accumulate_grad_batches=2,
-        log_every_n_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        callbacks=[bar],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=dm)
+    text = fit_with_bar(tmp_path, corpus, CountingBar, max_steps=12, log_every_n_steps=4)
     # Steps 4, 8 and 12 (24 micro-batches), then once more at the end of the epoch.
-    assert [s for s in bar.reads if s < 12] == [4, 8], bar.reads
-    assert len(bar.reads) <= 4, bar.reads
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert [s for s in reads if s < 12] == [4, 8], reads
+    assert len(reads) <= 4, reads
     assert "12/12" in text and "train/loss" in text, text[-2000:]
