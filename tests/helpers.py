@@ -64,6 +64,13 @@ def run_env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
+def run_train_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """``python train.py *args`` from the checkout in a child process with :func:`run_env`; output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], env=run_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
 def _release(package: str) -> tuple[int, int] | None:
     """(major, minor) of an installed distribution, None when it is not installed."""
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CORPUS, ROOT, compose_cfg, run_env
+from helpers import CORPUS, ROOT, compose_cfg, run_env, run_train_py
 from omegaconf import OmegaConf
 
 from mqa_lm.data.datasets import TrainBatches
@@ -107,24 +107,15 @@ def distances_to_reference(base: Path, weights: dict[str, torch.Tensor], optim: 
     return both_ranks, wrong
 
 
+# train.py on 2 gloo ranks on the CPU, in fp32 (so the runs compare with one process closely).
+FSDP_CPU = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+
+
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base, optim):
     run_dir = base / f"ddp-{optim}"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            *run_args(base, run_dir, optim),
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.precision=32-true",
-        ],
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_train_py(*run_args(base, run_dir, optim), *DDP_CPU)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert f"global batch: {MICRO} (micro-batch) x 1 (accumulation) x 2 (world size) = {2 * MICRO} sequences" in out
@@ -141,21 +132,14 @@ def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base,
 
 
 def test_local_multirun_with_subprocess_ddp_is_refused(base, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            *run_args(base, tmp_path / "unused"),
-            "trainer=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "seed=1,2",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        env=run_env(),
-        capture_output=True,
-        text=True,
+    done = run_train_py(
+        "-m",
+        *run_args(base, tmp_path / "unused"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "seed=1,2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         timeout=120,
     )
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
@@ -226,19 +210,12 @@ def test_slurm_launcher_config_renders_a_valid_sbatch_job(tmp_path, monkeypatch)
 
 
 def test_slurm_launcher_needs_a_device_count(base, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            "hydra/launcher=slurm",
-            "trainer=ddp",
-            "trainer.devices=auto",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        env=run_env(),
-        capture_output=True,
-        text=True,
+    done = run_train_py(
+        "-m",
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.devices=auto",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
         timeout=120,
     )
     assert done.returncode != 0
@@ -248,22 +225,14 @@ def test_slurm_launcher_needs_a_device_count(base, tmp_path):
 def test_a_run_launched_through_submitit_local_executor_trains(base, tmp_path):
     sweep = tmp_path / "sweep"
     args = [a for a in run_args(base, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            "hydra/launcher=submitit_local",
-            "hydra.launcher.timeout_min=5",
-            "hydra.launcher.gpus_per_node=0",
-            "trainer=cpu",
-            f"hydra.sweep.dir={sweep}",
-            *args,
-        ],
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_train_py(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+        "hydra.launcher.gpus_per_node=0",
+        "trainer=cpu",
+        f"hydra.sweep.dir={sweep}",
+        *args,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ckpt = sweep / "0" / "checkpoints" / "last.ckpt"
@@ -385,8 +354,6 @@ def test_fsdp_shard_model_shards_each_block_once_and_keeps_the_plain_names(monke
         dist.destroy_process_group()
 
 
-FSDP_CPU = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
-DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 TWO_RANKS = {"fsdp": FSDP_CPU, "ddp": DDP_CPU}
 
 
@@ -394,20 +361,12 @@ def train_two_ranks(base: Path, run_dir: Path, strategy: str, optim: str = "muon
     """train.py on 2 gloo ranks under trainer=fsdp or ddp (the DDP test's run, plus the model export and
     a schedule that ends at step STEPS whatever max_steps is); returns its output."""
     args = [a for a in run_args(base, run_dir, optim) if not a.startswith("callbacks=")]
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            *args,
-            *TWO_RANKS[strategy],
-            "callbacks=[model_checkpoint,pretrained_export,rng_state,preemption]",
-            f"optim.decay_steps={STEPS}",
-            *extra,
-        ],
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_train_py(
+        *args,
+        *TWO_RANKS[strategy],
+        "callbacks=[model_checkpoint,pretrained_export,rng_state,preemption]",
+        f"optim.decay_steps={STEPS}",
+        *extra,
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
