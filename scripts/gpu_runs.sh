@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for stage in "$@"; do
   case $stage in
   tests)
-    python3 -m pytest -q -rs tests/test_gpu_core.py tests/test_triton_attention_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -25
+    python3 -m pytest -q -rs tests/test_gpu_core.py tests/test_triton_attention_gpu.py tests/test_training_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -25
     ;;
   curves)
     # docs/benchmarks.md measured eager runs: module.compile (auto = on for CUDA) stays off unless COMPILE=auto|true.

@@ -23,9 +23,10 @@ class TokensPerSecondBar(RichProgressBar):
     rather than batches of an epoch (an epoch here is the whole run, and ``max_epochs`` is -1).
 
     The loss and the rest are read every ``trainer.log_every_n_steps`` steps (when the loggers log
-    them) and at the last: Lightning's bar reads its metrics after every batch, and reading the
-    logged loss is an ``.item()``, a host sync that leaves the GPU idle while the next step is
-    launched. The position still moves every step.
+    them) and at the last, the position every step. ``train/loss`` is logged without ``prog_bar``
+    (Lightning would turn it into a float after every micro-batch, a host sync that idles the GPU
+    while the next step is launched), so the bar takes it from ``trainer.callback_metrics`` here,
+    on the steps when the loggers read it anyway.
     """
 
     _metrics_read_at: int | None = None
@@ -58,6 +59,9 @@ class TokensPerSecondBar(RichProgressBar):
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            items["train/loss"] = float(loss)
         for callback in trainer.callbacks:  # type: ignore[attr-defined]  # Trainer.callbacks is set in __init__
             if isinstance(callback, TokenThroughputMonitor):
                 rate = callback.last_metrics.get("throughput/tokens_per_sec")
