@@ -386,9 +386,8 @@ def test_train_py_bad_muon_value_is_one_config_error_line(tmp_path):
 
 
 def muon_problem(seed: int = 0, steps: int = 3) -> tuple[list[torch.nn.Parameter], list[list[torch.Tensor]]]:
-    """Tall, wide and square matrices, several of one shape (so they batch) and a tall shape whose
-    transpose is one of the wide ones (so they share a batch, each with its own rate); ``steps``
-    gradients for each."""
+    """Tall, wide and square matrices, several of one shape (so they batch), and a tall shape whose
+    transpose is one of the wide ones (each with its own rate and layout); ``steps`` gradients for each."""
     gen = torch.Generator().manual_seed(seed)
     shapes = [(24, 16)] * 5 + [(16, 40)] * 3 + [(40, 16)] * 2 + [(8, 8)]
     params = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
@@ -417,9 +416,9 @@ def test_batched_muon_matches_torch_optim_muon_matrix_by_matrix(adjust, nesterov
     theirs = run_muon(
         torch.optim.Muon(theirs_params, nesterov=nesterov, adjust_lr_fn=adjust, **MUON_ARGS), theirs_params, grads
     )
-    for i, (a, b, s) in enumerate(zip(ours, theirs, start)):
-        # Both orthogonalise in bf16; the batched norm and matmuls may round differently, not more.
-        assert relative_error(a - s, (b - s).double()) < 5e-3, (i, tuple(s.shape))
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        # On the CPU the batched products (a tall batch's read transposed) are torch's own sums.
+        assert torch.equal(a, b), (i, tuple(a.shape))
 
 
 def test_symmetric_row_blocks_compute_the_same_products_on_the_cpu():

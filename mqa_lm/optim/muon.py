@@ -40,9 +40,14 @@ def newton_schulz(
     splits: int | None = None,
 ) -> Tensor:
     """The approximate orthogonalisation (U S' V^T, S' near 1) of each matrix of ``updates`` ``[n, rows,
-    cols]``, in bf16: normalised by its Frobenius norm, then ``steps`` quintic iterations on the wide
-    form (``rows <= cols``; tall matrices are transposed in and out, as Muon does, so the Gram matrix
-    is the smaller side).
+    cols]``, in bf16: normalised by its Frobenius norm, then ``steps`` quintic iterations whose Gram
+    matrix is the smaller side, as Muon's. Muon transposes a tall matrix into its wide form and back;
+    here a tall batch iterates in its own layout, as that transpose: the Gram matrix is ``X^T X`` and
+    the update ``a X + X P`` (``P`` symmetric), the same products read transposed by the matmuls, so
+    nothing is copied transposed (such copies were a fifth of the mqa_1b step on an H100). The ``a X``
+    term stays out of the polynomial: ``(a I + P) X`` would save ``baddbmm``'s copy of X into its output
+    (8 of mqa_1b's ~98 ms on an H100), but rounding ``a + P_ii`` to bf16 put the result 2.5x further
+    from a float64 iteration.
 
     ``splits`` > 1 computes the two symmetric products of each iteration (``X X^T`` and its square)
     by row blocks, only on and above the diagonal, and mirrors the rest: (splits + 1) / (2 splits) of
@@ -50,20 +55,19 @@ def newton_schulz(
     a, b, c = coefficients
     x = updates.bfloat16()
     tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     if splits is None:
-        splits = symmetric_splits(x.size(-2), x.size(-1), x.device)
+        splits = symmetric_splits(min(x.shape[-2:]), max(x.shape[-2:]), x.device)
     for _ in range(steps):
+        wide = x.mT if tall else x
         if splits > 1:
-            gram = _symmetric_product(x, splits)
+            gram = _symmetric_product(wide, splits)
             poly = _symmetric_product(gram, splits, base=gram, beta=b, alpha=c)
         else:  # torch.optim.Muon's own three products (bit for bit its result on the CPU)
-            gram = x @ x.mT
+            gram = wide @ wide.mT
             poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a)
-    return x.mT if tall else x
+        x = torch.baddbmm(x, x, poly, beta=a) if tall else torch.baddbmm(x, poly, x, beta=a)
+    return x
 
 
 # Row blocks of the symmetric products pay on a GPU only where X X^T dominates, a matrix at least
@@ -210,15 +214,15 @@ class Muon(torch.optim.Optimizer):
         loss = run_closure(closure)
         dealt = 0  # matrices dealt to ranks so far this step: the next batch's first goes to rank dealt % world
         for group in self.param_groups:
-            # One batch per shape in its wide form (rows <= cols): a tall matrix orthogonalises as its
-            # transpose, so an MLP's up and down projections share one batched iteration.
+            # One batch per shape, in the parameters' own layout: an MLP's up and down projections
+            # iterate apart, each without a transposed copy (newton_schulz).
             batches: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse or torch.is_complex(p):
                     raise RuntimeError("Muon supports dense, real gradients only")
-                batches[(min(p.shape), max(p.shape), p.dtype, p.device, isinstance(p, DTensor))].append(p)
+                batches[(p.shape, p.dtype, p.device, isinstance(p, DTensor))].append(p)
             for params in batches.values():
                 self._step_batch(group, params, dealt)
                 dealt += len(params)
@@ -245,15 +249,14 @@ class Muon(torch.optim.Optimizer):
         owners = [(dealt + i) % world for i in range(n)]
         mine = [i for i in range(n) if owners[i] == rank]
         share = n if world == 1 else -(-n // world)
-        wide = (min(params[0].shape), max(params[0].shape))
-        # The iteration's input, built in place: each update is written once, in bf16 and in its wide
-        # form, into one stack (a third of the memory traffic of stacking fp32 copies and casting).
-        stack = weights[0].new_empty((share, *wide), dtype=torch.bfloat16)
+        # The iteration's input, built in place: each update is written once, in bf16, into one stack
+        # (a third of the memory traffic of stacking fp32 copies and casting).
+        stack = weights[0].new_empty((share, *params[0].shape), dtype=torch.bfloat16)
         if sharded:  # every rank takes part in gathering each whole update (as FSDP's forward does the weights)
             updates = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
             whole = [_whole(u, p) for u, p in zip(updates, params)]
         for slot, i in enumerate(mine):
-            out = stack[slot] if params[i].size(0) <= params[i].size(1) else stack[slot].mT
+            out = stack[slot]
             if sharded:
                 out.copy_(whole[i])
             elif nesterov:
@@ -274,18 +277,11 @@ class Muon(torch.optim.Optimizer):
         lr, decay = group["lr"], group["weight_decay"]
         if decay:
             torch._foreach_mul_(weights, 1 - lr * decay)
-        # The adjusted rate depends on the original shape: one foreach add per shape, of bf16 views in
-        # the parameter's orientation (added as torch.optim.Muon adds its bf16 update).
-        by_shape: dict[torch.Size, list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
-            by_shape[p.shape].append(i)
-        for shape, members in by_shape.items():
-            steps = [ortho[rows[i]].mT if shape[0] > shape[1] else ortho[rows[i]] for i in members]
-            if sharded:
-                steps = [_rows_of(step, rank, world, weights[i]) for step, i in zip(steps, members)]
-            torch._foreach_add_(
-                [weights[i] for i in members], steps, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape)
-            )
+        # The bf16 updates are added as torch.optim.Muon adds its own, at the rate of the batch's shape.
+        steps = [ortho[row] for row in rows]
+        if sharded:
+            steps = [_rows_of(step, rank, world, weight) for step, weight in zip(steps, weights)]
+        torch._foreach_add_(weights, steps, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], params[0].shape))
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; older torch has only the first.
