@@ -1,11 +1,16 @@
 """Where a generation process spends its first seconds, phase by phase, in one fresh process.
 
-    python scripts/profile_generate_startup.py EXPORT_DIR [--new 200] [--attention auto]
+    python scripts/profile_generate_startup.py EXPORT_DIR [--new 200] [--temperature 0.8] [--top-k 50]
+        [--attention auto] [--profile prefill decode1 capture] [--probe]
 
-Prints the wall time of: CUDA init, loading the model, building the engine, the prefill (first token),
-each eager warm-up step, the graph capture, and the decode rate once captured; then the top of a
-cProfile of the whole generation. Run it twice: the second process finds Triton's and PyTorch's
-on-disk caches filled.
+Follows generate.py's path (the same imports, ``load_pretrained``, one engine, the prompt "ROMEO:")
+and prints the wall time of each phase with the device synchronised after it: import torch, CUDA
+init, the imports generate.py adds, loading, the engine, the prefill and its first token, the same
+prefill again at the same and at a new length (a cost per shape shows there), the first and second
+eager decode steps (the first pays every kernel's first use), the graph capture (two warm-up steps
+and the capture), and ``--new`` replays. ``--profile`` names the phases to run under cProfile (the top
+of each is printed after the table). Run it twice: the second process finds Triton's and PyTorch's
+on-disk caches filled, as a user's second run does.
 """
 
 from __future__ import annotations
@@ -19,64 +24,108 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+STARTED = time.perf_counter()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("export")
     parser.add_argument("--new", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--attention", default="auto")
+    parser.add_argument("--profile", nargs="*", default=["prefill", "decode1", "capture"])
+    parser.add_argument("--rows", type=int, default=25, help="cProfile lines printed per phase")
+    parser.add_argument(
+        "--probe", action="store_true", help="before the prefill, time a first matmul, layer norm and SDPA alone"
+    )
     args = parser.parse_args()
-    t0 = time.perf_counter()
-    import torch
+    marks: list[tuple[str, float]] = []
+    profiles: dict[str, str] = {}
 
-    marks = [("import torch", time.perf_counter() - t0)]
+    def phase(name: str, fn, *fn_args):
+        """Run ``fn(*fn_args)``, synchronise, and record the time since the previous phase ended."""
+        profile = cProfile.Profile() if name.split()[0] in args.profile else None
+        if profile is not None:
+            profile.enable()
+        result = fn(*fn_args)
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            sys.modules["torch"].cuda.synchronize()
+        if profile is not None:
+            profile.disable()
+            stream = io.StringIO()
+            pstats.Stats(profile, stream=stream).sort_stats("cumulative").print_stats(args.rows)
+            profiles[name] = stream.getvalue()
+        marks.append((name, time.perf_counter() - STARTED))
+        return result
 
-    def mark(name: str) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        marks.append((name, time.perf_counter() - t0))
+    torch = phase("import torch", __import__, "torch")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    phase("cuda init", lambda: torch.zeros(1, device=device))
 
-    torch.zeros(1, device="cuda")
-    mark("cuda init")
-    from mqa_lm import load_pretrained
-    from mqa_lm.inference import InferenceEngine
-    from mqa_lm.inference.config import GenerationConfig
+    def imports():
+        import omegaconf  # noqa: F401  (generate.py's own imports, in its order)
 
-    mark("import mqa_lm")
-    model, tokenizer = load_pretrained(args.export, device="cuda", dtype=torch.bfloat16)
-    mark("load")
-    engine = InferenceEngine(model, 1, attention=args.attention)
-    mark("engine")
-    idx = torch.tensor([tokenizer.encode("ROMEO:").ids], device="cuda")
+        import mqa_lm.cli.main  # noqa: F401
+        from mqa_lm import load_pretrained
+        from mqa_lm.inference import InferenceEngine
+        from mqa_lm.inference.config import GenerationConfig
+        from mqa_lm.inference.text import start_ids  # noqa: F401
+
+        return load_pretrained, InferenceEngine, GenerationConfig
+
+    load_pretrained, InferenceEngine, GenerationConfig = phase("imports (hydra, mqa_lm)", imports)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tokenizer = phase("load", lambda: load_pretrained(args.export, device=device, dtype=dtype))
+    config = GenerationConfig(args.new, temperature=args.temperature, top_k=args.top_k)
+    engine = phase("engine", lambda: InferenceEngine(model, 1, 256, attention=args.attention))
+    settings = engine.settings(config, None)
+    idx = torch.tensor([tokenizer.encode("ROMEO:").ids], device=device)
+    if args.probe:  # the libraries' first use, apart from the model: cuBLAS(Lt), a norm, the SDPA backends
+        d, heads = model.config.d_model, model.config.heads
+        x = torch.randn(1, idx.shape[1], d, device=device, dtype=dtype)
+        phase("probe: first matmul", lambda: x @ x.new_ones(d, 3 * d))
+        phase("probe: first layer norm", lambda: torch.nn.functional.layer_norm(x, (d,)))
+        q = torch.randn(1, heads, idx.shape[1], d // heads, device=device, dtype=dtype)
+        k = torch.randn(1, 1, idx.shape[1], d // heads, device=device, dtype=dtype).expand_as(q)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        phase("probe: first sdpa (causal)", lambda: sdpa(q, k, k, is_causal=True))
     mask = torch.ones_like(idx, dtype=torch.bool)
-    settings = (0.0, None, None, None)
-    logits = engine._prefill(idx, mask)
+    if settings[0] > 0:
+        generator = torch.Generator(device=device).manual_seed(0)
+        engine.uniforms.copy_(torch.rand(engine.chunk_capacity, 1, generator=generator, device=device))
+    engine.step.zero_()
+    logits = phase("prefill (forward)", lambda: engine._prefill(idx, mask))
+    phase("prefill sample (first token)", lambda: engine._sample(logits, settings))
+    # Shape-dependent first-use costs (kernel plans per sequence length) show as a slow new length.
+    phase("prefill again, same length", lambda: engine._prefill(idx, mask))
+    longer = torch.cat([idx, idx], dim=1)
+    phase("prefill again, new length", lambda: engine._prefill(longer, torch.ones_like(longer, dtype=torch.bool)))
+    logits = phase("prefill again, first length", lambda: engine._prefill(idx, mask))
+    engine.step.zero_()
     engine._sample(logits, settings)
-    mark("prefill + first token")
-    engine._decode_step(settings)
-    mark("eager step 1")
-    engine._decode_step(settings)
-    mark("eager step 2")
-    engine._capture("decode", settings)
-    mark("capture (2 warm-up steps + capture)")
-    for _ in range(2):
-        engine.step.zero_()  # a round's index: generate() resets it every round
-        for _ in range(50):
+    phase("decode1 eager step (first use)", lambda: engine._decode_step(settings))
+    phase("decode2 eager step", lambda: engine._decode_step(settings))
+    if engine.cuda_graph:
+        phase("capture (2 warm-ups + capture)", lambda: engine._capture("decode", settings))
+
+    def replays():
+        for i in range(args.new):
+            if i % engine.chunk_capacity == 0:
+                engine.step.zero_()  # a round's index: stream() resets it every round
             engine._run("decode", settings)
-    mark("100 replays")
+
+    phase(f"{args.new} steps", replays)
     previous = 0.0
+    print(f"{'phase':40s} {'s':>8s}  {'at s':>8s}")
     for name, at in marks:
-        print(f"{name:40s} {at - previous:8.3f} s  (at {at:.3f} s)")
+        print(f"{name:40s} {at - previous:8.3f}  {at:8.3f}")
         previous = at
-    profile = cProfile.Profile()
-    profile.enable()
-    engine.generate(idx, GenerationConfig(args.new, temperature=0.0))
-    torch.cuda.synchronize()
-    profile.disable()
-    stream = io.StringIO()
-    pstats.Stats(profile, stream=stream).sort_stats("cumulative").print_stats(18)
-    print(stream.getvalue()[-4000:])
+    steps = marks[-1][1] - marks[-2][1]
+    print(f"decode as replayed: {args.new / steps:,.0f} tok/s ({1e3 * steps / args.new:.3f} ms a step)")
+    for name, text in profiles.items():
+        print(f"\n===== cProfile: {name} =====")
+        print(text[text.find("ncalls") :][:6000])
 
 
 if __name__ == "__main__":
