@@ -462,6 +462,9 @@ class MQATransformer(nn.Module):
         if table is None:
             table = build_alibi_bias(self.config.heads, self.config.max_seq_len, device)
             self._alibi_tables[device] = table
+            # The decode steps' slopes too, here where every forward (a prefill first) passes: a
+            # compiled step that found them missing would be recompiled on its second call.
+            self._alibi_slopes(device)
         return table
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor:

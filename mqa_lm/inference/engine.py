@@ -128,11 +128,10 @@ class InferenceEngine:
         self.window_mask = torch.zeros(batch_size, self.max_len, device=device, dtype=torch.bool)
         self.slots = torch.arange(self.max_len, **long)
 
-        self._decode_impl: Callable[[Settings], None] = self._decode_step
-        if compile:
-            self._decode_impl = torch.compile(
-                self._decode_step, backend="inductor" if compile is True else compile, dynamic=False
-            )
+        # Wrapped at the first decode step (_decode_fn), not here: torch.compile imports the compiler
+        # stack (seconds), which must not delay the first token, the prefill's.
+        self.compile = compile
+        self._decode_impl: Callable[[Settings], None] | None = None if compile else self._decode_step
         self._graphs: dict[tuple[str, Settings], torch.cuda.CUDAGraph] = {}
         self.capture_seconds = 0.0  # spent warming up and capturing graphs (reported apart from decoding)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
@@ -193,6 +192,13 @@ class InferenceEngine:
         self.token.copy_(token)
         self.step.add_(1)
 
+    def _decode_fn(self) -> Callable[[Settings], None]:
+        """The decode step, through ``torch.compile`` when the engine was built with ``compile``."""
+        if self._decode_impl is None:
+            backend = "inductor" if self.compile is True else str(self.compile)
+            self._decode_impl = torch.compile(self._decode_step, backend=backend, dynamic=False)
+        return self._decode_impl
+
     def _run(self, kind: str, settings: Settings) -> None:
         """One decode or crop step: a graph replay where graphs are on, else eagerly."""
         if self.cuda_graph and (kind, settings) not in self._graphs:
@@ -201,7 +207,7 @@ class InferenceEngine:
         if graph is not None:
             graph.replay()
         elif kind == "decode":
-            self._decode_impl(settings)
+            self._decode_fn()(settings)
         else:
             self._crop_step(settings)
 
@@ -210,7 +216,7 @@ class InferenceEngine:
         token is already out, so capturing costs no time to first token. The warm-up runs the step
         for real, so the state it changes is saved and put back; the cache slots it writes lie past the
         current one, where the key mask hides them until their own step overwrites them."""
-        step = self._decode_impl if kind == "decode" else self._crop_step
+        step = self._decode_fn() if kind == "decode" else self._crop_step
         state = [self.pad, self.token, self.finished, self.step, self.out, self.window, self.window_mask]
         state += [self.cache.key_mask, self.cache.slot]
         if self.round_logits is not None:
