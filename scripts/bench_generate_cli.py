@@ -5,7 +5,8 @@ max_seq_len 256, a character tokenizer; random weights: speed does not depend on
 command (the rows of issue 26's table) ``--repeats`` times as a fresh process and reports its wall
 time and what generate.py printed on its last line (load, first token, decode tok/s), beside the
 cost of starting torch alone: ``python -c "import torch; torch.zeros(1, device='cuda')"`` on a GPU,
-``import torch, tokenizers`` on CPU. The whole table takes about 100 s on one H100/H200.
+``import torch, tokenizers`` on CPU. It prints how long the table took (72 s on a 2-core CPU without
+the compile rows).
 
     python scripts/bench_generate_cli.py                 # on the GPU if there is one
     python scripts/bench_generate_cli.py --device cpu --json out.json
