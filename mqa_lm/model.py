@@ -433,8 +433,12 @@ class MQATransformer(nn.Module):
         past_len = dynamic.length if dynamic is not None else 0
         x = self.embed(idx, past_len, positions)
         bias = self.alibi_bias(idx.device)
-        if bias is not None and static is not None and seq == 1:
-            bias = static.decode_bias(self._alibi_slopes(idx.device))
+        if bias is not None and static is not None:
+            # Built by the prefill already: a compiled decode step that found them missing would be
+            # compiled again on its second call.
+            slopes = self._alibi_slopes(idx.device)
+            if seq == 1:
+                bias = static.decode_bias(slopes)
         for i, block in enumerate(self.blocks):
             x, _, present = block(
                 x,
@@ -462,9 +466,6 @@ class MQATransformer(nn.Module):
         if table is None:
             table = build_alibi_bias(self.config.heads, self.config.max_seq_len, device)
             self._alibi_tables[device] = table
-            # The decode steps' slopes too, here where every forward (a prefill first) passes: a
-            # compiled step that found them missing would be recompiled on its second call.
-            self._alibi_slopes(device)
         return table
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor:

@@ -180,13 +180,10 @@ class StaticKVCache:
 
 def triton_decode_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the Triton decode kernel can run on ``device`` tensors of ``dtype``."""
-    from mqa_lm.kernels.triton_backend import triton_importable, triton_interpreting
+    from mqa_lm.kernels.triton_backend import triton_runs_on
 
-    # The device and dtype first: importing Triton costs ~0.2 s, wasted where the kernel cannot run.
-    if head_dim > 256:
+    if head_dim > 256 or not triton_runs_on(device):
         return False
     if device.type == "cuda":
-        runs = dtype in (torch.float16, torch.bfloat16)
-    else:  # not bf16 under the interpreter: it computes bf16 tiles wrongly
-        runs = device.type == "cpu" and triton_interpreting() and dtype in (torch.float32, torch.float16)
-    return runs and triton_importable()
+        return dtype in (torch.float16, torch.bfloat16)
+    return dtype in (torch.float32, torch.float16)  # the interpreter computes bf16 tiles wrongly
