@@ -83,3 +83,22 @@ def test_bf16_transformers_export_agrees_on_the_gpu(tmp_path, family):
     # bf16 kernels and rounding orders differ (RMSNorm rounds before its gain in transformers).
     assert (a - b).abs().max().item() < 0.05 * a.abs().max().item()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.95
+
+
+def test_loading_onto_the_gpu_is_exact_and_leaves_the_cuda_rng_alone(tmp_path):
+    # The model is built on the GPU (its random init there, then overwritten): the weights must be the
+    # saved ones bit for bit and the caller's CUDA random stream must not move.
+    from mqa_lm import save_pretrained
+
+    config = MQAConfig(vocab_size=96, max_seq_len=32, n_layers=2, d_model=64, heads=4, kv_heads=1)
+    model = MQATransformer(config)
+    save_pretrained(model, tmp_path / "m")
+    torch.cuda.manual_seed(7)
+    before = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(7)
+    loaded = load_pretrained(tmp_path / "m", device="cuda")[0]
+    assert torch.equal(torch.rand(4, device="cuda"), before)
+    assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+    for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(got.cpu(), want), name
+    assert loaded.lm_head.weight is loaded.wte.weight  # still tied
