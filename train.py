@@ -11,16 +11,23 @@ from omegaconf import DictConfig
 # Config paths like ${paths.root_dir} resolve against this checkout wherever the command runs from.
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
+# Only what Hydra needs to compose train.yaml (the base nodes, ${run_id:}) is imported here. Lightning
+# and the training stack load inside main, after Hydra's checks: `--help`, `--cfg job`, a bad option,
+# a YAML error or an unusable run directory answer in a second, not after their ~5 s import.
 from mqa_lm.cli.main import fail, hydra_main  # noqa: E402
-from mqa_lm.training.checkpointing import CheckpointWriteError  # noqa: E402
-from mqa_lm.training.run import ConfigError, DataError, train  # noqa: E402
-from mqa_lm.training.run_dir import RunDirInUseError, remove_if_unused  # noqa: E402
+from mqa_lm.pretrained.checkpoint import CheckpointWriteError  # noqa: E402
+from mqa_lm.training import config_store  # noqa: E402, F401  (registers model/, optim/ and data/ _base)
+from mqa_lm.training.run_dir import RunDirInUseError, register_resolvers, remove_if_unused  # noqa: E402
+
+register_resolvers()
 
 
 # hydra_main: hydra.main, with a config file that does not parse or a hydra.run.dir that cannot be
 # created stopped as one `config error:` line (exit 2) before Hydra makes anything.
 @hydra_main(config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from mqa_lm.training.run import ConfigError, DataError, train
+
     try:
         metrics = train(cfg)
     except (ConfigError, DataError, RunDirInUseError) as err:
