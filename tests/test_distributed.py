@@ -111,17 +111,45 @@ def distances_to_reference(base: Path, weights: dict[str, torch.Tensor], optim: 
 FSDP_CPU = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 
+TWO_RANKS = {"fsdp": FSDP_CPU, "ddp": DDP_CPU}
 
-@pytest.mark.parametrize("optim", ["adamw", "muon"])
-def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base, optim):
-    run_dir = base / f"ddp-{optim}"
-    done = run_train_py(*run_args(base, run_dir, optim), *DDP_CPU)
+
+def train_two_ranks(base: Path, run_dir: Path, strategy: str, optim: str = "muon", *extra: str) -> str:
+    """train.py on 2 gloo ranks under trainer=fsdp or ddp, with the model export and a schedule that ends
+    at step STEPS whatever max_steps is (so a run stopped halfway resumes onto it); returns its output."""
+    args = [a for a in run_args(base, run_dir, optim) if not a.startswith("callbacks=")]
+    done = run_train_py(
+        *args,
+        *TWO_RANKS[strategy],
+        "callbacks=[model_checkpoint,pretrained_export,rng_state,preemption]",
+        f"optim.decay_steps={STEPS}",
+        *extra,
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
-    assert f"global batch: {MICRO} (micro-batch) x 1 (accumulation) x 2 (world size) = {2 * MICRO} sequences" in out
-    assert out.count("final metrics:") == 1  # the report (and its sample) come from rank 0 only
+    return out
 
-    both_ranks, wrong = distances_to_reference(base, last_weights(run_dir), optim)
+
+@pytest.fixture(scope="module")
+def straight_runs(base) -> dict[tuple[str, str], Path]:
+    """Uninterrupted runs of STEPS steps (full checkpoints) by (strategy, optimizer), each run once
+    (by :func:`straight`) for the tests that compare against it."""
+    return {}
+
+
+def straight(base: Path, runs: dict[tuple[str, str], Path], strategy: str, optim: str = "muon") -> Path:
+    if (strategy, optim) not in runs:
+        run_dir = base / f"straight-{strategy}-{optim}"
+        out = train_two_ranks(base, run_dir, strategy, optim)
+        assert f"global batch: {MICRO} (micro-batch) x 1 (accumulation) x 2 (world size) = {2 * MICRO} sequences" in out
+        assert out.count("final metrics:") == 1  # the report (and its sample) come from rank 0 only
+        runs[strategy, optim] = run_dir
+    return runs[strategy, optim]
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_ddp_two_gloo_processes_equal_one_process_on_the_same_global_batch(base, straight_runs, optim):
+    both_ranks, wrong = distances_to_reference(base, last_weights(straight(base, straight_runs, "ddp", optim)), optim)
     if optim == "adamw":
         assert both_ranks < 1e-5
     else:
@@ -352,42 +380,6 @@ def test_fsdp_shard_model_shards_each_block_once_and_keeps_the_plain_names(monke
             shard_model(model, mesh)
     finally:
         dist.destroy_process_group()
-
-
-TWO_RANKS = {"fsdp": FSDP_CPU, "ddp": DDP_CPU}
-
-
-def train_two_ranks(base: Path, run_dir: Path, strategy: str, optim: str = "muon", *extra: str) -> str:
-    """train.py on 2 gloo ranks under trainer=fsdp or ddp (the DDP test's run, plus the model export and
-    a schedule that ends at step STEPS whatever max_steps is); returns its output."""
-    args = [a for a in run_args(base, run_dir, optim) if not a.startswith("callbacks=")]
-    done = run_train_py(
-        *args,
-        *TWO_RANKS[strategy],
-        "callbacks=[model_checkpoint,pretrained_export,rng_state,preemption]",
-        f"optim.decay_steps={STEPS}",
-        *extra,
-    )
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def straight_runs(base) -> dict[tuple[str, str], Path]:
-    """Uninterrupted runs of STEPS steps (full checkpoints) by (strategy, optimizer), each run once
-    (by :func:`straight`) for the tests that compare against it."""
-    return {}
-
-
-def straight(base: Path, runs: dict[tuple[str, str], Path], strategy: str, optim: str = "muon") -> Path:
-    if (strategy, optim) not in runs:
-        run_dir = base / f"straight-{strategy}-{optim}"
-        out = train_two_ranks(base, run_dir, strategy, optim)
-        assert f"global batch: {MICRO} (micro-batch) x 1 (accumulation) x 2 (world size)" in out
-        assert out.count("final metrics:") == 1  # the report comes from rank 0 only
-        runs[strategy, optim] = run_dir
-    return runs[strategy, optim]
 
 
 def sharded_weights(directory: Path, scratch: Path) -> dict[str, torch.Tensor]:

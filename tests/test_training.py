@@ -292,14 +292,12 @@ def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
+# One value per place a ConfigError is raised (the config's validation; the callbacks' own checks):
+# every other value's message is asserted in-process above, and train.py prints them all alike.
 @pytest.mark.parametrize(
     "override,line",
     [
-        ("sample.top_k=0", "config error: sample.top_k must be null or an integer >= 1, got 0; null keeps all tokens"),
-        ("trainer.val_check_interval=0", "config error: trainer.val_check_interval must be an integer >= 1"),
-        ("trainer.precision=foo", "config error: trainer.precision='foo' is not one of auto,"),
         ("seed=abc", "config error: seed must be an integer, got 'abc'"),
-        ("trainer.max_steps=abc", "config error: trainer.max_steps must be an integer, got 'abc'"),
         (
             "callbacks.preemption.check_every_n_steps=0",
             "config error: callbacks.preemption.check_every_n_steps must be an integer >= 1, got 0",
@@ -313,19 +311,6 @@ def test_train_py_bad_values_give_one_line_and_exit_2(tmp_path, override, line):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_train_py_reports_a_config_error_and_exits_2(tmp_path):
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "model.heads=7",
-        "model.d_model=512",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "config error: model.d_model=512 is not divisible by model.heads=7" in proc.stderr
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
@@ -623,21 +608,20 @@ def test_module_refuses_a_tokenizer_larger_than_its_vocabulary(tmp_path, corpus)
         trainer.fit(module, datamodule=dm)
 
 
-@pytest.mark.parametrize("case", ["empty", "refused_url", "vocab"])
-def test_train_py_data_and_vocab_errors_are_one_line_and_exit_2(tmp_path, corpus, case):
+def test_refused_url_is_one_data_error(tmp_path):
+    url = _closed_port_url()
+    with pytest.raises(DataError, match=f"could not download {url}: .*refused"):
+        train(compose_cfg(small_run(tmp_path, url)))  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_py_data_error_is_one_line_and_exit_2(tmp_path, corpus):
+    """A DataError through the real entry point (a ConfigError's is above; the messages in-process)."""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    url = _closed_port_url()
-    overrides, line = {
-        "empty": ([f"data.paths=[{empty}]"], f"data error: data.paths: {empty} is empty; remove it from data.paths"),
-        "refused_url": ([f"data.paths=[{url}]"], f"data error: could not download {url}: "),
-        "vocab": (
-            ["model.vocab_size=10"],
-            "config error: model.vocab_size=10 is smaller than the tokenizer's vocabulary",
-        ),
-    }[case]
+    line = f"data error: data.paths: {empty} is empty; remove it from data.paths"
     small = [o for o in small_run(tmp_path, corpus) if not o.startswith("paths.output_dir")]
-    proc = _train_py(tmp_path, *small, *overrides)
+    proc = _train_py(tmp_path, *small, f"data.paths=[{empty}]")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(line), proc.stderr[-3000:]
