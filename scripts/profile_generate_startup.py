@@ -104,6 +104,8 @@ def main() -> None:
     logits = phase("prefill again, first length", lambda: engine._prefill(idx, mask))
     engine.step.zero_()
     engine._sample(logits, settings)
+    # What is left of the background kernel warm-up the engine started (InferenceEngine._run waits too).
+    phase("wait for the decode-kernel warm-up", engine._await_warmup)
     phase("decode1 eager step (first use)", lambda: engine._decode_step(settings))
     phase("decode2 eager step", lambda: engine._decode_step(settings))
     if engine.cuda_graph:

@@ -218,3 +218,32 @@ def test_past_the_context_graph_replays_equal_eager(rule):
         )
     assert runs[0].shape == (3, 212)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "alibi"])
+def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
+    """The engine's background warm-up launches the decode kernels at the step's own layout: the
+    first decode step compiles nothing more (a variant the warm-up missed would be compiled there, on
+    the user's clock). The SDPA decode path starts no warm-up."""
+    from mqa_lm.kernels.triton.decode import _decode_combine, _decode_split
+
+    model = small_model(pos_emb, kv_heads=1)
+    idx, mask = prompts(2, 12, lengths=[12, 5], seed=3)
+    kernels = (_decode_split, _decode_combine)
+    for kernel in kernels:
+        kernel.device_caches.clear()  # this process's compiled variants (the disk cache stays)
+
+    def variants() -> list[int]:
+        index = torch.cuda.current_device()
+        return [len(k.device_caches[index][0]) if index in k.device_caches else 0 for k in kernels]
+
+    engine = InferenceEngine(model, batch_size=2, max_len=200, attention="triton")
+    assert engine._warmup is not None
+    engine._warmup.join()
+    warmed = variants()
+    assert warmed == [1, 1]
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    out = engine.generate(idx, GenerationConfig(30, temperature=0.8), prompt_mask=mask, generator=gen)
+    assert out.shape == (2, 42)
+    assert variants() == warmed  # the step found the warm-up's variants
+    assert InferenceEngine(model, batch_size=2, max_len=200, attention="sdpa")._warmup is None

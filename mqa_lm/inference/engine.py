@@ -22,6 +22,7 @@ whatever the prompt length, rule or chunking.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 import weakref
@@ -136,6 +137,53 @@ class InferenceEngine:
         self.capture_seconds = 0.0  # spent warming up and capturing graphs (reported apart from decoding)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.fingerprint = parameter_fingerprint(model)
+        self._warmup = self._start_decode_kernel_warmup()
+
+    def _start_decode_kernel_warmup(self) -> threading.Thread | None:
+        """Run the Triton decode kernel once, at this engine's shapes, on a background thread that the
+        prefill overlaps. A process's first launch of a Triton kernel costs ~0.5 s of host work even
+        when Triton's disk cache holds the binary (hashing Triton's own sources and library for the
+        cache key, importing its backend, loading the binary): paid here, it no longer stalls the first
+        decode step. The first decode step waits for the thread (:meth:`_await_warmup`)."""
+        if self.device.type != "cuda" or self.attention != "triton":
+            return None
+        # Not a daemon: a process that ends before its first decode step (max_new_tokens=1) waits for
+        # it at exit rather than tearing CUDA down under a launch.
+        thread = threading.Thread(target=self._warm_decode_kernel, name="mqa-decode-warmup")
+        thread.start()
+        return thread
+
+    def _warm_decode_kernel(self) -> None:
+        # Inputs laid out as the decode step's (strides and dtypes pick the compiled variant), on
+        # tensors of their own: the prefill is writing the real cache meanwhile.
+        from mqa_lm.kernels.triton.decode import decode_attention
+
+        cache, config = self.cache, self.config
+        try:
+            with torch.cuda.device(self.device):
+                kv = torch.zeros_like(cache.layers[0].kv)
+                batch, _, _, max_len, head_dim = kv.shape
+                q = torch.zeros(batch, config.heads, 1, head_dim, device=self.device, dtype=kv.dtype)
+                bias = None
+                if config.pos_emb == "alibi":
+                    bias = torch.zeros(1, config.heads, 1, max_len, device=self.device, dtype=torch.float32)
+                decode_attention(
+                    q,
+                    kv[:, 0],
+                    kv[:, 1],
+                    lengths=torch.ones(1, device=self.device, dtype=torch.long).expand(batch),
+                    key_mask=torch.ones_like(cache.key_mask),
+                    bias=bias,
+                    split_size=cache.split_size,
+                    check=False,
+                )
+        except Exception:  # noqa: BLE001  the decode step's own call reports any real problem
+            pass
+
+    def _await_warmup(self) -> None:
+        if self._warmup is not None:
+            self._warmup.join()
+            self._warmup = None
 
     @property
     def model(self) -> MQATransformer:
@@ -201,6 +249,7 @@ class InferenceEngine:
 
     def _run(self, kind: str, settings: Settings) -> None:
         """One decode or crop step: a graph replay where graphs are on, else eagerly."""
+        self._await_warmup()  # before a capture, which no other thread's launch may interleave
         if self.cuda_graph and (kind, settings) not in self._graphs:
             self._capture(kind, settings)
         graph = self._graphs.get((kind, settings)) if self.cuda_graph else None
