@@ -154,6 +154,12 @@ def logged_steps(run_dir: Path) -> list[int]:
         return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
+# The signal paths below save and resume as SIGKILL's does, which runs under both optimizers; each
+# optimizer's state resumes exactly in tests/test_training.py. They run under AdamW only.
+ONE_OPTIMIZER = pytest.mark.parametrize("shared", ["adamw"], indirect=True)
+
+
+@ONE_OPTIMIZER
 def test_sigterm_saves_at_a_step_boundary_and_restart_ends_bitwise_equal(shared, straight):
     run_dir = shared / "terminated"
     code, out = interrupt(shared, run_dir, signal.SIGTERM)
@@ -168,6 +174,7 @@ def test_sigterm_saves_at_a_step_boundary_and_restart_ends_bitwise_equal(shared,
     assert_bitwise_equal(weights(run_dir), straight_weights(straight))
 
 
+@ONE_OPTIMIZER
 def test_slurm_sigusr1_saves_requeues_and_the_requeued_job_resumes(shared, straight, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
