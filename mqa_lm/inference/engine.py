@@ -137,21 +137,23 @@ class InferenceEngine:
         self.capture_seconds = 0.0  # spent warming up and capturing graphs (reported apart from decoding)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.fingerprint = parameter_fingerprint(model)
-        self._warmup = self._start_decode_kernel_warmup()
+        self._warmup: threading.Thread | None = None
+        self._warmup_started = False
 
-    def _start_decode_kernel_warmup(self) -> threading.Thread | None:
+    def _start_decode_kernel_warmup(self) -> None:
         """Run the Triton decode kernel once, at this engine's shapes, on a background thread that the
-        prefill overlaps. A process's first launch of a Triton kernel costs ~0.5 s of host work even
-        when Triton's disk cache holds the binary (hashing Triton's own sources and library for the
-        cache key, importing its backend, loading the binary): paid here, it no longer stalls the first
-        decode step. The first decode step waits for the thread (:meth:`_await_warmup`)."""
-        if self.device.type != "cuda" or self.attention != "triton":
-            return None
-        # Not a daemon: a process that ends before its first decode step (max_new_tokens=1) waits for
-        # it at exit rather than tearing CUDA down under a launch.
-        thread = threading.Thread(target=self._warm_decode_kernel, name="mqa-decode-warmup")
-        thread.start()
-        return thread
+        prefill overlaps (started by the first call that will decode). A process's first launch of a
+        Triton kernel costs ~0.5 s of host work even when Triton's disk cache holds the binary (hashing
+        Triton's own sources and library for the cache key, importing its backend, loading the
+        binary): paid here, it no longer stalls the first decode step, which waits for the thread
+        (:meth:`_await_warmup`)."""
+        if self._warmup_started or self.device.type != "cuda" or self.attention != "triton":
+            return
+        self._warmup_started = True
+        # Not a daemon: a process that ends before its first decode step waits for it at exit rather
+        # than tearing CUDA down under a launch.
+        self._warmup = threading.Thread(target=self._warm_decode_kernel, name="mqa-decode-warmup")
+        self._warmup.start()
 
     def _warm_decode_kernel(self) -> None:
         # Inputs laid out as the decode step's (strides and dtypes pick the compiled variant), on
@@ -374,6 +376,8 @@ class InferenceEngine:
         self._logits = []
         if max_new_tokens == 0:
             return
+        if max_new_tokens > 1:  # one token is the prefill's alone: no decode kernel to warm
+            self._start_decode_kernel_warmup()
         settings = self.settings(config, eos_token_id)
         temperature = settings[0]
         batch, width = idx.shape
