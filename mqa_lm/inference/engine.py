@@ -203,10 +203,11 @@ class InferenceEngine:
 
     # ---- the steps: the model's forward over the cache, then sampling ----------------------------
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, padded: bool = True) -> torch.Tensor:
         """Fill an emptied cache with ``ids`` [batch, n] (left-padded where ``mask`` is False); returns
-        the last position's logits [batch, vocab]."""
-        self.cache.reset(mask)
+        the last position's logits [batch, vocab]. ``padded=False`` (the caller knows ``mask`` is all
+        true) lets the attention run without a key mask."""
+        self.cache.reset(mask if padded else None, length=ids.shape[1])
         pad = ids.shape[1] - mask.sum(dim=1)
         self.pad.copy_(pad)
         positions = (self.slots[: ids.shape[1]][None, :] - pad[:, None]).clamp_min(0)
@@ -408,7 +409,10 @@ class InferenceEngine:
                 # A prefill: the prompt (its last max_len columns), or the last half window.
                 keep = min(full if filled is None else half, length)
                 window = slice(length - keep, length)
-                logits = self._prefill(history[:, window].to(self.device), real[:, window].to(self.device))
+                rows_real = real[:, window]  # on the host: whether any row is padded costs no sync
+                logits = self._prefill(
+                    history[:, window].to(self.device), rows_real.to(self.device), padded=not bool(rows_real.all())
+                )
                 self._sample(logits, settings)
                 filled, done = keep, 1
             if filled >= full and context_overflow == "crop":

@@ -303,6 +303,8 @@ class MultiQueryAttention(nn.Module):
             past_len = 0
             k_len = cache.owner.max_len if decoding else q_len
             key_padding_mask = cache.owner.key_mask if decoding else cache.owner.key_mask[:, :q_len]
+            if not decoding and not cache.owner.prefill_masked:
+                key_padding_mask = None
             if decoding and positions is None:  # no padding: a row's position is its slot
                 positions = cache.owner.slot.expand(batch)[:, None]
         else:
