@@ -80,6 +80,7 @@ def main() -> None:
     config = GenerationConfig(args.new, temperature=args.temperature, top_k=args.top_k)
     engine = phase("engine", lambda: InferenceEngine(model, 1, 256, attention=args.attention))
     settings = engine.settings(config, None)
+    engine._start_decode_kernel_warmup()  # as stream() does before its prefill
     idx = torch.tensor([tokenizer.encode("ROMEO:").ids], device=device)
     if args.probe:  # the libraries' first use, apart from the model: cuBLAS(Lt), a norm, the SDPA backends
         d, heads = model.config.d_model, model.config.heads

@@ -238,6 +238,9 @@ def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
         return [len(k.device_caches[index][0]) if index in k.device_caches else 0 for k in kernels]
 
     engine = InferenceEngine(model, batch_size=2, max_len=200, attention="triton")
+    engine.generate(idx, GenerationConfig(1), prompt_mask=mask)  # the prefill's token alone
+    assert engine._warmup is None and variants() == [0, 0]
+    engine._start_decode_kernel_warmup()  # what a call of more tokens starts before its prefill
     assert engine._warmup is not None
     engine._warmup.join()
     warmed = variants()
@@ -246,4 +249,34 @@ def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
     out = engine.generate(idx, GenerationConfig(30, temperature=0.8), prompt_mask=mask, generator=gen)
     assert out.shape == (2, 42)
     assert variants() == warmed  # the step found the warm-up's variants
-    assert InferenceEngine(model, batch_size=2, max_len=200, attention="sdpa")._warmup is None
+    sdpa = InferenceEngine(model, batch_size=2, max_len=200, attention="sdpa")
+    sdpa.generate(idx, GenerationConfig(3), prompt_mask=mask)
+    assert sdpa._warmup is None
+
+
+def test_a_prefill_runs_no_cudnn_attention():
+    """cuDNN attention builds a plan per shape, and a prefill's shape is the prompt's: the engine's
+    prefill runs flash or memory-efficient SDPA instead, with the same logits as a full forward."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(fn) -> set[str]:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return {e.name.lower() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+    model = small_model("rope", kv_heads=1)  # attn_impl="torch": SDPA
+    q = torch.randn(1, model.config.heads, 9, 32, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, model.config.heads, 9, 32, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 9, 9, device="cuda", dtype=torch.bool).tril()
+    if not any("cudnn" in n for n in kernels(lambda: F.scaled_dot_product_attention(q, k, k, attn_mask=mask))):
+        pytest.skip("SDPA does not pick cuDNN attention on this GPU")
+    engine = InferenceEngine(model, batch_size=2, max_len=64, attention="sdpa")
+    idx, mask = prompts(2, 13, lengths=[13, 8], seed=6)
+    ran = kernels(lambda: engine._prefill(idx, mask))
+    assert ran and not any("cudnn" in n for n in ran), sorted(ran)
+    with torch.no_grad():
+        logits = engine._prefill(idx, mask)
+        full, _ = model(idx[:1])
+    assert rel_err(logits[0], full[0, -1].float()) < 3e-2

@@ -160,6 +160,26 @@ def test_left_padded_batch_equals_rows_run_alone(pos_emb, rule):
     assert torch.equal(batched[1:2], naive(model, idx[1:2], 30, rule)[:, width:])
 
 
+@pytest.mark.parametrize("pos_emb", POS_EMBS)
+def test_an_unpadded_prefill_without_a_key_mask_equals_the_masked_one(pos_emb):
+    """Without padding the prefill attends with no key mask (SDPA's causal path); in float64 it
+    gives the masked prefill's logits and leaves the same cache and key mask for the decode steps."""
+    model = tiny_model(pos_emb=pos_emb)
+    idx = tokens(3, 11)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    runs = []
+    for padded in (True, False):
+        engine = InferenceEngine(model, batch_size=3, max_len=32)
+        first = engine._prefill(idx, mask, padded=padded)
+        assert engine.cache.prefill_masked is padded
+        runs.append((first, [layer.kv.clone() for layer in engine.cache.layers], engine.cache.key_mask.clone()))
+    (first_a, kv_a, keys_a), (first_b, kv_b, keys_b) = runs
+    torch.testing.assert_close(first_b, first_a, rtol=1e-12, atol=1e-12)
+    for a, b in zip(kv_a, kv_b):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert torch.equal(keys_a, keys_b)
+
+
 def test_eos_and_chunks_match_the_naive_loop():
     model = tiny_model()
     idx = tokens(2, 4)

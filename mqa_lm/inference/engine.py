@@ -137,21 +137,23 @@ class InferenceEngine:
         self.capture_seconds = 0.0  # spent warming up and capturing graphs (reported apart from decoding)
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.fingerprint = parameter_fingerprint(model)
-        self._warmup = self._start_decode_kernel_warmup()
+        self._warmup: threading.Thread | None = None
+        self._warmup_started = False
 
-    def _start_decode_kernel_warmup(self) -> threading.Thread | None:
+    def _start_decode_kernel_warmup(self) -> None:
         """Run the Triton decode kernel once, at this engine's shapes, on a background thread that the
-        prefill overlaps. A process's first launch of a Triton kernel costs ~0.5 s of host work even
-        when Triton's disk cache holds the binary (hashing Triton's own sources and library for the
-        cache key, importing its backend, loading the binary): paid here, it no longer stalls the first
-        decode step. The first decode step waits for the thread (:meth:`_await_warmup`)."""
-        if self.device.type != "cuda" or self.attention != "triton":
-            return None
-        # Not a daemon: a process that ends before its first decode step (max_new_tokens=1) waits for
-        # it at exit rather than tearing CUDA down under a launch.
-        thread = threading.Thread(target=self._warm_decode_kernel, name="mqa-decode-warmup")
-        thread.start()
-        return thread
+        prefill overlaps (started by the first call that will decode). A process's first launch of a
+        Triton kernel costs ~0.5 s of host work even when Triton's disk cache holds the binary (hashing
+        Triton's own sources and library for the cache key, importing its backend, loading the
+        binary): paid here, it no longer stalls the first decode step, which waits for the thread
+        (:meth:`_await_warmup`)."""
+        if self._warmup_started or self.device.type != "cuda" or self.attention != "triton":
+            return
+        self._warmup_started = True
+        # Not a daemon: a process that ends before its first decode step waits for it at exit rather
+        # than tearing CUDA down under a launch.
+        self._warmup = threading.Thread(target=self._warm_decode_kernel, name="mqa-decode-warmup")
+        self._warmup.start()
 
     def _warm_decode_kernel(self) -> None:
         # Inputs laid out as the decode step's (strides and dtypes pick the compiled variant), on
@@ -201,10 +203,11 @@ class InferenceEngine:
 
     # ---- the steps: the model's forward over the cache, then sampling ----------------------------
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, padded: bool = True) -> torch.Tensor:
         """Fill an emptied cache with ``ids`` [batch, n] (left-padded where ``mask`` is False); returns
-        the last position's logits [batch, vocab]."""
-        self.cache.reset(mask)
+        the last position's logits [batch, vocab]. ``padded=False`` (the caller knows ``mask`` is all
+        true) lets the attention run without a key mask."""
+        self.cache.reset(mask if padded else None, length=ids.shape[1])
         pad = ids.shape[1] - mask.sum(dim=1)
         self.pad.copy_(pad)
         positions = (self.slots[: ids.shape[1]][None, :] - pad[:, None]).clamp_min(0)
@@ -374,6 +377,8 @@ class InferenceEngine:
         self._logits = []
         if max_new_tokens == 0:
             return
+        if max_new_tokens > 1:  # one token is the prefill's alone: no decode kernel to warm
+            self._start_decode_kernel_warmup()
         settings = self.settings(config, eos_token_id)
         temperature = settings[0]
         batch, width = idx.shape
@@ -404,7 +409,10 @@ class InferenceEngine:
                 # A prefill: the prompt (its last max_len columns), or the last half window.
                 keep = min(full if filled is None else half, length)
                 window = slice(length - keep, length)
-                logits = self._prefill(history[:, window].to(self.device), real[:, window].to(self.device))
+                rows_real = real[:, window]  # on the host: whether any row is padded costs no sync
+                logits = self._prefill(
+                    history[:, window].to(self.device), rows_real.to(self.device), padded=not bool(rows_real.all())
+                )
                 self._sample(logits, settings)
                 filled, done = keep, 1
             if filled >= full and context_overflow == "crop":

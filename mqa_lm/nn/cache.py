@@ -128,6 +128,7 @@ class StaticKVCache:
         shape = (batch_size, 2, kv_heads, max_len, head_dim)
         self.layers = [StaticLayerCache(self, torch.zeros(shape, device=device, dtype=dtype)) for _ in range(n_layers)]
         self.key_mask = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.prefill_masked = True  # whether a prefill attends through key_mask (reset() decides)
         self.slot = torch.zeros(1, device=device, dtype=torch.long)
         self.slots = torch.arange(max_len, device=device)
         # How many slots are filled, as far as the host knows: set by reset() and a prefill, unknown
@@ -141,7 +142,11 @@ class StaticKVCache:
 
     def reset(self, prompt_mask: torch.Tensor | None = None, length: int | None = None) -> None:
         """Empty the cache before a prefill of ``length`` tokens; ``prompt_mask`` [batch, length] (True
-        = a real token) hides left padding. Device-side writes only (a graph may capture them)."""
+        = a real token) hides left padding. Device-side writes only (a graph may capture them).
+
+        With ``length`` alone (no padding), the prefill's attention takes no key mask: plain causal
+        attention, which SDPA runs on its flash kernel (a mask, even an all-true one, rules it out)."""
+        self.prefill_masked = prompt_mask is not None or length is None
         self.key_mask.zero_()
         if prompt_mask is not None:
             self.key_mask[:, : prompt_mask.shape[1]] = prompt_mask
