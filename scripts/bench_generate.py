@@ -13,7 +13,7 @@
    time with neither launch overhead nor cache hits.
 
     python scripts/bench_generate.py [--quick] [--compile] [--no-hf] [--json out.json]
-    python scripts/bench_generate.py --profile     # kernels and GPU time of one decode step
+    python scripts/bench_generate.py --profile     # kernels and GPU time of one decode step (b=1, 16)
     python scripts/bench_generate.py --device cpu --quick      # smoke run: tiny fp32 model, no Triton
 """
 
@@ -302,23 +302,28 @@ def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None
 
 
 def profile_step(args, device: torch.device, dtype: torch.dtype) -> None:
-    """Kernels of one eager decode step at batch 1 (what the CUDA graph replays) and their GPU time."""
+    """Kernels of one eager decode step (what the CUDA graph replays) and their GPU time, per batch."""
     from torch.profiler import ProfilerActivity, profile
 
     model = build_model(args, device, dtype)
-    engine = InferenceEngine(model, 1, max_len=args.max_seq_len, attention="triton", cuda_graph=False)
-    idx = torch.randint(0, args.vocab, (1, args.prompt), device=device)
-    engine.generate(idx, GenerationConfig(8, temperature=0.0))
     steps = 16
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.generate(idx, GenerationConfig(steps + 1, temperature=0.0))
+    for batch in args.batches:
+        engine = InferenceEngine(model, batch, max_len=args.max_seq_len, attention="triton", cuda_graph=False)
+        idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device)
+        engine.generate(idx, GenerationConfig(8, temperature=0.0))
         sync(device)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    kernels = sum(e.count for e in events) / (steps + 1)
-    gpu_us = sum(e.self_device_time_total for e in events) / (steps + 1)
-    print(f"\n== one decode step, eager (batch 1): ~{kernels:.0f} kernels, {gpu_us:.0f} us of GPU time ==")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate(idx, GenerationConfig(steps + 1, temperature=0.0))
+            sync(device)
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        kernels = sum(e.count for e in events) / (steps + 1)
+        gpu_us = sum(e.self_device_time_total for e in events) / (steps + 1)
+        print(f"\n== one decode step, eager (batch {batch}): ~{kernels:.0f} kernels, {gpu_us:.0f} us of GPU time ==")
+        table = prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=args.profile_rows, max_name_column_width=90
+        )
+        print(table)
+        del engine
 
 
 def print_table(rows: list[dict]) -> None:
@@ -362,8 +367,9 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="only profile one eager decode step at batch 1 (kernel count and GPU time)",
+        help="only profile one eager decode step at batch 1 and 16 (kernel count and GPU time)",
     )
+    parser.add_argument("--profile-rows", type=int, default=15, help="kernels listed per batch with --profile")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
