@@ -25,6 +25,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mqa_lm.utils.triton_prepare import prepare_triton_in_background
+
+# Before the imports below bring in torch (seconds): Triton's own start-up (~0.4 s, mostly hashing
+# that releases the GIL) then overlaps it instead of stalling the engine and the first decode step.
+prepare_triton_in_background()
+
 from mqa_lm.cli import config_store
 from mqa_lm.cli.main import UsageError, fail, hydra_main
 from mqa_lm.cli.options import ModelLoadError, ModelSource

@@ -1,7 +1,8 @@
 """Where a generation process spends its first seconds, phase by phase, in one fresh process.
 
     python scripts/profile_generate_startup.py EXPORT_DIR [--new 200] [--temperature 0.8] [--top-k 50]
-        [--attention auto] [--profile prefill decode1 capture] [--probe]
+        [--attention auto] [--profile prefill decode1 capture] [--sort tottime] [--probe]
+        [--no-warmup] [--no-triton-prepare] [--tiny-first]
 
 Follows generate.py's path (the same imports, ``load_pretrained``, one engine, the prompt "ROMEO:")
 and prints the wall time of each phase with the device synchronised after it: import torch, CUDA
@@ -9,8 +10,10 @@ init, the imports generate.py adds, loading, the engine, the prefill and its fir
 prefill again at the same and at a new length (a cost per shape shows there), the first and second
 eager decode steps (the first pays every kernel's first use), the graph capture (two warm-up steps
 and the capture), and ``--new`` replays. ``--profile`` names the phases to run under cProfile (the top
-of each is printed after the table). Run it twice: the second process finds Triton's and PyTorch's
-on-disk caches filled, as a user's second run does.
+of each is printed after the table; ``--sort tottime`` puts first uses on top). The ``--no-*`` probes
+turn off one of generate.py's start-up measures; ``--tiny-first`` runs every kernel once before the
+prefill, to show what of its time is not kernels' first use. Run it twice: the second process finds
+Triton's and PyTorch's on-disk caches filled, as a user's second run does.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 STARTED = time.perf_counter()
+if "--no-triton-prepare" not in sys.argv:  # as generate.py does, before its imports bring in torch
+    from mqa_lm.utils.triton_prepare import prepare_triton_in_background
+
+    prepare_triton_in_background()
 
 
 def main() -> None:
@@ -36,8 +43,19 @@ def main() -> None:
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--profile", nargs="*", default=["prefill", "decode1", "capture"])
     parser.add_argument("--rows", type=int, default=25, help="cProfile lines printed per phase")
+    parser.add_argument("--sort", default="cumulative", help="cProfile order: cumulative, or tottime for first uses")
     parser.add_argument(
         "--probe", action="store_true", help="before the prefill, time a first matmul, layer norm and SDPA alone"
+    )
+    parser.add_argument("--no-warmup", action="store_true", help="probe: no background decode-kernel warm-up")
+    parser.add_argument(
+        "--no-triton-prepare", action="store_true", help="probe: no Triton start-up on a thread before torch's import"
+    )
+    parser.add_argument(
+        "--tiny-first",
+        action="store_true",
+        help="probe: a 1-layer copy of the model generates 2 tokens eagerly before the real prefill, so the "
+        "prefill's time is what is left once every kernel it launches has run once",
     )
     args = parser.parse_args()
     marks: list[tuple[str, float]] = []
@@ -54,7 +72,7 @@ def main() -> None:
         if profile is not None:
             profile.disable()
             stream = io.StringIO()
-            pstats.Stats(profile, stream=stream).sort_stats("cumulative").print_stats(args.rows)
+            pstats.Stats(profile, stream=stream).sort_stats(args.sort).print_stats(args.rows)
             profiles[name] = stream.getvalue()
         marks.append((name, time.perf_counter() - STARTED))
         return result
@@ -62,6 +80,22 @@ def main() -> None:
     torch = phase("import torch", __import__, "torch")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     phase("cuda init", lambda: torch.zeros(1, device=device))
+
+    def tiny_warm(config):
+        import dataclasses
+
+        from mqa_lm.inference import InferenceEngine as Engine
+        from mqa_lm.inference.config import GenerationConfig as Config
+        from mqa_lm.model import MQATransformer
+
+        config = dataclasses.replace(config, n_layers=1, vocab_size=min(config.vocab_size, 4096))
+        with torch.random.fork_rng(devices=[torch.device(device)] if device == "cuda" else []), torch.device(device):
+            tiny = MQATransformer(config)
+        tiny.to(dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+        engine = Engine(tiny, 1, 256, attention=args.attention, cuda_graph=False)
+        engine.generate(
+            torch.ones(1, 6, dtype=torch.long, device=device), Config(2, temperature=args.temperature, top_k=args.top_k)
+        )
 
     def imports():
         import omegaconf  # noqa: F401  (generate.py's own imports, in its order)
@@ -78,9 +112,12 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, tokenizer = phase("load", lambda: load_pretrained(args.export, device=device, dtype=dtype))
     config = GenerationConfig(args.new, temperature=args.temperature, top_k=args.top_k)
+    if args.tiny_first:
+        phase("tiny: 1-layer copy generates 2", tiny_warm, model.config)
     engine = phase("engine", lambda: InferenceEngine(model, 1, 256, attention=args.attention))
     settings = engine.settings(config, None)
-    engine._start_decode_kernel_warmup()  # as stream() does before its prefill
+    if not args.no_warmup:
+        engine._start_decode_kernel_warmup()  # as stream() does before its prefill
     idx = torch.tensor([tokenizer.encode("ROMEO:").ids], device=device)
     if args.probe:  # the libraries' first use, apart from the model: cuBLAS(Lt), a norm, the SDPA backends
         d, heads = model.config.d_model, model.config.heads

@@ -88,7 +88,9 @@ ENTRY_POINT_MODULES = {
     "from mqa_lm import MultiQueryAttention": 16,
     "from mqa_lm import generate, load_pretrained": 29,
 }
-GENERATE_PY_MODULES = 38  # the above, the cli helpers, the engine and the pretrained package
+# The above, the cli helpers, the engine, the pretrained package and utils.triton_prepare (Triton's
+# start-up on a thread before torch's import).
+GENERATE_PY_MODULES = 39
 # Generation needs the model, the engine and the model files; none of these.
 NOT_FOR_GENERATION = ("mqa_lm.training", "mqa_lm.optim", "mqa_lm.data.prepare", "mqa_lm.evaluation", "mqa_lm.export")
 
