@@ -3,6 +3,7 @@ ends bitwise equal to an uninterrupted run; damaged and unsafe checkpoints; atom
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 import signal
@@ -387,3 +388,17 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     torch.testing.assert_close(torch.rand(4), expected[0], rtol=0, atol=0)
     assert np.array_equal(np.random.rand(4), expected[1])
     assert [random.random() for _ in range(4)] == expected[2]
+
+
+def test_the_csv_log_is_on_disk_as_soon_as_a_row_is_logged(tmp_path):
+    """Rows are written through, not buffered until Lightning's next flush (every 100 steps): a run
+    killed after a checkpoint keeps the rows of the steps before it, which its continuation does not
+    log again (the race test_sigkill_then_same_command_ends_bitwise_equal hits at random)."""
+    from mqa_lm.training.loggers import ResumableCSVLogger
+
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version=0)
+    logger.log_metrics({"train/loss": 2.5}, step=9)
+    logger.log_metrics({"train/loss": 2.25, "lr": 1e-3}, step=19)
+    with open(logger.experiment.metrics_file_path) as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["step"], r["train/loss"], r["lr"]) for r in rows] == [("9", "2.5", ""), ("19", "2.25", "0.001")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import torch
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter as _FabricExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -53,6 +54,13 @@ class ResumableCSVLogger(CSVLogger):
         if self._experiment is not None:
             raise RuntimeError("resume_from_step must be called before the logger writes")
         self._drop_from = int(step)
+
+    def log_metrics(self, metrics: dict[str, torch.Tensor | float], step: int | None = None) -> None:  # type: ignore[override]  # as CSVLogger
+        super().log_metrics(metrics, step)
+        # Written through rather than buffered until Lightning's next flush (every 100 steps): a run
+        # killed after a checkpoint lost the rows logged since the last flush, and its continuation
+        # from that checkpoint does not log those steps again.
+        self.save()
 
     @property
     def experiment(self) -> _FabricExperimentWriter:
