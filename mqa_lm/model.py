@@ -8,6 +8,7 @@ alike; generation is a loop over it in :mod:`mqa_lm.inference`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, cast
 
@@ -19,7 +20,7 @@ from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_ar
 from mqa_lm.nn.cache import DynamicKVCache, StaticKVCache, StaticLayerCache
 from mqa_lm.nn.loss import linear_cross_entropy
 from mqa_lm.nn.mlp import MLP
-from mqa_lm.nn.norms import build_norm
+from mqa_lm.nn.norms import build_norm, fusable_norm
 from mqa_lm.nn.positions import alibi_bias as build_alibi_bias
 from mqa_lm.nn.positions import alibi_slopes
 from mqa_lm.utils.config import DictRoundTrip, check_int
@@ -184,6 +185,7 @@ class Block(nn.Module):
         self.norm_2 = build_norm(config.norm_type, config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config.d_model, config.hidden_size, config.mlp_type, config.fc_type, config.bias)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self._fusable: bool | None = None  # see fused_decode_ok
 
     def forward(
         self,
@@ -196,6 +198,8 @@ class Block(nn.Module):
         positions: torch.Tensor | None = None,
         cache: StaticLayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
+        if cache is not None and x.shape[1] == 1 and not needs_weights and self.fused_decode_ok(x, cache):
+            return self._decode_fused(x, bias, positions, cache), None, (cache.keys, cache.values)
         attn_out, weights, present = self.attn(
             self.norm_1(x),
             past_key_value=past_key_value,
@@ -219,6 +223,46 @@ class Block(nn.Module):
     def _residual_and_mlp(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         x = x + self.resid_dropout(attn_out)
         return x + self.resid_dropout(self.mlp(self.norm_2(x)))
+
+    # ---- the decode step as four fused linear kernels -----------------------------------------
+
+    def fused_decode_ok(self, x: torch.Tensor, cache: StaticLayerCache) -> bool:
+        """Whether this one-token step into ``cache`` runs as :meth:`_decode_fused`: the cache asks
+        for it (CUDA, or the Triton interpreter), a few rows, inference (no grad, no dropout, no
+        autocast), not under ``torch.compile`` (Inductor fuses the same ops itself), and layers the
+        kernels compute (``fc_type='torch'``, a LayerNorm or RMSNorm)."""
+        from mqa_lm.kernels.triton.decode_linear import MAX_ROWS
+
+        if not cache.owner.fused_layers or x.shape[0] > MAX_ROWS or self.training or torch.is_grad_enabled():
+            return False
+        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return False
+        if self._fusable is None:
+            linears = (self.attn.Wqkv, self.attn.out_proj, self.mlp.up_proj, self.mlp.down_proj)
+            self._fusable = (
+                all(type(layer) is nn.Linear for layer in linears)
+                and fusable_norm(self.norm_1) is not None
+                and fusable_norm(self.norm_2) is not None
+            )
+        return self._fusable and x.dtype == self.attn.Wqkv.weight.dtype
+
+    def _decode_fused(
+        self, x: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor | None, cache: StaticLayerCache
+    ) -> torch.Tensor:
+        return self.fused_layers(x, lambda qkv: self.attn.decode_context(x, qkv, bias, positions, cache)[0])
+
+    def fused_layers(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block on ``x`` [batch, 1, d_model] as four fused kernels around ``attend`` (the QKV
+        projection -> the context before ``out_proj``): norm + QKV, out_proj + residual, norm + up +
+        activation, down + residual. Eval mode: no dropout."""
+        from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+        attn, mlp = self.attn, self.mlp
+        qkv = fused_linear(x, attn.Wqkv.weight, attn.Wqkv.bias, **fusable_norm(self.norm_1))  # type: ignore[arg-type]
+        h = fused_linear(attend(qkv), attn.out_proj.weight, attn.out_proj.bias, residual=x)  # type: ignore[arg-type]
+        activation = "swiglu" if mlp.mlp_type == "swiglu" else "gelu_tanh"
+        up = fused_linear(h, mlp.up_proj.weight, mlp.up_proj.bias, activation=activation, **fusable_norm(self.norm_2))  # type: ignore[arg-type]
+        return fused_linear(up, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)  # type: ignore[arg-type]
 
 
 class MQATransformer(nn.Module):

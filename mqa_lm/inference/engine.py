@@ -27,7 +27,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -37,7 +37,7 @@ from mqa_lm.nn.cache import DECODE_ATTENTION
 from mqa_lm.utils.config import check_int
 
 if TYPE_CHECKING:
-    from mqa_lm.model import MQATransformer
+    from mqa_lm.model import Block, MQATransformer
 
 # (temperature, top_k, top_p, eos): what the captured step bakes in (InferenceEngine.settings builds it).
 Settings = tuple[float, "int | None", "float | None", "int | None"]
@@ -141,7 +141,8 @@ class InferenceEngine:
         self._warmup_started = False
 
     def _start_decode_kernel_warmup(self) -> None:
-        """Run the Triton decode kernel once, at this engine's shapes, on a background thread that the
+        """Run the Triton decode kernels once (the attention, and the fused linear layers of
+        :meth:`~mqa_lm.model.Block.fused_layers`), at this engine's shapes, on a background thread that the
         prefill overlaps (started by the first call that will decode). A process's first launch of a
         Triton kernel costs ~0.5 s of host work even when Triton's disk cache holds the binary (hashing
         Triton's own sources and library for the cache key, importing its backend, loading the
@@ -179,6 +180,12 @@ class InferenceEngine:
                     split_size=cache.split_size,
                     check=False,
                 )
+                # The block's fused linear kernels (Block.fused_layers), around a stand-in attention.
+                block = cast("Block", self.model.blocks[0])
+                x = torch.zeros(batch, 1, config.d_model, device=self.device, dtype=kv.dtype)
+                with torch.no_grad():  # grad mode is per thread
+                    if block.fused_decode_ok(x, cache.layers[0]):
+                        block.fused_layers(x, lambda qkv: torch.zeros_like(x))
         except Exception:  # noqa: BLE001  the decode step's own call reports any real problem
             pass
 

@@ -278,6 +278,23 @@ class MultiQueryAttention(nn.Module):
         assert weights is not None and max_logit is not None
         return context, weights, max_logit, present
 
+    def decode_context(
+        self,
+        x: torch.Tensor,
+        qkv: torch.Tensor,
+        bias: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        cache: StaticLayerCache,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """One decode step of :meth:`forward` into a static ``cache`` from ``qkv``, the projection of
+        ``x`` made by the caller, returning ``(context before out_proj [batch, 1, dim], (key, value))``:
+        the caller fuses the norm into the projection and ``out_proj`` with the residual add
+        (:mod:`mqa_lm.kernels.triton.decode_linear`)."""
+        context, _, _, present = self._attend(
+            x, None, bias, None, True, False, False, positions, cache, qkv=qkv, project=False
+        )
+        return context, present
+
     def _attend(
         self,
         x: torch.Tensor,
@@ -289,7 +306,11 @@ class MultiQueryAttention(nn.Module):
         needs_max_logit: bool,
         positions: torch.Tensor | None,
         cache: StaticLayerCache | None,
+        qkv: torch.Tensor | None = None,
+        project: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]:
+        """``qkv``: the projection of ``x``, made by the caller (fused with the norm before it);
+        ``project=False``: return the context before ``out_proj`` (the caller fuses it with what follows)."""
         batch, q_len = self._check_input(x)
         if x.device.type not in self._device_backends:
             self._resolve_device(x.device)
@@ -313,7 +334,8 @@ class MultiQueryAttention(nn.Module):
             key_padding_mask = self._check_mask(mask, batch, k_len, x.device)
         bias = self._crop_bias(bias, batch, q_len, k_len)
 
-        qkv = self.Wqkv(x)
+        if qkv is None:
+            qkv = self.Wqkv(x)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         kv_dim = self.kv_heads * self.head_dim
@@ -397,7 +419,7 @@ class MultiQueryAttention(nn.Module):
             log.info("MultiQueryAttention: %s kernel, q_len=%d k_len=%d dtype=%s", used, q_len, k_len, q.dtype)
 
         context = context.to(qkv.dtype).transpose(1, 2).reshape(batch, q_len, self.dim)
-        return self.out_proj(context), weights, max_logit, (k, v)
+        return self.out_proj(context) if project else context, weights, max_logit, (k, v)
 
     def _note(self, message: str) -> None:
         if self.verbose >= 1 and message not in self._warned:
