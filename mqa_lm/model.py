@@ -149,6 +149,18 @@ class MQAConfig(DictRoundTrip):
         return 4 * self.d_model
 
 
+def fused_decode_step(module: nn.Module, x: torch.Tensor, cache: StaticKVCache) -> bool:
+    """Whether a one-token step of ``x`` [batch, 1, ...] into ``cache`` may run on the fused decode
+    kernels (:mod:`mqa_lm.kernels.triton.decode_linear`): the cache asks for them (CUDA, or the Triton
+    interpreter), a few rows, inference (no grad, no dropout, no autocast), and not under
+    ``torch.compile`` (Inductor fuses the same ops itself)."""
+    from mqa_lm.kernels.triton.decode_linear import MAX_ROWS
+
+    if not cache.fused_layers or x.shape[0] > MAX_ROWS or module.training or torch.is_grad_enabled():
+        return False
+    return not (torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling())
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -227,15 +239,10 @@ class Block(nn.Module):
     # ---- the decode step as four fused linear kernels -----------------------------------------
 
     def fused_decode_ok(self, x: torch.Tensor, cache: StaticLayerCache) -> bool:
-        """Whether this one-token step into ``cache`` runs as :meth:`_decode_fused`: the cache asks
-        for it (CUDA, or the Triton interpreter), a few rows, inference (no grad, no dropout, no
-        autocast), not under ``torch.compile`` (Inductor fuses the same ops itself), and layers the
-        kernels compute (``fc_type='torch'``, a LayerNorm or RMSNorm)."""
-        from mqa_lm.kernels.triton.decode_linear import MAX_ROWS
-
-        if not cache.owner.fused_layers or x.shape[0] > MAX_ROWS or self.training or torch.is_grad_enabled():
-            return False
-        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+        """Whether this one-token step into ``cache`` runs as :meth:`_decode_fused`: the step may
+        (:func:`fused_decode_step`) and the block's layers are ones the kernels compute
+        (``fc_type='torch'``, a LayerNorm or RMSNorm)."""
+        if not fused_decode_step(self, x, cache.owner):
             return False
         if self._fusable is None:
             linears = (self.attn.Wqkv, self.attn.out_proj, self.mlp.up_proj, self.mlp.down_proj)
@@ -334,6 +341,13 @@ class MQATransformer(nn.Module):
         """
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {list(targets.shape)} must equal idx shape {list(idx.shape)}")
+        if targets is None and isinstance(cache, StaticKVCache) and idx.shape[1] == 1:
+            head = self._fused_head()
+            if head is not None and fused_decode_step(self, idx, cache):
+                # The final norm in the LM head's kernel: one launch instead of two.
+                from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+                return fused_linear(self._hidden(idx, positions, cache, final_norm=False), **head), None
         hidden = self._hidden(idx, positions, cache)
         if targets is None:
             if logits_to_keep:
@@ -351,6 +365,29 @@ class MQATransformer(nn.Module):
         logits = self.lm_head(hidden)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def warm_fused_decode(self, cache: StaticKVCache) -> None:
+        """Launch each fused decode kernel a step into ``cache`` would (a block's four, the head's)
+        once, on zeros of the step's shapes (the engine's background warm-up: a Triton kernel's first
+        launch in a process is slow). Writes nothing to ``cache``."""
+        from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+        block = cast(Block, self.blocks[0])
+        x = torch.zeros(cache.batch_size, 1, self.config.d_model, device=cache.device, dtype=cache.dtype)
+        if block.fused_decode_ok(x, cache.layers[0]):
+            block.fused_layers(x, lambda qkv: torch.zeros_like(x))
+        head = self._fused_head()
+        if head is not None and fused_decode_step(self, x, cache):
+            fused_linear(x, **head)
+
+    def _fused_head(self) -> dict | None:
+        """The fused LM head's arguments (its weight and the final norm's), or None where the head or
+        the final norm is not one the kernel computes."""
+        norm = fusable_norm(self.norm_f)
+        if norm is None or type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
+            return None
+        return {"weight": self.lm_head.weight, **norm}
 
     def loss_chunk_rows(self) -> int:
         """Rows per chunk of the chunked loss: about 2**26 logits (256 MiB in fp32) per chunk, large
@@ -457,8 +494,10 @@ class MQATransformer(nn.Module):
         idx: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: DynamicKVCache | StaticKVCache | None = None,
+        final_norm: bool = True,
     ) -> torch.Tensor:
-        """The final-norm hidden states [batch, seq, d_model]; ``cache`` is read and updated."""
+        """The final-norm hidden states [batch, seq, d_model] (before that norm with
+        ``final_norm=False``); ``cache`` is read and updated."""
         seq = idx.shape[1]
         static = cache if isinstance(cache, StaticKVCache) else None
         dynamic = cache if isinstance(cache, DynamicKVCache) else None
@@ -495,7 +534,7 @@ class MQATransformer(nn.Module):
                 dynamic.update(i, present)
         if static is not None:
             static.end(seq)
-        return self.norm_f(x)
+        return self.norm_f(x) if final_norm else x
 
     def alibi_bias(self, device: torch.device) -> torch.Tensor | None:
         """The fp32 ALiBi bias [1, heads, 1, max_seq_len] (None unless ``pos_emb='alibi'``).

@@ -27,7 +27,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,7 +37,7 @@ from mqa_lm.nn.cache import DECODE_ATTENTION
 from mqa_lm.utils.config import check_int
 
 if TYPE_CHECKING:
-    from mqa_lm.model import Block, MQATransformer
+    from mqa_lm.model import MQATransformer
 
 # (temperature, top_k, top_p, eos): what the captured step bakes in (InferenceEngine.settings builds it).
 Settings = tuple[float, "int | None", "float | None", "int | None"]
@@ -180,12 +180,7 @@ class InferenceEngine:
                     split_size=cache.split_size,
                     check=False,
                 )
-                # The block's fused linear kernels (Block.fused_layers), around a stand-in attention.
-                block = cast("Block", self.model.blocks[0])
-                x = torch.zeros(batch, 1, config.d_model, device=self.device, dtype=kv.dtype)
-                with torch.no_grad():  # grad mode is per thread
-                    if block.fused_decode_ok(x, cache.layers[0]):
-                        block.fused_layers(x, lambda qkv: torch.zeros_like(x))
+                self.model.warm_fused_decode(cache)
         except Exception:  # noqa: BLE001  the decode step's own call reports any real problem
             pass
 
