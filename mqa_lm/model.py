@@ -161,6 +161,10 @@ def fused_decode_step(module: nn.Module, x: torch.Tensor, cache: StaticKVCache) 
     return not (torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling())
 
 
+def _weight_and_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return cast(torch.Tensor, linear.weight), cast("torch.Tensor | None", linear.bias)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -265,11 +269,13 @@ class Block(nn.Module):
         from mqa_lm.kernels.triton.decode_linear import fused_linear
 
         attn, mlp = self.attn, self.mlp
-        qkv = fused_linear(x, attn.Wqkv.weight, attn.Wqkv.bias, **fusable_norm(self.norm_1))  # type: ignore[arg-type]
-        h = fused_linear(attend(qkv), attn.out_proj.weight, attn.out_proj.bias, residual=x)  # type: ignore[arg-type]
+        norm_1, norm_2 = fusable_norm(self.norm_1), fusable_norm(self.norm_2)
+        assert norm_1 is not None and norm_2 is not None  # fused_decode_ok checked them
+        qkv = fused_linear(x, *_weight_and_bias(attn.Wqkv), **norm_1)
+        h = fused_linear(attend(qkv), *_weight_and_bias(attn.out_proj), residual=x)
         activation = "swiglu" if mlp.mlp_type == "swiglu" else "gelu_tanh"
-        up = fused_linear(h, mlp.up_proj.weight, mlp.up_proj.bias, activation=activation, **fusable_norm(self.norm_2))  # type: ignore[arg-type]
-        return fused_linear(up, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)  # type: ignore[arg-type]
+        up = fused_linear(h, *_weight_and_bias(mlp.up_proj), activation=activation, **norm_2)
+        return fused_linear(up, *_weight_and_bias(mlp.down_proj), residual=h)
 
 
 class MQATransformer(nn.Module):

@@ -7,6 +7,8 @@ Without autocast they are identical to their full-precision twins.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,7 +84,7 @@ class LowPrecisionRMSNorm(RMSNorm):
             return self._norm(x, dtype)
 
 
-def fusable_norm(module: nn.Module) -> dict | None:
+def fusable_norm(module: nn.Module) -> dict[str, Any] | None:
     """How a kernel that fuses the norm into what follows computes ``module`` (keyword arguments of
     :func:`mqa_lm.kernels.triton.decode_linear.fused_linear`), or None for a norm it cannot. Without
     autocast the low-precision variants compute what their full-precision twins do."""
