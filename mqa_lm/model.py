@@ -260,18 +260,30 @@ class Block(nn.Module):
     def _decode_fused(
         self, x: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor | None, cache: StaticLayerCache
     ) -> torch.Tensor:
-        return self.fused_layers(x, lambda qkv: self.attn.decode_context(x, qkv, bias, positions, cache)[0])
+        written = self.attn.kv_as_projected
 
-    def fused_layers(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        def attend(qkv: torch.Tensor) -> torch.Tensor:
+            return self.attn.decode_context(x, qkv, bias, positions, cache, kv_written=written)[0]
+
+        return self.fused_layers(x, attend, (cache.kv, cache.owner.slot) if written else None)
+
+    def fused_layers(
+        self,
+        x: torch.Tensor,
+        attend: Callable[[torch.Tensor], torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The block on ``x`` [batch, 1, d_model] as four fused kernels around ``attend`` (the QKV
-        projection -> the context before ``out_proj``): norm + QKV, out_proj + residual, norm + up +
+        projection -> the context before ``out_proj``): norm + QKV (also writing the keys and values
+        into ``kv`` = (a layer's packed cache, the slot) where given), out_proj + residual, norm + up +
         activation, down + residual. Eval mode: no dropout."""
         from mqa_lm.kernels.triton.decode_linear import fused_linear
 
         attn, mlp = self.attn, self.mlp
         norm_1, norm_2 = fusable_norm(self.norm_1), fusable_norm(self.norm_2)
         assert norm_1 is not None and norm_2 is not None  # fused_decode_ok checked them
-        qkv = fused_linear(x, *_weight_and_bias(attn.Wqkv), **norm_1)
+        kv_cache, slot = kv if kv is not None else (None, None)
+        qkv = fused_linear(x, *_weight_and_bias(attn.Wqkv), **norm_1, kv_cache=kv_cache, slot=slot)
         h = fused_linear(attend(qkv), *_weight_and_bias(attn.out_proj), residual=x)
         activation = "swiglu" if mlp.mlp_type == "swiglu" else "gelu_tanh"
         up = fused_linear(h, *_weight_and_bias(mlp.up_proj), activation=activation, **norm_2)
@@ -382,7 +394,9 @@ class MQATransformer(nn.Module):
         block = cast(Block, self.blocks[0])
         x = torch.zeros(cache.batch_size, 1, self.config.d_model, device=cache.device, dtype=cache.dtype)
         if block.fused_decode_ok(x, cache.layers[0]):
-            block.fused_layers(x, lambda qkv: torch.zeros_like(x))
+            # A scratch cache: the prefill may be writing the real one meanwhile.
+            kv = (torch.zeros_like(cache.layers[0].kv), torch.zeros_like(cache.slot))
+            block.fused_layers(x, lambda qkv: torch.zeros_like(x), kv if block.attn.kv_as_projected else None)
         head = self._fused_head()
         if head is not None and fused_decode_step(self, x, cache):
             fused_linear(x, **head)

@@ -202,6 +202,24 @@ def test_fused_linear_matches_float64(rows, norm, activation):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_linear_writes_keys_and_values_into_the_cache_at_the_slot():
+    from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+    gen = torch.Generator().manual_seed(3)
+    rows, dim, kv_heads, head_dim, max_len = 3, 32, 2, 8, 11
+    width = dim + 2 * kv_heads * head_dim
+    x, weight = torch.randn(rows, 1, dim, generator=gen), torch.randn(width, dim, generator=gen)
+    kv = torch.randn(rows, 2, kv_heads, max_len, head_dim, generator=gen)
+    before = kv.clone()
+    out = fused_linear(x, weight, norm="rmsnorm", norm_weight=torch.ones(dim), kv_cache=kv, slot=torch.tensor([5]))
+    expected = out[:, 0, dim:].view(rows, 2, kv_heads, head_dim)
+    assert torch.equal(kv[:, :, :, 5], expected)
+    before[:, :, :, 5] = expected
+    assert torch.equal(kv, before)  # nothing else written
+    with pytest.raises(ValueError, match=r"kv_cache must be \[3, 2, kv_heads, max_len, head_dim\]"):
+        fused_linear(x, weight, kv_cache=kv[:2], slot=torch.tensor([5]))
+
+
 def test_fused_linear_refuses_more_rows_than_a_tile():
     from mqa_lm.kernels.triton.decode_linear import MAX_ROWS, fused_linear
 

@@ -285,15 +285,24 @@ class MultiQueryAttention(nn.Module):
         bias: torch.Tensor | None,
         positions: torch.Tensor | None,
         cache: StaticLayerCache,
+        kv_written: bool = False,
     ) -> tuple[torch.Tensor, KVCache]:
         """One decode step of :meth:`forward` into a static ``cache`` from ``qkv``, the projection of
         ``x`` made by the caller, returning ``(context before out_proj [batch, 1, dim], (key, value))``:
         the caller fuses the norm into the projection and ``out_proj`` with the residual add
-        (:mod:`mqa_lm.kernels.triton.decode_linear`)."""
+        (:mod:`mqa_lm.kernels.triton.decode_linear`), and ``kv_written``: it also wrote the keys and
+        values into ``cache`` (see :attr:`kv_as_projected`)."""
+        assert not kv_written or self.kv_as_projected
         context, _, _, present = self._attend(
-            x, None, bias, None, True, False, False, positions, cache, qkv=qkv, project=False
+            x, None, bias, None, True, False, False, positions, cache, qkv=qkv, project=False, kv_written=kv_written
         )
         return context, present
+
+    @property
+    def kv_as_projected(self) -> bool:
+        """Whether a decode step caches the keys and values exactly as the QKV projection outputs them
+        (no clipping, QK-norm or rotary positions in between), so the projection may write them."""
+        return self.rotary is None and not self.qk_ln and self.clip_qkv is None
 
     def _attend(
         self,
@@ -308,9 +317,12 @@ class MultiQueryAttention(nn.Module):
         cache: StaticLayerCache | None,
         qkv: torch.Tensor | None = None,
         project: bool = True,
+        kv_written: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]:
         """``qkv``: the projection of ``x``, made by the caller (fused with the norm before it);
-        ``project=False``: return the context before ``out_proj`` (the caller fuses it with what follows)."""
+        ``project=False``: return the context before ``out_proj`` (the caller fuses it with what
+        follows); ``kv_written``: the caller's projection also wrote a decode step's keys and values
+        into ``cache`` (only where they go in as projected: :attr:`kv_as_projected`)."""
         batch, q_len = self._check_input(x)
         if x.device.type not in self._device_backends:
             self._resolve_device(x.device)
@@ -356,8 +368,9 @@ class MultiQueryAttention(nn.Module):
         if cache is not None:
             if decoding and self.rotary is None and not self.qk_ln:
                 # Keys and values as the projection made them: written by one copy from its output.
-                packed = qkv[..., self.dim :].view(batch, 1, 2, self.kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
-                cache.write_packed(packed)
+                if not kv_written:
+                    packed = qkv[..., self.dim :].view(batch, 1, 2, self.kv_heads, self.head_dim)
+                    cache.write_packed(packed.permute(0, 2, 3, 1, 4))
             else:
                 cache.write(k, v)
             if decoding:

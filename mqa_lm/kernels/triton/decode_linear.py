@@ -6,14 +6,13 @@ reading the weights, and at GPT-2-small size each matrix is 1-5 MB: a few micros
 bandwidth, about what one launch costs. cuBLAS picks tiles made for many rows (64 output columns a
 program: 12-48 programs on a GPU of 132 SMs for d_model 768), and the norm, bias, activation and
 residual add each cost a launch of their own. Here one program computes ``BLOCK_N`` output columns
-for every row (``BLOCK_N`` small enough that the programs cover the GPU), and the norm's statistics
-are computed in the prologue from the rows it reads anyway (a few KB), so a transformer layer's MLP
-and projections take four launches instead of ten.
+for every row (``BLOCK_N`` small enough that the programs cover the GPU), and the norm is folded
+into the same pass over K (see :func:`_fused_linear`), so a transformer layer's MLP and projections
+take four launches instead of ten.
 
 Layout: ``x`` [M, K] with unit last stride, ``weight`` [N, K] (``nn.Linear``'s), ``bias`` [N]; the
 output is [M, N] (SwiGLU: [M, N/2], the gate in the first half of the weight's rows, as
-:class:`~mqa_lm.nn.mlp.MLP` stores it). Statistics and accumulation in fp32; the normalised input is
-rounded to the weight's dtype before the product, as the unfused layers round the norm's output.
+:class:`~mqa_lm.nn.mlp.MLP` stores it). Statistics and accumulation in fp32.
 """
 
 from __future__ import annotations
@@ -29,26 +28,29 @@ NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
 
 
 @triton.jit
-def _norm_stats(X, stride_xm, rm, M, K, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-row mean (0 for RMSNorm) and 1/std of x [M, K] in fp32, two passes over K (x is in L2)."""
-    row_ok = rm < M
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+def _accumulate(acc, g_sum, b_sum, xs, w_ptrs, w_mask, g, beta, NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
+    """acc += xs @ w for one [BLOCK_K, BLOCK_N] weight tile; with a LayerNorm, also the tile's share of
+    sum_k gamma_k w[n, k] and sum_k beta_k w[n, k] (see _fused_linear)."""
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    acc += tl.dot(xs, w)
     if NORM == 1:
-        total = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
-            total += tl.sum(x.to(tl.float32), axis=1)
-        mean = total / K
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (rk[None, :] < K)
-        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=ok, other=0.0).to(tl.float32)
-        centred = tl.where(ok, x - mean[:, None], 0.0)
-        squares += tl.sum(centred * centred, axis=1)
-    rstd = 1.0 / tl.sqrt(squares / K + eps)
-    return mean, rstd
+        wf = w.to(tl.float32)
+        g_sum += tl.sum(wf * g[:, None], axis=0)
+        if NORM_BIAS:
+            b_sum += tl.sum(wf * beta[:, None], axis=0)
+    return acc, g_sum, b_sum
+
+
+@triton.jit
+def _normalise(acc, g_sum, b_sum, mean, rstd, NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
+    """From sum_k x_k gamma_k w[n, k] to sum_k norm(x)_k w[n, k]."""
+    if NORM == 1:
+        acc = (acc - mean[:, None] * g_sum[None, :]) * rstd[:, None]
+        if NORM_BIAS:
+            acc += b_sum[None, :]
+    elif NORM == 2:
+        acc = acc * rstd[:, None]
+    return acc
 
 
 @triton.jit
@@ -69,58 +71,101 @@ def _fused_linear(
     stride_wn,
     stride_rm,
     stride_om,
+    KV,
+    Slot,
+    kv_start,
+    kv_width,
+    head_dim,
+    stride_kvb,
+    stride_kv2,
+    stride_kvh,
+    stride_kvl,
     NORM: tl.constexpr,
     NORM_BIAS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
+    WRITE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """out[:, n] = residual + act(norm(x) @ weight[n].T + bias[n]) for this program's BLOCK_N columns.
-    SwiGLU (ACT 2): silu(gate) * up with the gate from rows n and up from rows n + up_offset."""
+    SwiGLU (ACT 2): silu(gate) * up with the gate from rows n and up from rows n + up_offset.
+
+    One pass over K, the norm included: a LayerNorm's output times w is
+    ``rstd * (sum_k x_k gamma_k w_k - mean * sum_k gamma_k w_k) + sum_k beta_k w_k``, so the loop
+    multiplies ``x * gamma`` (rounded to the weight's dtype, as the unfused norm's output is) by the
+    weight tile while it gathers the row statistics (Chan's merge of per-tile mean and squared
+    deviations, so no cancellation) and the two weighted column sums; nothing waits for the
+    statistics before the weights stream in."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
     col_ok = rn < N
-    if NORM != 0:
-        mean, rstd = _norm_stats(X, stride_xm, rm, M, K, eps, NORM, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if ACT == 2:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    g_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    g_sum_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b_sum_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
-        w_ptrs = W + rn[None, :] * stride_wn + rk[:, None]
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.zeros([BLOCK_K], dtype=tl.float32)
+        beta = tl.zeros([BLOCK_K], dtype=tl.float32)
         if NORM != 0:
-            xf = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
-            xf = xf * tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            xf = x.to(tl.float32)
+            g = tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)
             if NORM_BIAS:
-                xf = xf + tl.load(NB + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            x = xf.to(w.dtype)
+                beta = tl.load(NB + rk, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM == 1:
+                seen = k0 * 1.0  # every earlier tile was whole
+                count = tl.minimum(K - k0, BLOCK_K) * 1.0
+                tile_mean = tl.sum(xf, axis=1) / count
+                centred = tl.where(k_ok[None, :], xf - tile_mean[:, None], 0.0)
+                delta = tile_mean - mean
+                mean += delta * (count / (seen + count))
+                m2 += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
+            else:
+                m2 += tl.sum(xf * xf, axis=1)
+            xs = (xf * g[None, :]).to(W.dtype.element_ty)
         else:
-            x = x.to(w.dtype)
-        acc += tl.dot(x, w)
+            xs = x.to(W.dtype.element_ty)
+        w_ptrs = W + rn[None, :] * stride_wn + rk[:, None]
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        acc, g_sum, b_sum = _accumulate(acc, g_sum, b_sum, xs, w_ptrs, w_mask, g, beta, NORM, NORM_BIAS)
         if ACT == 2:
-            w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_up += tl.dot(x, w_up)
+            acc_up, g_sum_up, b_sum_up = _accumulate(
+                acc_up, g_sum_up, b_sum_up, xs, w_ptrs + up_offset * stride_wn, w_mask, g, beta, NORM, NORM_BIAS
+            )
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    acc = _normalise(acc, g_sum, b_sum, mean, rstd, NORM, NORM_BIAS)
     if HAS_BIAS:
         acc += tl.load(B + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if ACT == 2:
-            acc_up += tl.load(B + up_offset + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:  # GELU, tanh form: 0.5 (1 + tanh(z)) = sigmoid(2z)
         acc = acc * tl.sigmoid(2.0 * 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc))
     elif ACT == 2:
+        acc_up = _normalise(acc_up, g_sum_up, b_sum_up, mean, rstd, NORM, NORM_BIAS)
+        if HAS_BIAS:
+            acc_up += tl.load(B + up_offset + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc = acc * tl.sigmoid(acc) * acc_up
     ok = row_ok[:, None] & col_ok[None, :]
     if HAS_RES:
         acc += tl.load(R + rm[:, None] * stride_rm + rn[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(Out + rm[:, None] * stride_om + rn[None, :], acc.to(Out.dtype.element_ty), mask=ok)
+    if WRITE_KV:  # columns kv_start.. are K then V: also into the cache at the slot
+        j = rn - kv_start
+        which = j // kv_width
+        head = (j % kv_width) // head_dim
+        offset = which * stride_kv2 + head * stride_kvh + tl.load(Slot) * stride_kvl + j % head_dim
+        kv_ok = ok & (j >= 0)[None, :]
+        tl.store(KV + rm[:, None] * stride_kvb + offset[None, :], acc.to(KV.dtype.element_ty), mask=kv_ok)
 
 
 MAX_ROWS = 16  # one BLOCK_M tile of rows: past it cuBLAS's tiles are the better choice
@@ -131,9 +176,13 @@ def plan(rows: int, out_features: int, in_features: int) -> tuple[int, int, int,
     cover the GPU's SMs (132 on an H100) for d_model 768-4096, larger for a vocabulary-wide head."""
     if triton_interpreting():
         return 16, 16, 32, 1, 1
-    block_n = 16 if out_features <= 8192 else 64
-    block_k = 128 if in_features <= 1024 else 256
-    return 16, block_n, block_k, 4, 3
+    # Measured on an H100 (scripts/bench_decode_linear.py --sweep, GPT-2-small's layers at 1 and 16
+    # rows): 48-56 programs of 16 columns for d_model-wide outputs, 96 of 32 for the 4x-wide MLP,
+    # 64-column tiles for a vocabulary; long tiles of K (few loop trips: the loads' latency, not
+    # their bandwidth, is what a 1-5 MB matrix pays).
+    block_n = 16 if out_features <= 1024 else 32 if out_features <= 8192 else 64
+    block_k = 256 if in_features <= 1024 else 512
+    return 16, block_n, block_k, 4, 2 if block_n == 64 else 3
 
 
 def fused_linear(
@@ -147,13 +196,18 @@ def fused_linear(
     eps: float = 1e-5,
     activation: str = "none",
     residual: torch.Tensor | None = None,
+    kv_cache: torch.Tensor | None = None,
+    slot: torch.Tensor | None = None,
     launch: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """``residual + act(norm(x) @ weight.T + bias)`` for ``x`` [..., K] of at most
     :data:`MAX_ROWS` rows, in one launch. ``norm``: ``none``, ``layernorm`` (``norm_weight``,
     optional ``norm_bias``) or ``rmsnorm``; ``activation``: ``none``, ``gelu_tanh`` or ``swiglu``
-    (``silu(gate) * up``, gate and up the two halves of the output features). ``launch``:
-    ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` instead of :func:`plan`'s (benchmarks)."""
+    (``silu(gate) * up``, gate and up the two halves of the output features). ``kv_cache``: a
+    layer's packed cache [rows, 2, kv_heads, max_len, head_dim]: the output's last ``2 * kv_heads *
+    head_dim`` columns (a QKV projection's keys and values) are also written into it at ``slot`` (a
+    device tensor [1]). ``launch``: ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` instead of
+    :func:`plan`'s (benchmarks)."""
     lead, in_features = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
@@ -171,6 +225,16 @@ def fused_linear(
         res = residual.reshape(rows, out_features)
         if res.stride(-1) != 1:
             res = res.contiguous()
+    kv_args: tuple = (out, out, 0, 1, 1, 0, 0, 0, 0)
+    if kv_cache is not None:
+        if slot is None or kv_cache.dim() != 5 or kv_cache.shape[0] != rows or kv_cache.shape[1] != 2:
+            raise ValueError(
+                f"kv_cache must be [{rows}, 2, kv_heads, max_len, head_dim] with a slot, got {list(kv_cache.shape)}"
+            )
+        kv_width = kv_cache.shape[2] * kv_cache.shape[4]
+        if kv_cache.stride(-1) != 1 or 2 * kv_width > out_features:
+            raise ValueError(f"kv_cache {list(kv_cache.shape)} does not fit an output of {out_features} features")
+        kv_args = (kv_cache, slot, out_features - 2 * kv_width, kv_width, kv_cache.shape[4], *kv_cache.stride()[:4])
     block_m, block_n, block_k, warps, stages = plan(rows, out_features, in_features)
     if launch is not None:
         block_n, block_k, warps, stages = launch
@@ -192,11 +256,13 @@ def fused_linear(
         weight.stride(0),
         res.stride(0) if res is not None else 0,
         out.stride(0),
+        *kv_args,
         NORM=NORMS[norm],
         NORM_BIAS=norm_bias is not None,
         HAS_BIAS=bias is not None,
         HAS_RES=res is not None,
         ACT=act,
+        WRITE_KV=kv_cache is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
