@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mqa_lm.kernels.triton_backend import triton_interpreting
+from mqa_lm.kernels.common import triton_interpreting
 
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
