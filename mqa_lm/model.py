@@ -154,9 +154,11 @@ def fused_decode_step(module: nn.Module, x: torch.Tensor, cache: StaticKVCache) 
     kernels (:mod:`mqa_lm.kernels.triton.decode_linear`): the cache asks for them (CUDA, or the Triton
     interpreter), a few rows, inference (no grad, no dropout, no autocast), and not under
     ``torch.compile`` (Inductor fuses the same ops itself)."""
+    if not cache.fused_layers or module.training or torch.is_grad_enabled():
+        return False  # before the import below: elsewhere (CPU) the process never imports Triton
     from mqa_lm.kernels.triton.decode_linear import MAX_ROWS
 
-    if not cache.fused_layers or x.shape[0] > MAX_ROWS or module.training or torch.is_grad_enabled():
+    if x.shape[0] > MAX_ROWS:
         return False
     return not (torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling())
 
