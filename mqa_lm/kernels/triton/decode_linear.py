@@ -6,9 +6,11 @@ reading the weights, and at GPT-2-small size each matrix is 1-5 MB: a few micros
 bandwidth, about what one launch costs. cuBLAS picks tiles made for many rows (64 output columns a
 program: 12-48 programs on a GPU of 132 SMs for d_model 768), and the norm, bias, activation and
 residual add each cost a launch of their own. Here one program computes ``BLOCK_N`` output columns
-for every row (``BLOCK_N`` small enough that the programs cover the GPU), and the norm is folded
-into the same pass over K (see :func:`_fused_linear`), so a transformer layer's MLP and projections
-take four launches instead of ten.
+for every row (``BLOCK_N`` small enough that the programs cover the GPU), and the norm's statistics
+come from a prologue pass over the rows (a few KB, in L2), so a transformer layer's MLP and
+projections take four launches instead of ten. (Folding the norm into the main pass instead, as
+``rstd * (x.(gamma*w) - mean * sum(gamma*w)) + beta.w``, was slower on an H100: the per-tile column
+sums of gamma*w cost more than the prologue.)
 
 Layout: ``x`` [M, K] with unit last stride, ``weight`` [N, K] (``nn.Linear``'s), ``bias`` [N]; the
 output is [M, N] (SwiGLU: [M, N/2], the gate in the first half of the weight's rows, as
@@ -28,29 +30,28 @@ NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
 
 
 @triton.jit
-def _accumulate(acc, g_sum, b_sum, xs, w_ptrs, w_mask, g, beta, NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
-    """acc += xs @ w for one [BLOCK_K, BLOCK_N] weight tile; with a LayerNorm, also the tile's share of
-    sum_k gamma_k w[n, k] and sum_k beta_k w[n, k] (see _fused_linear)."""
-    w = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    acc += tl.dot(xs, w)
-    if NORM == 1:
-        wf = w.to(tl.float32)
-        g_sum += tl.sum(wf * g[:, None], axis=0)
-        if NORM_BIAS:
-            b_sum += tl.sum(wf * beta[:, None], axis=0)
-    return acc, g_sum, b_sum
-
-
-@triton.jit
-def _normalise(acc, g_sum, b_sum, mean, rstd, NORM: tl.constexpr, NORM_BIAS: tl.constexpr):
-    """From sum_k x_k gamma_k w[n, k] to sum_k norm(x)_k w[n, k]."""
-    if NORM == 1:
-        acc = (acc - mean[:, None] * g_sum[None, :]) * rstd[:, None]
-        if NORM_BIAS:
-            acc += b_sum[None, :]
-    elif NORM == 2:
-        acc = acc * rstd[:, None]
-    return acc
+def _norm_stats(X, stride_xm, rm, M, K, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-row mean (0 for RMSNorm) and 1/std of x [M, K] in fp32, in one pass over K (x is in L2):
+    LayerNorm merges each tile's mean and squared deviations into the running ones (Chan et al.), so
+    a large mean does not cancel the variance away."""
+    row_ok = rm < M
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (rk[None, :] < K)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=ok, other=0.0).to(tl.float32)
+        if NORM == 1:
+            seen = k0 * 1.0  # every earlier tile was whole
+            count = tl.minimum(K - k0, BLOCK_K) * 1.0
+            tile_mean = tl.sum(x, axis=1) / count
+            centred = tl.where(ok, x - tile_mean[:, None], 0.0)
+            delta = tile_mean - mean
+            mean += delta * (count / (seen + count))
+            m2 += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
+        else:
+            m2 += tl.sum(x * x, axis=1)
+    return mean, 1.0 / tl.sqrt(m2 / K + eps)
 
 
 @triton.jit
@@ -91,69 +92,45 @@ def _fused_linear(
     BLOCK_K: tl.constexpr,
 ):
     """out[:, n] = residual + act(norm(x) @ weight[n].T + bias[n]) for this program's BLOCK_N columns.
-    SwiGLU (ACT 2): silu(gate) * up with the gate from rows n and up from rows n + up_offset.
-
-    One pass over K, the norm included: a LayerNorm's output times w is
-    ``rstd * (sum_k x_k gamma_k w_k - mean * sum_k gamma_k w_k) + sum_k beta_k w_k``, so the loop
-    multiplies ``x * gamma`` (rounded to the weight's dtype, as the unfused norm's output is) by the
-    weight tile while it gathers the row statistics (Chan's merge of per-tile mean and squared
-    deviations, so no cancellation) and the two weighted column sums; nothing waits for the
-    statistics before the weights stream in."""
+    SwiGLU (ACT 2): silu(gate) * up with the gate from rows n and up from rows n + up_offset. The
+    normalised input is rounded to the weight's dtype before the product, as the unfused norm's
+    output is."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
     col_ok = rn < N
+    if NORM != 0:
+        mean, rstd = _norm_stats(X, stride_xm, rm, M, K, eps, NORM, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    g_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    b_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    g_sum_up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    b_sum_up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ACT == 2:
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
-        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.zeros([BLOCK_K], dtype=tl.float32)
-        beta = tl.zeros([BLOCK_K], dtype=tl.float32)
-        if NORM != 0:
-            xf = x.to(tl.float32)
-            g = tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM_BIAS:
-                beta = tl.load(NB + rk, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM == 1:
-                seen = k0 * 1.0  # every earlier tile was whole
-                count = tl.minimum(K - k0, BLOCK_K) * 1.0
-                tile_mean = tl.sum(xf, axis=1) / count
-                centred = tl.where(k_ok[None, :], xf - tile_mean[:, None], 0.0)
-                delta = tile_mean - mean
-                mean += delta * (count / (seen + count))
-                m2 += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
-            else:
-                m2 += tl.sum(xf * xf, axis=1)
-            xs = (xf * g[None, :]).to(W.dtype.element_ty)
-        else:
-            xs = x.to(W.dtype.element_ty)
         w_ptrs = W + rn[None, :] * stride_wn + rk[:, None]
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        acc, g_sum, b_sum = _accumulate(acc, g_sum, b_sum, xs, w_ptrs, w_mask, g, beta, NORM, NORM_BIAS)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(X + rm[:, None] * stride_xm + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM != 0:
+            xf = (x.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            xf = xf * tl.load(NW + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if NORM_BIAS:
+                xf = xf + tl.load(NB + rk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            x = xf.to(w.dtype)
+        else:
+            x = x.to(w.dtype)
+        acc += tl.dot(x, w)
         if ACT == 2:
-            acc_up, g_sum_up, b_sum_up = _accumulate(
-                acc_up, g_sum_up, b_sum_up, xs, w_ptrs + up_offset * stride_wn, w_mask, g, beta, NORM, NORM_BIAS
-            )
-    rstd = 1.0 / tl.sqrt(m2 / K + eps)
-    acc = _normalise(acc, g_sum, b_sum, mean, rstd, NORM, NORM_BIAS)
+            w_up = tl.load(w_ptrs + up_offset * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_up += tl.dot(x, w_up)
     if HAS_BIAS:
         acc += tl.load(B + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 2:
+            acc_up += tl.load(B + up_offset + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:  # GELU, tanh form: 0.5 (1 + tanh(z)) = sigmoid(2z)
         acc = acc * tl.sigmoid(2.0 * 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc))
     elif ACT == 2:
-        acc_up = _normalise(acc_up, g_sum_up, b_sum_up, mean, rstd, NORM, NORM_BIAS)
-        if HAS_BIAS:
-            acc_up += tl.load(B + up_offset + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         acc = acc * tl.sigmoid(acc) * acc_up
     ok = row_ok[:, None] & col_ok[None, :]
     if HAS_RES:
