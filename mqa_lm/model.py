@@ -8,6 +8,7 @@ alike; generation is a loop over it in :mod:`mqa_lm.inference`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, cast
 
@@ -19,7 +20,7 @@ from mqa_lm.nn.attention import KVCache, MultiQueryAttention, check_attention_ar
 from mqa_lm.nn.cache import DynamicKVCache, StaticKVCache, StaticLayerCache
 from mqa_lm.nn.loss import linear_cross_entropy
 from mqa_lm.nn.mlp import MLP
-from mqa_lm.nn.norms import build_norm
+from mqa_lm.nn.norms import build_norm, fusable_norm
 from mqa_lm.nn.positions import alibi_bias as build_alibi_bias
 from mqa_lm.nn.positions import alibi_slopes
 from mqa_lm.utils.config import DictRoundTrip, check_int
@@ -148,6 +149,24 @@ class MQAConfig(DictRoundTrip):
         return 4 * self.d_model
 
 
+def fused_decode_step(module: nn.Module, x: torch.Tensor, cache: StaticKVCache) -> bool:
+    """Whether a one-token step of ``x`` [batch, 1, ...] into ``cache`` may run on the fused decode
+    kernels (:mod:`mqa_lm.kernels.triton.decode_linear`): the cache asks for them (CUDA, or the Triton
+    interpreter), a few rows, inference (no grad, no dropout, no autocast), and not under
+    ``torch.compile`` (Inductor fuses the same ops itself)."""
+    if not cache.fused_layers or module.training or torch.is_grad_enabled():
+        return False  # before the import below: elsewhere (CPU) the process never imports Triton
+    from mqa_lm.kernels.triton.decode_linear import MAX_ROWS
+
+    if x.shape[0] > MAX_ROWS:
+        return False
+    return not (torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling())
+
+
+def _weight_and_bias(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return cast(torch.Tensor, linear.weight), cast("torch.Tensor | None", linear.bias)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -184,6 +203,7 @@ class Block(nn.Module):
         self.norm_2 = build_norm(config.norm_type, config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config.d_model, config.hidden_size, config.mlp_type, config.fc_type, config.bias)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self._fusable: bool | None = None  # see fused_decode_ok
 
     def forward(
         self,
@@ -196,6 +216,8 @@ class Block(nn.Module):
         positions: torch.Tensor | None = None,
         cache: StaticLayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
+        if cache is not None and x.shape[1] == 1 and not needs_weights and self.fused_decode_ok(x, cache):
+            return self._decode_fused(x, bias, positions, cache), None, (cache.keys, cache.values)
         attn_out, weights, present = self.attn(
             self.norm_1(x),
             past_key_value=past_key_value,
@@ -219,6 +241,55 @@ class Block(nn.Module):
     def _residual_and_mlp(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         x = x + self.resid_dropout(attn_out)
         return x + self.resid_dropout(self.mlp(self.norm_2(x)))
+
+    # ---- the decode step as four fused linear kernels -----------------------------------------
+
+    def fused_decode_ok(self, x: torch.Tensor, cache: StaticLayerCache) -> bool:
+        """Whether this one-token step into ``cache`` runs as :meth:`_decode_fused`: the step may
+        (:func:`fused_decode_step`) and the block's layers are ones the kernels compute
+        (``fc_type='torch'``, a LayerNorm or RMSNorm)."""
+        if not fused_decode_step(self, x, cache.owner):
+            return False
+        if self._fusable is None:
+            linears = (self.attn.Wqkv, self.attn.out_proj, self.mlp.up_proj, self.mlp.down_proj)
+            self._fusable = (
+                all(type(layer) is nn.Linear for layer in linears)
+                and fusable_norm(self.norm_1) is not None
+                and fusable_norm(self.norm_2) is not None
+            )
+        return self._fusable and x.dtype == self.attn.Wqkv.weight.dtype
+
+    def _decode_fused(
+        self, x: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor | None, cache: StaticLayerCache
+    ) -> torch.Tensor:
+        written = self.attn.kv_as_projected
+
+        def attend(qkv: torch.Tensor) -> torch.Tensor:
+            return self.attn.decode_context(x, qkv, bias, positions, cache, kv_written=written)[0]
+
+        return self.fused_layers(x, attend, (cache.kv, cache.owner.slot) if written else None)
+
+    def fused_layers(
+        self,
+        x: torch.Tensor,
+        attend: Callable[[torch.Tensor], torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The block on ``x`` [batch, 1, d_model] as four fused kernels around ``attend`` (the QKV
+        projection -> the context before ``out_proj``): norm + QKV (also writing the keys and values
+        into ``kv`` = (a layer's packed cache, the slot) where given), out_proj + residual, norm + up +
+        activation, down + residual. Eval mode: no dropout."""
+        from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+        attn, mlp = self.attn, self.mlp
+        norm_1, norm_2 = fusable_norm(self.norm_1), fusable_norm(self.norm_2)
+        assert norm_1 is not None and norm_2 is not None  # fused_decode_ok checked them
+        kv_cache, slot = kv if kv is not None else (None, None)
+        qkv = fused_linear(x, *_weight_and_bias(attn.Wqkv), **norm_1, kv_cache=kv_cache, slot=slot)
+        h = fused_linear(attend(qkv), *_weight_and_bias(attn.out_proj), residual=x)
+        activation = "swiglu" if mlp.mlp_type == "swiglu" else "gelu_tanh"
+        up = fused_linear(h, *_weight_and_bias(mlp.up_proj), activation=activation, **norm_2)
+        return fused_linear(up, *_weight_and_bias(mlp.down_proj), residual=h)
 
 
 class MQATransformer(nn.Module):
@@ -290,6 +361,13 @@ class MQATransformer(nn.Module):
         """
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets shape {list(targets.shape)} must equal idx shape {list(idx.shape)}")
+        if targets is None and isinstance(cache, StaticKVCache) and idx.shape[1] == 1:
+            head = self._fused_head()
+            if head is not None and fused_decode_step(self, idx, cache):
+                # The final norm in the LM head's kernel: one launch instead of two.
+                from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+                return fused_linear(self._hidden(idx, positions, cache, final_norm=False), **head), None
         hidden = self._hidden(idx, positions, cache)
         if targets is None:
             if logits_to_keep:
@@ -307,6 +385,31 @@ class MQATransformer(nn.Module):
         logits = self.lm_head(hidden)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def warm_fused_decode(self, cache: StaticKVCache) -> None:
+        """Launch each fused decode kernel a step into ``cache`` would (a block's four, the head's)
+        once, on zeros of the step's shapes (the engine's background warm-up: a Triton kernel's first
+        launch in a process is slow). Writes nothing to ``cache``."""
+        from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+        block = cast(Block, self.blocks[0])
+        x = torch.zeros(cache.batch_size, 1, self.config.d_model, device=cache.device, dtype=cache.dtype)
+        if block.fused_decode_ok(x, cache.layers[0]):
+            # A scratch cache: the prefill may be writing the real one meanwhile.
+            kv = (torch.zeros_like(cache.layers[0].kv), torch.zeros_like(cache.slot))
+            block.fused_layers(x, lambda qkv: torch.zeros_like(x), kv if block.attn.kv_as_projected else None)
+        head = self._fused_head()
+        if head is not None and fused_decode_step(self, x, cache):
+            fused_linear(x, **head)
+
+    def _fused_head(self) -> dict | None:
+        """The fused LM head's arguments (its weight and the final norm's), or None where the head or
+        the final norm is not one the kernel computes."""
+        norm = fusable_norm(self.norm_f)
+        if norm is None or type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
+            return None
+        return {"weight": self.lm_head.weight, **norm}
 
     def loss_chunk_rows(self) -> int:
         """Rows per chunk of the chunked loss: about 2**26 logits (256 MiB in fp32) per chunk, large
@@ -413,8 +516,10 @@ class MQATransformer(nn.Module):
         idx: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: DynamicKVCache | StaticKVCache | None = None,
+        final_norm: bool = True,
     ) -> torch.Tensor:
-        """The final-norm hidden states [batch, seq, d_model]; ``cache`` is read and updated."""
+        """The final-norm hidden states [batch, seq, d_model] (before that norm with
+        ``final_norm=False``); ``cache`` is read and updated."""
         seq = idx.shape[1]
         static = cache if isinstance(cache, StaticKVCache) else None
         dynamic = cache if isinstance(cache, DynamicKVCache) else None
@@ -451,7 +556,7 @@ class MQATransformer(nn.Module):
                 dynamic.update(i, present)
         if static is not None:
             static.end(seq)
-        return self.norm_f(x)
+        return self.norm_f(x) if final_norm else x
 
     def alibi_bias(self, device: torch.device) -> torch.Tensor | None:
         """The fp32 ALiBi bias [1, heads, 1, max_seq_len] (None unless ``pos_emb='alibi'``).

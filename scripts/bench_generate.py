@@ -105,13 +105,21 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             engines["ours: engine eager triton"] = dict(attention="triton", cuda_graph=False)
             engines["ours: engine graph sdpa"] = dict(attention="sdpa", cuda_graph=True)
             engines["ours: engine graph triton"] = dict(attention="triton", cuda_graph=True)
+            # The same step with the block's layers on the model's own modules (cuBLAS, separate
+            # norms and adds) instead of the fused Triton kernels: what the fusion gains.
+            engines["ours: engine graph triton, unfused layers"] = dict(
+                attention="triton", cuda_graph=True, fused_layers=False
+            )
             if args.compile:
                 engines["ours: engine graph triton + inductor"] = dict(
                     attention="triton", cuda_graph=True, compile=True
                 )
         for name, kwargs in engines.items():
+            kwargs = dict(kwargs)
+            fused = kwargs.pop("fused_layers", True)
             try:
                 engine = InferenceEngine(model, batch, max_len=args.max_seq_len, **kwargs)
+                engine.cache.fused_layers = engine.cache.fused_layers and fused
             except Exception as err:  # noqa: BLE001 - one failure must not stop the run
                 rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
                 continue

@@ -226,10 +226,11 @@ def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
     first decode step compiles nothing more (a variant the warm-up missed would be compiled there, on
     the user's clock). The SDPA decode path starts no warm-up."""
     from mqa_lm.kernels.triton.decode import _decode_combine, _decode_split
+    from mqa_lm.kernels.triton.decode_linear import _fused_linear
 
     model = small_model(pos_emb, kv_heads=1)
     idx, mask = prompts(2, 12, lengths=[12, 5], seed=3)
-    kernels = (_decode_split, _decode_combine)
+    kernels = (_decode_split, _decode_combine, _fused_linear)
     for kernel in kernels:
         kernel.device_caches.clear()  # this process's compiled variants (the disk cache stays)
 
@@ -239,12 +240,14 @@ def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
 
     engine = InferenceEngine(model, batch_size=2, max_len=200, attention="triton")
     engine.generate(idx, GenerationConfig(1), prompt_mask=mask)  # the prefill's token alone
-    assert engine._warmup is None and variants() == [0, 0]
+    assert engine._warmup is None and variants() == [0, 0, 0]
     engine._start_decode_kernel_warmup()  # what a call of more tokens starts before its prefill
     assert engine._warmup is not None
     engine._warmup.join()
     warmed = variants()
-    assert warmed == [1, 1]
+    # The fused layers: QKV (norm), up (norm, GELU), out_proj and down (residual; one variant at
+    # this width, where both take the same tile).
+    assert warmed[:2] == [1, 1] and warmed[2] >= 3
     gen = torch.Generator(device="cuda").manual_seed(5)
     out = engine.generate(idx, GenerationConfig(30, temperature=0.8), prompt_mask=mask, generator=gen)
     assert out.shape == (2, 42)
@@ -280,3 +283,54 @@ def test_a_prefill_runs_no_cudnn_attention():
         logits = engine._prefill(idx, mask)
         full, _ = model(idx[:1])
     assert rel_err(logits[0], full[0, -1].float()) < 3e-2
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_fused_linear_bf16_matches_float64(rows):
+    """The fused decode-step kernels at GPT-2-small sizes with the launch plan a GPU gets (the
+    interpreter tests run other tiles), against float64 from the bf16 inputs."""
+    import math
+
+    from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).bfloat16()
+
+    d = 768
+    for k, n, norm, activation, residual in [
+        (d, d + 128, "layernorm", "none", False),
+        (d, d, "none", "none", True),
+        (d, 4 * d, "layernorm", "gelu_tanh", False),
+        (4 * d, d, "none", "none", True),
+        (d, 2 * 2048, "rmsnorm", "swiglu", False),
+        (d, 50304, "layernorm", "none", False),
+    ]:
+        x, w, b = randn(rows, 1, k, scale=2.0), randn(n, k, scale=k**-0.5), randn(n)
+        nw, nb = randn(k, scale=0.2) + 1, randn(k)
+        width = n // 2 if activation == "swiglu" else n
+        r = randn(rows, 1, width) if residual else None
+        kwargs = (
+            {} if norm == "none" else dict(norm=norm, norm_weight=nw, norm_bias=nb if norm == "layernorm" else None)
+        )
+        out = torch.full((rows, 1, width), float("nan"), device="cuda", dtype=torch.bfloat16)
+        out.copy_(fused_linear(x, w, b, activation=activation, residual=r, **kwargs))
+        h = x.double()
+        if norm == "layernorm":
+            h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+            h = h * nw.double() + nb.double()
+        elif norm == "rmsnorm":
+            h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+        y = h @ w.double().T + b.double()
+        if activation == "gelu_tanh":
+            y = 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))
+        elif activation == "swiglu":
+            gate, up = y.chunk(2, dim=-1)
+            y = gate * torch.sigmoid(gate) * up
+        if r is not None:
+            y = y + r.double()
+        assert not out.isnan().any()
+        # bf16 rounds the normalised input and the output (2^-8 relative); a wrong column, row or
+        # tile edge is O(1).
+        assert rel_err(out, y) < 1e-2, (k, n, norm, activation)

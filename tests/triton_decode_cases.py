@@ -157,3 +157,102 @@ def test_engine_on_the_kernel_equals_engine_on_sdpa(pos_emb, kv_heads):
         runs[attention] = (out, engine.step_logits[:40].clone())
     assert torch.equal(runs["triton"][0], runs["sdpa"][0])
     torch.testing.assert_close(runs["triton"][1], runs["sdpa"][1], rtol=1e-5, atol=1e-5)
+
+
+# ---- the fused linear layers of a decode step (mqa_lm.kernels.triton.decode_linear) -------------
+
+
+def fused_reference64(x, weight, bias, norm, norm_weight, norm_bias, activation, residual):
+    """norm -> linear -> activation -> residual add, in float64 from the definitions."""
+    x = x.double()
+    if norm == "layernorm":
+        x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        x = x * norm_weight.double() + (0 if norm_bias is None else norm_bias.double())
+    elif norm == "rmsnorm":
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.double()
+    y = x @ weight.double().T + (0 if bias is None else bias.double())
+    if activation == "gelu_tanh":
+        y = 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))
+    elif activation == "swiglu":
+        gate, up = y.chunk(2, dim=-1)
+        y = gate * torch.sigmoid(gate) * up
+    return y if residual is None else y + residual.double()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("norm", ["none", "layernorm", "rmsnorm"])
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh", "swiglu"])
+def test_fused_linear_matches_float64(rows, norm, activation):
+    from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+    gen = torch.Generator().manual_seed(rows * 7 + len(norm) + len(activation))
+    # K and N not multiples of the interpreter's 32/16 tiles: the last tiles are partial.
+    for in_features, out_features, with_bias in ((40, 48, True), (72, 20, False)):
+        x = torch.randn(1, rows, in_features, generator=gen) * 3 + 1
+        weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+        bias = torch.randn(out_features, generator=gen) if with_bias else None
+        norm_weight = torch.rand(in_features, generator=gen) + 0.5
+        norm_bias = torch.randn(in_features, generator=gen) if norm == "layernorm" and with_bias else None
+        width = out_features // 2 if activation == "swiglu" else out_features
+        residual = torch.randn(1, rows, width, generator=gen) if with_bias else None
+        kwargs = {} if norm == "none" else {"norm": norm, "norm_weight": norm_weight, "norm_bias": norm_bias}
+        out = fused_linear(x, weight, bias, activation=activation, residual=residual, **kwargs)
+        assert out.shape == (1, rows, width) and out.dtype == x.dtype
+        expected = fused_reference64(x, weight, bias, norm, norm_weight, norm_bias, activation, residual)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_linear_writes_keys_and_values_into_the_cache_at_the_slot():
+    from mqa_lm.kernels.triton.decode_linear import fused_linear
+
+    gen = torch.Generator().manual_seed(3)
+    rows, dim, kv_heads, head_dim, max_len = 3, 32, 2, 8, 11
+    width = dim + 2 * kv_heads * head_dim
+    x, weight = torch.randn(rows, 1, dim, generator=gen), torch.randn(width, dim, generator=gen)
+    kv = torch.randn(rows, 2, kv_heads, max_len, head_dim, generator=gen)
+    before = kv.clone()
+    out = fused_linear(x, weight, norm="rmsnorm", norm_weight=torch.ones(dim), kv_cache=kv, slot=torch.tensor([5]))
+    expected = out[:, 0, dim:].view(rows, 2, kv_heads, head_dim)
+    assert torch.equal(kv[:, :, :, 5], expected)
+    before[:, :, :, 5] = expected
+    assert torch.equal(kv, before)  # nothing else written
+    with pytest.raises(ValueError, match=r"kv_cache must be \[3, 2, kv_heads, max_len, head_dim\]"):
+        fused_linear(x, weight, kv_cache=kv[:2], slot=torch.tensor([5]))
+
+
+def test_fused_linear_refuses_more_rows_than_a_tile():
+    from mqa_lm.kernels.triton.decode_linear import MAX_ROWS, fused_linear
+
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows, got {MAX_ROWS + 1}"):
+        fused_linear(torch.zeros(MAX_ROWS + 1, 8), torch.zeros(16, 8))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(pos_emb="learned", norm_type="layernorm", mlp_type="gelu"),
+        dict(pos_emb="rope", norm_type="rmsnorm", mlp_type="swiglu", bias=False, qk_ln=True, clip_qkv=0.5),
+        dict(pos_emb="alibi", norm_type="low_precision_layernorm", kv_heads=2),
+    ],
+)
+def test_engine_with_fused_layers_equals_the_unfused_layers(overrides):
+    """The decode step on the fused kernels gives the tokens and logits of the same step on the
+    model's own modules (both on the Triton attention), for each norm, MLP and position type."""
+    torch.manual_seed(0)
+    config = dict(vocab_size=64, max_seq_len=64, n_layers=2, d_model=32, heads=4, kv_heads=1, init_std=0.3)
+    model = MQATransformer(MQAConfig(**{**config, "attn_impl": "torch", **overrides})).eval()
+    idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :3] = False
+    runs = {}
+    for fused in (True, False):
+        engine = InferenceEngine(model, batch_size=2, max_len=64, attention="triton", keep_logits=True)
+        assert engine.cache.fused_layers  # the default wherever the Triton decode kernel runs
+        engine.cache.fused_layers = fused
+        x = torch.zeros(2, 1, 32)
+        with torch.no_grad():
+            assert model.blocks[0].fused_decode_ok(x, engine.cache.layers[0]) is fused
+        out = engine.generate(idx, GenerationConfig(30, temperature=0.0), prompt_mask=mask)
+        runs[fused] = (out, engine.step_logits[:30].clone())
+    assert torch.equal(runs[True][0], runs[False][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-5)

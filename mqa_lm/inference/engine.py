@@ -141,7 +141,8 @@ class InferenceEngine:
         self._warmup_started = False
 
     def _start_decode_kernel_warmup(self) -> None:
-        """Run the Triton decode kernel once, at this engine's shapes, on a background thread that the
+        """Run the Triton decode kernels once (the attention, and the fused linear layers of
+        :meth:`~mqa_lm.model.Block.fused_layers`), at this engine's shapes, on a background thread that the
         prefill overlaps (started by the first call that will decode). A process's first launch of a
         Triton kernel costs ~0.5 s of host work even when Triton's disk cache holds the binary (hashing
         Triton's own sources and library for the cache key, importing its backend, loading the
@@ -179,6 +180,7 @@ class InferenceEngine:
                     split_size=cache.split_size,
                     check=False,
                 )
+                self.model.warm_fused_decode(cache)
         except Exception:  # noqa: BLE001  the decode step's own call reports any real problem
             pass
 

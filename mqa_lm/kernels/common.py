@@ -12,7 +12,15 @@ weights, in every backend, with finite gradients.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read as Triton
+    does, when a kernel runs): tests pick small tiles and single configurations there."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def allowed_keys(

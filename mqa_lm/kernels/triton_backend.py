@@ -10,11 +10,10 @@ a once-only note at ``verbose >= 1``. It never fails for lack of a GPU.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from mqa_lm.kernels.common import AttentionBackend
+from mqa_lm.kernels.common import AttentionBackend, triton_interpreting
 
 
 @functools.cache
@@ -24,10 +23,6 @@ def triton_importable() -> bool:
     except Exception:  # noqa: BLE001
         return False
     return True
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_runs_on(device: torch.device) -> bool:

@@ -278,6 +278,32 @@ class MultiQueryAttention(nn.Module):
         assert weights is not None and max_logit is not None
         return context, weights, max_logit, present
 
+    def decode_context(
+        self,
+        x: torch.Tensor,
+        qkv: torch.Tensor,
+        bias: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        cache: StaticLayerCache,
+        kv_written: bool = False,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """One decode step of :meth:`forward` into a static ``cache`` from ``qkv``, the projection of
+        ``x`` made by the caller, returning ``(context before out_proj [batch, 1, dim], (key, value))``:
+        the caller fuses the norm into the projection and ``out_proj`` with the residual add
+        (:mod:`mqa_lm.kernels.triton.decode_linear`), and ``kv_written``: it also wrote the keys and
+        values into ``cache`` (see :attr:`kv_as_projected`)."""
+        assert not kv_written or self.kv_as_projected
+        context, _, _, present = self._attend(
+            x, None, bias, None, True, False, False, positions, cache, qkv=qkv, project=False, kv_written=kv_written
+        )
+        return context, present
+
+    @property
+    def kv_as_projected(self) -> bool:
+        """Whether a decode step caches the keys and values exactly as the QKV projection outputs them
+        (no clipping, QK-norm or rotary positions in between), so the projection may write them."""
+        return self.rotary is None and not self.qk_ln and self.clip_qkv is None
+
     def _attend(
         self,
         x: torch.Tensor,
@@ -289,7 +315,14 @@ class MultiQueryAttention(nn.Module):
         needs_max_logit: bool,
         positions: torch.Tensor | None,
         cache: StaticLayerCache | None,
+        qkv: torch.Tensor | None = None,
+        project: bool = True,
+        kv_written: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KVCache]:
+        """``qkv``: the projection of ``x``, made by the caller (fused with the norm before it);
+        ``project=False``: return the context before ``out_proj`` (the caller fuses it with what
+        follows); ``kv_written``: the caller's projection also wrote a decode step's keys and values
+        into ``cache`` (only where they go in as projected: :attr:`kv_as_projected`)."""
         batch, q_len = self._check_input(x)
         if x.device.type not in self._device_backends:
             self._resolve_device(x.device)
@@ -313,7 +346,8 @@ class MultiQueryAttention(nn.Module):
             key_padding_mask = self._check_mask(mask, batch, k_len, x.device)
         bias = self._crop_bias(bias, batch, q_len, k_len)
 
-        qkv = self.Wqkv(x)
+        if qkv is None:
+            qkv = self.Wqkv(x)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
         kv_dim = self.kv_heads * self.head_dim
@@ -334,8 +368,9 @@ class MultiQueryAttention(nn.Module):
         if cache is not None:
             if decoding and self.rotary is None and not self.qk_ln:
                 # Keys and values as the projection made them: written by one copy from its output.
-                packed = qkv[..., self.dim :].view(batch, 1, 2, self.kv_heads, self.head_dim).permute(0, 2, 3, 1, 4)
-                cache.write_packed(packed)
+                if not kv_written:
+                    packed = qkv[..., self.dim :].view(batch, 1, 2, self.kv_heads, self.head_dim)
+                    cache.write_packed(packed.permute(0, 2, 3, 1, 4))
             else:
                 cache.write(k, v)
             if decoding:
@@ -397,7 +432,7 @@ class MultiQueryAttention(nn.Module):
             log.info("MultiQueryAttention: %s kernel, q_len=%d k_len=%d dtype=%s", used, q_len, k_len, q.dtype)
 
         context = context.to(qkv.dtype).transpose(1, 2).reshape(batch, q_len, self.dim)
-        return self.out_proj(context), weights, max_logit, (k, v)
+        return self.out_proj(context) if project else context, weights, max_logit, (k, v)
 
     def _note(self, message: str) -> None:
         if self.verbose >= 1 and message not in self._warned:

@@ -118,6 +118,10 @@ class StaticKVCache:
                 f"on CPU), here {device.type} {dtype}; use 'sdpa'"
             )
         self.decode_attention = "triton" if decode_attention != "sdpa" and triton_ok else "sdpa"
+        # With the Triton decode kernel, a block's linear layers in a one-token step run as Triton
+        # kernels with the norms, biases, activation and residual adds fused in
+        # (mqa_lm.kernels.triton.decode_linear); a public switch for comparing the two.
+        self.fused_layers = self.decode_attention == "triton"
         self.split_size = split_size
         self.batch_size = batch_size
         self.max_len = max_len
@@ -131,14 +135,10 @@ class StaticKVCache:
         self.prefill_masked = True  # whether a prefill attends through key_mask (reset() decides)
         self.slot = torch.zeros(1, device=device, dtype=torch.long)
         self.slots = torch.arange(max_len, device=device)
+        self.lengths = (self.slot + 1).expand(batch_size)
         # How many slots are filled, as far as the host knows: set by reset() and a prefill, unknown
         # (None) once one-token steps ran, which may have been replayed by a CUDA graph.
         self.host_length: int | None = 0
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Slots to read per row for the token being decoded (the Triton kernel's bound), [batch]."""
-        return (self.slot + 1).expand(self.batch_size)
 
     def reset(self, prompt_mask: torch.Tensor | None = None, length: int | None = None) -> None:
         """Empty the cache before a prefill of ``length`` tokens; ``prompt_mask`` [batch, length] (True
@@ -159,6 +159,9 @@ class StaticKVCache:
         """Before the layers run ``seq`` new tokens: checks, and the new slot made visible."""
         if seq == 1:
             self.key_mask.index_fill_(1, self.slot, True)
+            # Slots to read per row for this token (the Triton kernel's bound) [batch]: once per
+            # step, not once per layer.
+            self.lengths = (self.slot + 1).expand(self.batch_size)
             return
         if self.host_length != 0:
             raise ValueError(

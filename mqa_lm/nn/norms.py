@@ -7,6 +7,8 @@ Without autocast they are identical to their full-precision twins.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +82,17 @@ class LowPrecisionRMSNorm(RMSNorm):
             return super().forward(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self._norm(x, dtype)
+
+
+def fusable_norm(module: nn.Module) -> dict[str, Any] | None:
+    """How a kernel that fuses the norm into what follows computes ``module`` (keyword arguments of
+    :func:`mqa_lm.kernels.triton.decode_linear.fused_linear`), or None for a norm it cannot. Without
+    autocast the low-precision variants compute what their full-precision twins do."""
+    if isinstance(module, LayerNorm) and module.weight is not None:
+        return {"norm": "layernorm", "norm_weight": module.weight, "norm_bias": module.bias, "eps": module.eps}
+    if isinstance(module, RMSNorm):
+        return {"norm": "rmsnorm", "norm_weight": module.weight, "eps": module.eps}
+    return None
 
 
 DEFAULT_EPS = 1e-5

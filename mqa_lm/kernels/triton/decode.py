@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from mqa_lm.kernels.common import triton_interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -186,17 +187,13 @@ def _decode_combine(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.cache
 def _multiprocessors(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _block_n(block_d: int) -> int:
-    if _interpreting():
+    if triton_interpreting():
         return 16  # several key tiles per split even at tiny test lengths
     return 32 if block_d > 128 else 64
 
@@ -216,7 +213,7 @@ def split_plan(
     h_blocks = triton.cdiv(group, block_m)
     block_n = _block_n(MAX_HEAD_DIM)  # the smallest tile: split sizes are a multiple of every tile
     if split_size is None:
-        if _interpreting():
+        if triton_interpreting():
             split_size = 2 * _block_n(MAX_HEAD_DIM)
         else:
             sms = _multiprocessors(device.index) if device.type == "cuda" else 8
@@ -350,7 +347,7 @@ def decode_attention(
         expanded = bias.expand(batch, heads, 1, max_len)
         bias_strides = (expanded.stride(0), expanded.stride(1), expanded.stride(3))
     lengths_stride = lengths.stride(0) if lengths is not None else 0
-    interpreting = _interpreting()
+    interpreting = triton_interpreting()
     block_n = _block_n(block_d)
     grid = (n_splits, batch * kv_heads, triton.cdiv(group, block_m))
     _decode_split[grid](
