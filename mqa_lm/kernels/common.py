@@ -12,6 +12,7 @@ weights, in every backend, with finite gradients.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,26 @@ def triton_interpreting() -> bool:
     """Whether Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read as Triton
     does, when a kernel runs): tests pick small tiles and single configurations there."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Off only to measure what dependent launches gain (scripts/bench_generate.py).
+DEPENDENT_LAUNCH = True
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the decode kernels on ``device`` launch as programmatic dependent launches (Hopper and
+    later, not in the interpreter): each lets the next kernel in the stream start as soon as all of its
+    own programs run, and waits (``gdc_wait``) for the previous kernel's results before reading any
+    activation. A decode step is a chain of kernels of a few microseconds each, and without it every
+    kernel's launch and first weight loads wait for the previous kernel's last store."""
+    return (
+        DEPENDENT_LAUNCH and device.type == "cuda" and not triton_interpreting() and _capability(device.index)[0] >= 9
+    )
 
 
 def allowed_keys(
