@@ -26,6 +26,9 @@ def triton_interpreting() -> bool:
 
 # Off only to measure what dependent launches gain (scripts/bench_generate.py).
 DEPENDENT_LAUNCH = True
+# Where a dependent-launch kernel lets the next one start: after its own wait (at most one kernel
+# waits ahead of the running one), or before it (kernels cascade ahead). For measurements.
+EARLY_TRIGGER = False
 
 
 @functools.cache
@@ -35,13 +38,21 @@ def _capability(index: int | None) -> tuple[int, int]:
 
 def dependent_launch(device: torch.device) -> bool:
     """Whether the decode kernels on ``device`` launch as programmatic dependent launches (Hopper and
-    later, not in the interpreter): each lets the next kernel in the stream start as soon as all of its
-    own programs run, and waits (``gdc_wait``) for the previous kernel's results before reading any
-    activation. A decode step is a chain of kernels of a few microseconds each, and without it every
-    kernel's launch and first weight loads wait for the previous kernel's last store."""
+    later, not in the interpreter): each lets the next kernel in the stream start while it runs, and
+    waits (``gdc_wait``) for the previous kernel's results before reading any activation. A decode
+    step is a chain of kernels of a few microseconds each; without it every kernel's launch and
+    first weight loads wait for the previous kernel's last store."""
     return (
         DEPENDENT_LAUNCH and device.type == "cuda" and not triton_interpreting() and _capability(device.index)[0] >= 9
     )
+
+
+def dependent_launch_mode(device: torch.device) -> int:
+    """The decode kernels' ``GDC`` argument on ``device``: 0 a plain launch, 1 a dependent launch that
+    lets the next kernel start before its own wait, 2 after it (see :func:`dependent_launch`)."""
+    if not dependent_launch(device):
+        return 0
+    return 1 if EARLY_TRIGGER else 2
 
 
 def allowed_keys(

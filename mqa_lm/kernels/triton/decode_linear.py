@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mqa_lm.kernels.common import dependent_launch, triton_interpreting
+from mqa_lm.kernels.common import dependent_launch_mode, triton_interpreting
 
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
@@ -114,17 +114,19 @@ def _fused_linear(
     normalised input is rounded to the weight's dtype before the product, as the unfused norm's
     output is.
 
-    GDC (a dependent launch): the next kernel may start at once, and this one reads nothing the
-    previous kernel wrote (x, the residual, the slot) before ``gdc_wait``; only the weights, which
-    PREFETCH brings into L2 meanwhile."""
+    GDC (a dependent launch, :func:`~mqa_lm.kernels.common.dependent_launch_mode`): this kernel reads
+    nothing the previous one wrote (x, the residual, the slot) before ``gdc_wait``, only the
+    weights, which PREFETCH brings into L2 meanwhile; the next kernel may start before (1) or after
+    (2) that wait."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
     col_ok = rn < N
-    if GDC:
+    if GDC == 1:
         tl.extra.cuda.gdc_launch_dependents()
+    if GDC != 0:
         if PREFETCH:
             rows = tl.minimum(rn, N - 1)  # a partial tile fetches its last row again
             size = tl.full([BLOCK_N], 0, tl.int32) + row_bytes
@@ -132,6 +134,8 @@ def _fused_linear(
             if ACT == 2:
                 _prefetch_rows(W + (rows + up_offset) * stride_wn, size)
         tl.extra.cuda.gdc_wait()
+    if GDC == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     if NORM != 0:
         mean, rstd = _norm_stats(X, stride_xm, rm, M, K, eps, NORM, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -179,6 +183,9 @@ def _fused_linear(
 MAX_ROWS = 16  # one BLOCK_M tile of rows: past it cuBLAS's tiles are the better choice
 # Off only to measure what the weights' prefetch during a dependent launch gains.
 PREFETCH_WEIGHTS = True
+# A matrix larger than this is not prefetched: a vocabulary-wide head (77 MB at GPT-2 size) is more
+# than L2 holds, and its programs run in several waves, of which only the first starts early.
+PREFETCH_MAX_BYTES = 16 * 2**20
 
 
 def plan(rows: int, out_features: int, in_features: int) -> tuple[int, int, int, int, int]:
@@ -246,11 +253,12 @@ def fused_linear(
             raise ValueError(f"kv_cache {list(kv_cache.shape)} does not fit an output of {out_features} features")
         kv_args = (kv_cache, slot, out_features - 2 * kv_width, kv_width, kv_cache.shape[4], *kv_cache.stride()[:4])
     block_m, block_n, block_k, warps, stages = plan(rows, out_features, in_features)
-    gdc = dependent_launch(x.device)
+    gdc = dependent_launch_mode(x.device)
     size = weight.element_size()
     prefetch = (
-        gdc
+        gdc != 0
         and PREFETCH_WEIGHTS
+        and weight.shape[0] * in_features * size <= PREFETCH_MAX_BYTES
         and weight.data_ptr() % 16 == 0
         and (weight.stride(0) * size) % 16 == 0
         and (in_features * size) % 16 == 0
@@ -290,6 +298,6 @@ def fused_linear(
         BLOCK_K=block_k,
         num_warps=warps,
         num_stages=stages,
-        launch_pdl=gdc,
+        launch_pdl=gdc != 0,
     )
     return out.view(*lead, out_features)
