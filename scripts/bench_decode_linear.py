@@ -7,7 +7,9 @@ of one call of the torch ops (``F.layer_norm``, ``F.linear``, ``F.gelu``, ``+``)
 :func:`~mqa_lm.kernels.triton.decode_linear.fused_linear`, with its default launch and with each
 launch of a sweep (``--sweep``). Each timing replays a CUDA graph of 50 calls over 8 weight copies
 (larger than L2), so it is what a captured decode step pays: kernel time and the gaps between kernels,
-no launch overhead, no cache hits. Beside it, the floor: the weight bytes at the card's copy bandwidth.
+no launch overhead, no cache hits. Beside it, the floor: the weight bytes at the card's copy bandwidth,
+and the fused kernel launched plainly ("no PDL") and as a dependent launch that does not prefetch its
+weights ("no pref"): what each part of the default (a dependent launch with the prefetch) gains.
 
     python scripts/bench_decode_linear.py [--sweep] [--rows 1 16] [--d-model 768]
 """
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mqa_lm.kernels import common  # noqa: E402
+from mqa_lm.kernels.triton import decode_linear  # noqa: E402
 from mqa_lm.kernels.triton.decode_linear import fused_linear, plan  # noqa: E402
 
 CALLS = 50
@@ -95,9 +99,15 @@ def bench_layer(name: str, shape: tuple, rows_list: list[int], copy_gbs: float, 
         ref = unfused(0).float()
         err = ((fused(0).float() - ref).norm() / ref.norm()).item()
         t_torch, t_fused = graph_us(unfused, copies), graph_us(fused, copies)
+        # The same kernel launched plainly, and as a dependent launch without the weights' prefetch.
+        common.DEPENDENT_LAUNCH = False
+        t_plain = graph_us(fused, copies)
+        common.DEPENDENT_LAUNCH, decode_linear.PREFETCH_WEIGHTS = True, False
+        t_no_prefetch = graph_us(fused, copies)
+        decode_linear.PREFETCH_WEIGHTS = True
         print(
             f"{name:18s} {rows:4d} {megabytes:6.2f} {floor:8.2f} {t_torch:8.2f} {t_fused:8.2f} "
-            f"{t_torch / t_fused:6.2f}  {plan(rows, n, k)[1:]} rel err {err:.1e}",
+            f"{t_torch / t_fused:6.2f} {t_plain:8.2f} {t_no_prefetch:8.2f}  {plan(rows, n, k)[1:]} rel err {err:.1e}",
             flush=True,
         )
         if sweep:
@@ -128,7 +138,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy {copy_gbs:.0f} GB/s (read+write)")
     sweep = [(bn, bk, 4, s) for bn in (16, 32, 64) for bk in (128, 256) for s in (2, 3, 4)]
     sweep += [(16, 64, 4, 3), (16, 128, 2, 3), (16, 256, 8, 3), (16, 512, 4, 3)]
-    print(f"{'layer':18s} {'rows':>4s} {'MB':>6s} {'floor us':>8s} {'torch us':>8s} {'fused us':>8s} {'ratio':>6s}")
+    print(
+        f"{'layer':18s} {'rows':>4s} {'MB':>6s} {'floor us':>8s} {'torch us':>8s} {'fused us':>8s} {'ratio':>6s} "
+        f"{'no PDL':>8s} {'no pref':>8s}"
+    )
     for name, shape in layers(args.d_model, args.vocab).items():
         bench_layer(name, shape, args.rows, copy_gbs, sweep if args.sweep else None)
         torch.cuda.empty_cache()

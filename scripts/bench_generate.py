@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mqa_lm import MQAConfig, MQATransformer  # noqa: E402
 from mqa_lm.inference import InferenceEngine  # noqa: E402
 from mqa_lm.inference.config import GenerationConfig  # noqa: E402
+from mqa_lm.kernels import common  # noqa: E402
 from mqa_lm.nn.cache import DynamicKVCache  # noqa: E402
 
 
@@ -48,6 +49,15 @@ def growing_cache_loop(model: MQATransformer, idx: torch.Tensor, new: int) -> to
         logits, _ = model(out[-1], cache=cache)
         out.append(logits[:, -1].argmax(-1, keepdim=True))
     return torch.cat([idx, *out], dim=1)
+
+
+def launches(dependent: bool, fn):
+    """``fn()`` with the decode kernels launched as dependent launches or plainly (captured so too)."""
+    common.DEPENDENT_LAUNCH = dependent
+    try:
+        return fn()
+    finally:
+        common.DEPENDENT_LAUNCH = True
 
 
 def sync(device: torch.device) -> None:
@@ -110,6 +120,10 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             engines["ours: engine graph triton, unfused layers"] = dict(
                 attention="triton", cuda_graph=True, fused_layers=False
             )
+            # The decode kernels launched plainly instead of as dependent launches (Hopper+).
+            engines["ours: engine graph triton, plain launches"] = dict(
+                attention="triton", cuda_graph=True, dependent_launch=False
+            )
             if args.compile:
                 engines["ours: engine graph triton + inductor"] = dict(
                     attention="triton", cuda_graph=True, compile=True
@@ -117,13 +131,16 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
         for name, kwargs in engines.items():
             kwargs = dict(kwargs)
             fused = kwargs.pop("fused_layers", True)
+            dependent = kwargs.pop("dependent_launch", True)
             try:
                 engine = InferenceEngine(model, batch, max_len=args.max_seq_len, **kwargs)
                 engine.cache.fused_layers = engine.cache.fused_layers and fused
             except Exception as err:  # noqa: BLE001 - one failure must not stop the run
                 rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
                 continue
-            variants[name] = lambda e=engine, idx=idx, new=new: e.generate(idx, GenerationConfig(new, temperature=0.0))
+            variants[name] = lambda e=engine, idx=idx, new=new, d=dependent: launches(
+                d, lambda: e.generate(idx, GenerationConfig(new, temperature=0.0))
+            )
             if name.endswith("graph triton"):
                 gen = torch.Generator(device=device)
                 variants[name + " top-k/top-p"] = lambda e=engine, idx=idx, new=new, gen=gen: e.generate(

@@ -257,6 +257,34 @@ def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
     assert sdpa._warmup is None
 
 
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_dependent_launches_equal_plain_launches_bit_for_bit(pos_emb):
+    """On Hopper the decode kernels are programmatic dependent launches: each starts while the kernel
+    before it still runs and waits in the kernel for its results. One that read an activation, the
+    slot or the cache before that wait would read the previous step's values and differ from plain
+    launches, which compute the same arithmetic in the same order."""
+    from mqa_lm.kernels import common
+
+    if not common.dependent_launch(torch.device("cuda")):
+        pytest.skip("dependent launches need compute capability 9.0 or later")
+    model = small_model(pos_emb, kv_heads=1)
+    idx, mask = prompts(3, 12, lengths=[12, 5, 9], seed=7)
+    runs = []
+    try:
+        for dependent in (True, False):
+            common.DEPENDENT_LAUNCH = dependent
+            engine = InferenceEngine(model, batch_size=3, max_len=200, attention="triton", keep_logits=True)
+            assert engine.cuda_graph and engine.cache.fused_layers
+            gen = torch.Generator(device="cuda").manual_seed(8)
+            config = GenerationConfig(120, temperature=0.9, top_k=100)
+            out = engine.generate(idx, config, prompt_mask=mask, generator=gen)
+            runs.append((out, engine.step_logits))
+    finally:
+        common.DEPENDENT_LAUNCH = True
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
 def test_a_prefill_runs_no_cudnn_attention():
     """cuDNN attention builds a plan per shape, and a prefill's shape is the prompt's: the engine's
     prefill runs flash or memory-efficient SDPA instead, with the same logits as a full forward."""

@@ -12,6 +12,7 @@ weights, in every backend, with finite gradients.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,37 @@ def triton_interpreting() -> bool:
     """Whether Triton runs its kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read as Triton
     does, when a kernel runs): tests pick small tiles and single configurations there."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Off only to measure what dependent launches gain (scripts/bench_generate.py).
+DEPENDENT_LAUNCH = True
+# Where a dependent-launch kernel lets the next one start: after its own wait (at most one kernel
+# waits ahead of the running one), or before it (kernels cascade ahead). For measurements.
+EARLY_TRIGGER = False
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether the decode kernels on ``device`` launch as programmatic dependent launches (Hopper and
+    later, not in the interpreter): each lets the next kernel in the stream start while it runs, and
+    waits (``gdc_wait``) for the previous kernel's results before reading any activation. A decode
+    step is a chain of kernels of a few microseconds each; without it every kernel's launch and
+    first weight loads wait for the previous kernel's last store."""
+    return (
+        DEPENDENT_LAUNCH and device.type == "cuda" and not triton_interpreting() and _capability(device.index)[0] >= 9
+    )
+
+
+def dependent_launch_mode(device: torch.device) -> int:
+    """The decode kernels' ``GDC`` argument on ``device``: 0 a plain launch, 1 a dependent launch that
+    lets the next kernel start before its own wait, 2 after it (see :func:`dependent_launch`)."""
+    if not dependent_launch(device):
+        return 0
+    return 1 if EARLY_TRIGGER else 2
 
 
 def allowed_keys(

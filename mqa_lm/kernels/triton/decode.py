@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mqa_lm.kernels.common import triton_interpreting
+from mqa_lm.kernels.common import dependent_launch_mode, triton_interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -71,7 +71,16 @@ def _decode_split(
     HAS_BIAS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
+    GDC: tl.constexpr,
 ):
+    # A dependent launch (see mqa_lm.kernels.common.dependent_launch_mode): nothing the kernel
+    # before wrote is read before the wait.
+    if GDC == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if GDC != 0:
+        tl.extra.cuda.gdc_wait()
+    if GDC == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     split = tl.program_id(0)
     bkv = tl.program_id(1)
     h_block = tl.program_id(2)
@@ -155,7 +164,14 @@ def _decode_combine(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
+    GDC: tl.constexpr,
 ):
+    if GDC == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if GDC != 0:
+        tl.extra.cuda.gdc_wait()
+    if GDC == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)  # batch * heads + head
     b = pid // heads
     h = pid % heads
@@ -348,6 +364,7 @@ def decode_attention(
         bias_strides = (expanded.stride(0), expanded.stride(1), expanded.stride(3))
     lengths_stride = lengths.stride(0) if lengths is not None else 0
     interpreting = triton_interpreting()
+    gdc = dependent_launch_mode(q.device)
     block_n = _block_n(block_d)
     grid = (n_splits, batch * kv_heads, triton.cdiv(group, block_m))
     _decode_split[grid](
@@ -385,8 +402,10 @@ def decode_attention(
         HAS_BIAS=bias is not None,
         HAS_MASK=mask is not None,
         HAS_LENGTHS=lengths is not None,
+        GDC=gdc,
         num_warps=1 if interpreting else 4,
         num_stages=1 if interpreting else 3,
+        launch_pdl=gdc != 0,
     )
     _decode_combine[(batch * heads,)](
         part_acc,
@@ -405,7 +424,9 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
         HAS_LENGTHS=lengths is not None,
+        GDC=gdc,
         num_warps=1 if interpreting else (4 if n_splits * block_d <= 8192 else 8),
+        launch_pdl=gdc != 0,
     )
     return out
 

@@ -23,10 +23,25 @@ import torch
 import triton
 import triton.language as tl
 
-from mqa_lm.kernels.common import triton_interpreting
+from mqa_lm.kernels.common import dependent_launch_mode, triton_interpreting
 
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
+
+
+@triton.jit
+def _prefetch_rows(ptrs, nbytes):
+    """Start bringing ``nbytes`` from each of ``ptrs`` (16-byte aligned, ``nbytes`` a multiple of 16)
+    into L2 and return at once (sm_90's bulk prefetch): a dependent launch reads its weights while
+    the kernel before it still runs."""
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;",
+        "=r,l,r",
+        [ptrs, nbytes],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit
@@ -67,6 +82,7 @@ def _fused_linear(
     N,
     K,
     up_offset,
+    row_bytes,
     eps,
     stride_xm,
     stride_wn,
@@ -87,6 +103,8 @@ def _fused_linear(
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
     WRITE_KV: tl.constexpr,
+    GDC: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -94,13 +112,30 @@ def _fused_linear(
     """out[:, n] = residual + act(norm(x) @ weight[n].T + bias[n]) for this program's BLOCK_N columns.
     SwiGLU (ACT 2): silu(gate) * up with the gate from rows n and up from rows n + up_offset. The
     normalised input is rounded to the weight's dtype before the product, as the unfused norm's
-    output is."""
+    output is.
+
+    GDC (a dependent launch, :func:`~mqa_lm.kernels.common.dependent_launch_mode`): this kernel reads
+    nothing the previous one wrote (x, the residual, the slot) before ``gdc_wait``, only the
+    weights, which PREFETCH brings into L2 meanwhile; the next kernel may start before (1) or after
+    (2) that wait."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
     col_ok = rn < N
+    if GDC == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if GDC != 0:
+        if PREFETCH:
+            rows = tl.minimum(rn, N - 1)  # a partial tile fetches its last row again
+            size = tl.full([BLOCK_N], 0, tl.int32) + row_bytes
+            _prefetch_rows(W + rows * stride_wn, size)
+            if ACT == 2:
+                _prefetch_rows(W + (rows + up_offset) * stride_wn, size)
+        tl.extra.cuda.gdc_wait()
+    if GDC == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     if NORM != 0:
         mean, rstd = _norm_stats(X, stride_xm, rm, M, K, eps, NORM, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -146,6 +181,11 @@ def _fused_linear(
 
 
 MAX_ROWS = 16  # one BLOCK_M tile of rows: past it cuBLAS's tiles are the better choice
+# Off only to measure what the weights' prefetch during a dependent launch gains.
+PREFETCH_WEIGHTS = True
+# A matrix larger than this is not prefetched: a vocabulary-wide head (77 MB at GPT-2 size) is more
+# than L2 holds, and its programs run in several waves, of which only the first starts early.
+PREFETCH_MAX_BYTES = 16 * 2**20
 
 
 def plan(rows: int, out_features: int, in_features: int) -> tuple[int, int, int, int, int]:
@@ -213,6 +253,16 @@ def fused_linear(
             raise ValueError(f"kv_cache {list(kv_cache.shape)} does not fit an output of {out_features} features")
         kv_args = (kv_cache, slot, out_features - 2 * kv_width, kv_width, kv_cache.shape[4], *kv_cache.stride()[:4])
     block_m, block_n, block_k, warps, stages = plan(rows, out_features, in_features)
+    gdc = dependent_launch_mode(x.device)
+    size = weight.element_size()
+    prefetch = (
+        gdc != 0
+        and PREFETCH_WEIGHTS
+        and weight.shape[0] * in_features * size <= PREFETCH_MAX_BYTES
+        and weight.data_ptr() % 16 == 0
+        and (weight.stride(0) * size) % 16 == 0
+        and (in_features * size) % 16 == 0
+    )
     if launch is not None:
         block_n, block_k, warps, stages = launch
     grid = (triton.cdiv(out_features, block_n), triton.cdiv(rows, block_m))
@@ -228,6 +278,7 @@ def fused_linear(
         out_features,
         in_features,
         out_features,
+        in_features * size,
         eps,
         x2.stride(0),
         weight.stride(0),
@@ -240,10 +291,13 @@ def fused_linear(
         HAS_RES=res is not None,
         ACT=act,
         WRITE_KV=kv_cache is not None,
+        GDC=gdc,
+        PREFETCH=prefetch,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
         num_stages=stages,
+        launch_pdl=gdc != 0,
     )
     return out.view(*lead, out_features)
