@@ -9,7 +9,8 @@ token, so the kernel is bound by memory bandwidth, and two things keep that band
   once for all of them: MQA reads the cache once per token, not once per query head.
 * The key axis is split across programs (``split_size`` keys each), so a single long row still
   fills the GPU. Each program writes its partial (max, sum, unnormalised output) in fp32 and a
-  second small kernel combines the splits of each head.
+  second small kernel combines the splits of each head (with one split, as for a short cache, the
+  program writes the output itself and the second launch is skipped).
 
 The number of keys to read comes from a device tensor (``lengths``), not from the shapes: a
 CUDA graph captured once replays for every length, and programs whose split lies past the length
@@ -34,6 +35,20 @@ MAX_SPLITS = 128
 
 
 @triton.jit
+def dependent_launch_sync(GDC: tl.constexpr):
+    """A dependent launch's wait for the kernel before it (``GDC`` from
+    :func:`~mqa_lm.kernels.common.dependent_launch_mode`: 0 a plain launch, nothing to do) and its
+    signal that the next kernel may start: before the wait (1) or after it (2). A kernel calls it
+    before its first read of anything an earlier kernel wrote; only weights may be read before."""
+    if GDC == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if GDC != 0:
+        tl.extra.cuda.gdc_wait()
+    if GDC == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _decode_split(
     Q,
     K,
@@ -44,6 +59,7 @@ def _decode_split(
     PartAcc,
     PartMax,
     PartSum,
+    Out,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -58,6 +74,8 @@ def _decode_split(
     stride_bn,
     stride_mb,
     stride_lb,
+    stride_ob,
+    stride_oh,
     heads,
     kv_heads,
     k_len,
@@ -72,15 +90,9 @@ def _decode_split(
     HAS_MASK: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     GDC: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
-    # A dependent launch (see mqa_lm.kernels.common.dependent_launch_mode): nothing the kernel
-    # before wrote is read before the wait.
-    if GDC == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-    if GDC != 0:
-        tl.extra.cuda.gdc_wait()
-    if GDC == 2:
-        tl.extra.cuda.gdc_launch_dependents()
+    dependent_launch_sync(GDC)  # nothing the kernel before wrote is read before this
     split = tl.program_id(0)
     bkv = tl.program_id(1)
     h_block = tl.program_id(2)
@@ -139,11 +151,16 @@ def _decode_split(
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    # Partials per (batch, query head, split): [b * heads, n_splits] and [b * heads, n_splits, d].
-    part = (b * heads + head).to(tl.int64) * n_splits + split
-    tl.store(PartMax + part, m_i, mask=row_ok)
-    tl.store(PartSum + part, l_i, mask=row_ok)
-    tl.store(PartAcc + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    if DIRECT:  # one split: this program saw every key, so it normalises and writes the output
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key stays 0
+        o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # Partials per (batch, query head, split): [b * heads, n_splits] and [b * heads, n_splits, d].
+        part = (b * heads + head).to(tl.int64) * n_splits + split
+        tl.store(PartMax + part, m_i, mask=row_ok)
+        tl.store(PartSum + part, l_i, mask=row_ok)
+        tl.store(PartAcc + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -166,12 +183,7 @@ def _decode_combine(
     HAS_LENGTHS: tl.constexpr,
     GDC: tl.constexpr,
 ):
-    if GDC == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-    if GDC != 0:
-        tl.extra.cuda.gdc_wait()
-    if GDC == 2:
-        tl.extra.cuda.gdc_launch_dependents()
+    dependent_launch_sync(GDC)
     pid = tl.program_id(0)  # batch * heads + head
     b = pid // heads
     h = pid % heads
@@ -319,6 +331,7 @@ def decode_attention(
     split_size: int | None = None,
     out: torch.Tensor | None = None,
     check: bool = True,
+    launch: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one query per row, ``q`` [b, h, 1, d], over ``k_cache``/``v_cache``
     [b, kv_heads, max_len, d]; returns [b, h, 1, d] (written into ``out`` when given).
@@ -331,6 +344,11 @@ def decode_attention(
         softmax_scale: defaults to ``1 / sqrt(d)``.
         split_size: keys per program (rounded up to the key tile); default from :func:`split_plan`.
         check: validate the inputs (skip it in a captured decode step that was checked once).
+        launch: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults
+            (benchmarks).
+
+    With a single split (a short cache, or ``split_size >= max_len``) the one kernel writes the
+    output; otherwise a second kernel combines the splits' partial results.
     """
     if check:
         check_decode_inputs(q, k_cache, v_cache, lengths, key_mask, bias)
@@ -349,9 +367,13 @@ def decode_attention(
     size, n_splits, block_m = split_plan(batch, kv_heads, heads, max_len, q.device, split_size)
     group = heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    part_acc = torch.empty(batch * heads * n_splits * head_dim, device=q.device, dtype=torch.float32)
-    part_max = torch.empty(batch * heads * n_splits, device=q.device, dtype=torch.float32)
-    part_sum = torch.empty_like(part_max)
+    direct = n_splits == 1
+    if direct:  # no partials: the kernel never touches them
+        part_acc = part_max = part_sum = out
+    else:
+        part_acc = torch.empty(batch * heads * n_splits * head_dim, device=q.device, dtype=torch.float32)
+        part_max = torch.empty(batch * heads * n_splits, device=q.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
     mask = None
     if key_mask is not None:
         mask = key_mask if key_mask.dtype == torch.bool else key_mask != 0
@@ -365,7 +387,9 @@ def decode_attention(
     lengths_stride = lengths.stride(0) if lengths is not None else 0
     interpreting = triton_interpreting()
     gdc = dependent_launch_mode(q.device)
-    block_n = _block_n(block_d)
+    block_n, warps, stages = _block_n(block_d), 1 if interpreting else 4, 1 if interpreting else 3
+    if launch is not None:
+        block_n, warps, stages = launch
     grid = (n_splits, batch * kv_heads, triton.cdiv(group, block_m))
     _decode_split[grid](
         q,
@@ -377,6 +401,7 @@ def decode_attention(
         part_acc,
         part_max,
         part_sum,
+        out,
         softmax_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -389,6 +414,8 @@ def decode_attention(
         *bias_strides,
         mask.stride(0) if mask is not None else 0,
         lengths_stride,
+        out.stride(0),
+        out.stride(1),
         heads,
         kv_heads,
         max_len,
@@ -403,10 +430,13 @@ def decode_attention(
         HAS_MASK=mask is not None,
         HAS_LENGTHS=lengths is not None,
         GDC=gdc,
-        num_warps=1 if interpreting else 4,
-        num_stages=1 if interpreting else 3,
+        DIRECT=direct,
+        num_warps=warps,
+        num_stages=stages,
         launch_pdl=gdc != 0,
     )
+    if direct:
+        return out
     _decode_combine[(batch * heads,)](
         part_acc,
         part_max,
