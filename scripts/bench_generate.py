@@ -396,7 +396,7 @@ def sweep_shape(batch: int, kv_heads: int, length: int, device: torch.device) ->
     measure("default", [lambda k=k, v=v: decode_attention(q, k, v, out=out, check=False) for k, v in caches])
     sizes = sorted({s for s in (128, 256, 512, 1024, 2048, 4096, 8192, length) if s <= length})
     for size in sizes:
-        for launch in [(n, w, st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]:
+        for launch in [(n, w, st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3)]:
             calls = [
                 lambda k=k, v=v, size=size, launch=launch: decode_attention(
                     q, k, v, out=out, check=False, split_size=size, launch=launch

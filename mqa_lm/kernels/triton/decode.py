@@ -221,9 +221,17 @@ def _multiprocessors(index: int | None) -> int:
 
 
 def _block_n(block_d: int) -> int:
+    """The smallest key tile the split kernel takes for ``block_d``: split sizes are a multiple of it."""
     if triton_interpreting():
         return 16  # several key tiles per split even at tiny test lengths
     return 32 if block_d > 128 else 64
+
+
+# A cache of at most this many keys is read by one program per K/V head (a single split, no combine).
+SINGLE_SPLIT_MAX_LEN = 256
+# Splits are a multiple of this many keys: one 128-key tile, the split measured fastest wherever the
+# GPU has programs to spare (H100: 3.8 us for 2k keys at batch 1 in 128-key splits, 5.5 in 256-key).
+MIN_SPLIT = 128
 
 
 def split_plan(
@@ -232,9 +240,12 @@ def split_plan(
     """(split_size, n_splits, block_m) for a cache of ``max_len`` keys.
 
     The plan depends on the shapes only, never on the current length, so one CUDA graph serves a
-    whole generation. Without ``split_size`` the key axis is cut so that a full cache gives about
-    four programs per multiprocessor, each at least 256 keys long (shorter splits cost more in the
-    combine than they gain), and at most ``MAX_SPLITS`` of them.
+    whole generation. Without ``split_size``: a cache of at most ``SINGLE_SPLIT_MAX_LEN`` keys is one
+    split; a longer one is cut so that a full cache gives about two programs per multiprocessor,
+    in splits of a multiple of ``MIN_SPLIT`` keys, at most ``MAX_SPLITS`` of them. Measured on an
+    H100 (``scripts/bench_generate.py --sweep-attention``): at batch 1 many one-tile programs win
+    (the kernel is latency-bound), at batch 16-32 and long caches fewer, longer splits win (the
+    combine's traffic and launch are then the cost), and two programs per SM is where both meet.
     """
     group = heads // kv_heads
     block_m = min(64, max(16, triton.next_power_of_2(group)))
@@ -243,16 +254,31 @@ def split_plan(
     if split_size is None:
         if triton_interpreting():
             split_size = 2 * _block_n(MAX_HEAD_DIM)
+        elif max_len <= SINGLE_SPLIT_MAX_LEN:
+            split_size = max_len
         else:
             sms = _multiprocessors(device.index) if device.type == "cuda" else 8
-            wanted = max(1, triton.cdiv(4 * sms, batch * kv_heads * h_blocks))
-            split_size = max(256, triton.cdiv(max_len, min(wanted, MAX_SPLITS)))
+            wanted = max(1, triton.cdiv(2 * sms, batch * kv_heads * h_blocks))
+            split_size = triton.cdiv(triton.cdiv(max_len, min(wanted, MAX_SPLITS)), MIN_SPLIT) * MIN_SPLIT
     split_size = max(block_n, triton.cdiv(split_size, block_n) * block_n)
     n_splits = triton.cdiv(max(max_len, 1), split_size)
     if n_splits > MAX_SPLITS:
         split_size = triton.cdiv(triton.cdiv(max_len, MAX_SPLITS), block_n) * block_n
         n_splits = triton.cdiv(max_len, split_size)
     return split_size, n_splits, block_m
+
+
+def split_launch(programs: int, block_d: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_N, num_warps, num_stages)`` of the split kernel for a grid of ``programs``. Measured
+    on an H100 at head_dim 64: 128-key tiles (4 warps) while the programs fit on the SMs at once,
+    where each program's load latency is the cost; 64-key tiles with 2 warps past that, where the
+    reads stream at the card's bandwidth and smaller programs interleave better."""
+    if triton_interpreting():
+        return 16, 1, 1
+    if block_d > 64:
+        return _block_n(block_d), 4, 3
+    sms = _multiprocessors(device.index) if device.type == "cuda" else 8
+    return (128, 4, 3) if programs <= sms else (64, 2, 3)
 
 
 def check_decode_inputs(
@@ -387,10 +413,8 @@ def decode_attention(
     lengths_stride = lengths.stride(0) if lengths is not None else 0
     interpreting = triton_interpreting()
     gdc = dependent_launch_mode(q.device)
-    block_n, warps, stages = _block_n(block_d), 1 if interpreting else 4, 1 if interpreting else 3
-    if launch is not None:
-        block_n, warps, stages = launch
     grid = (n_splits, batch * kv_heads, triton.cdiv(group, block_m))
+    block_n, warps, stages = launch or split_launch(math.prod(grid), block_d, q.device)
     _decode_split[grid](
         q,
         k_cache,
