@@ -7,6 +7,7 @@ alike; generation is a loop over it in :mod:`mqa_lm.inference`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -274,22 +275,26 @@ class Block(nn.Module):
         x: torch.Tensor,
         attend: Callable[[torch.Tensor], torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        linear: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The block on ``x`` [batch, 1, d_model] as four fused kernels around ``attend`` (the QKV
         projection -> the context before ``out_proj``): norm + QKV (also writing the keys and values
         into ``kv`` = (a layer's packed cache, the slot) where given), out_proj + residual, norm + up +
-        activation, down + residual. Eval mode: no dropout."""
-        from mqa_lm.kernels.triton.decode_linear import fused_linear
+        activation, down + residual. Eval mode: no dropout. ``linear`` stands in for
+        :func:`~mqa_lm.kernels.triton.decode_linear.fused_linear` (to list the launches a step makes)."""
+        if linear is None:
+            from mqa_lm.kernels.triton.decode_linear import fused_linear
 
+            linear = fused_linear
         attn, mlp = self.attn, self.mlp
         norm_1, norm_2 = fusable_norm(self.norm_1), fusable_norm(self.norm_2)
         assert norm_1 is not None and norm_2 is not None  # fused_decode_ok checked them
         kv_cache, slot = kv if kv is not None else (None, None)
-        qkv = fused_linear(x, *_weight_and_bias(attn.Wqkv), **norm_1, kv_cache=kv_cache, slot=slot)
-        h = fused_linear(attend(qkv), *_weight_and_bias(attn.out_proj), residual=x)
+        qkv = linear(x, *_weight_and_bias(attn.Wqkv), **norm_1, kv_cache=kv_cache, slot=slot)
+        h = linear(attend(qkv), *_weight_and_bias(attn.out_proj), residual=x)
         activation = "swiglu" if mlp.mlp_type == "swiglu" else "gelu_tanh"
-        up = fused_linear(h, *_weight_and_bias(mlp.up_proj), activation=activation, **norm_2)
-        return fused_linear(up, *_weight_and_bias(mlp.down_proj), residual=h)
+        up = linear(h, *_weight_and_bias(mlp.up_proj), activation=activation, **norm_2)
+        return linear(up, *_weight_and_bias(mlp.down_proj), residual=h)
 
 
 class MQATransformer(nn.Module):
@@ -387,21 +392,31 @@ class MQATransformer(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def warm_fused_decode(self, cache: StaticKVCache) -> None:
-        """Launch each fused decode kernel a step into ``cache`` would (a block's four, the head's)
-        once, on zeros of the step's shapes (the engine's background warm-up: a Triton kernel's first
-        launch in a process is slow). Writes nothing to ``cache``."""
-        from mqa_lm.kernels.triton.decode_linear import fused_linear
+    def fused_decode_launches(self, cache: StaticKVCache) -> list[Callable[[], torch.Tensor]]:
+        """One call per fused kernel a decode step into ``cache`` launches (a block's four, the LM
+        head's), each on zeros of the step's shapes and a scratch cache, so they write nothing to
+        ``cache`` and depend on nothing but the weights: the engine's background warm-up runs them,
+        side by side (a Triton kernel's first launch in a process compiles or loads it). Empty
+        where the step is not fused."""
+        from mqa_lm.kernels.triton.decode_linear import fused_linear, output_features
+
+        calls: list[Callable[[], torch.Tensor]] = []
+
+        def listed(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs: Any):
+            calls.append(functools.partial(fused_linear, inp, weight, bias, **kwargs))
+            features = output_features(weight, kwargs.get("activation", "none"))
+            return inp.new_zeros(*inp.shape[:-1], features)
 
         block = cast(Block, self.blocks[0])
         x = torch.zeros(cache.batch_size, 1, self.config.d_model, device=cache.device, dtype=cache.dtype)
         if block.fused_decode_ok(x, cache.layers[0]):
-            # A scratch cache: the prefill may be writing the real one meanwhile.
             kv = (torch.zeros_like(cache.layers[0].kv), torch.zeros_like(cache.slot))
-            block.fused_layers(x, lambda qkv: torch.zeros_like(x), kv if block.attn.kv_as_projected else None)
+            context = x.new_zeros(*x.shape[:-1], cast(torch.Tensor, block.attn.out_proj.weight).shape[1])
+            block.fused_layers(x, lambda qkv: context, kv if block.attn.kv_as_projected else None, linear=listed)
         head = self._fused_head()
         if head is not None and fused_decode_step(self, x, cache):
-            fused_linear(x, **head)
+            calls.append(functools.partial(fused_linear, x, **head))
+        return calls
 
     def _fused_head(self) -> dict | None:
         """The fused LM head's arguments (its weight and the final norm's), or None where the head or

@@ -14,6 +14,7 @@
 
     python scripts/bench_generate.py [--quick] [--compile] [--no-hf] [--json out.json]
     python scripts/bench_generate.py --profile     # kernels and GPU time of one decode step (b=1, 16)
+    python scripts/bench_generate.py --sweep-attention --json s.json  # tune the decode-attention launch
     python scripts/bench_generate.py --device cpu --quick      # smoke run: tiny fp32 model, no Triton
 """
 
@@ -58,6 +59,28 @@ def launches(dependent: bool, fn):
         return fn()
     finally:
         common.DEPENDENT_LAUNCH = True
+
+
+def step_replay_us(engine: InferenceEngine, replays: int = 48) -> float | None:
+    """Microseconds per replay of ``engine``'s captured greedy decode step, CUDA events around
+    ``replays`` replays in a row: the step alone, without the prefill, the rounds' host syncs and the
+    launch of each round that a whole ``generate()`` call also pays. None without a captured step.
+    Run right after a greedy ``generate()``: the replays write the cache slots after the last one
+    (``replays`` more must fit) and the round buffer from its start."""
+    greedy = engine.settings(GenerationConfig(1, temperature=0.0), None)
+    graph = engine._graphs.get(("decode", greedy))  # the engine keeps its graphs private
+    if graph is None or int(engine.cache.slot) + replays > engine.max_len:
+        return None
+    replays = min(replays, engine.chunk_capacity)
+    engine.step.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()  # the first replay after a host sync pays the graph's upload
+    start.record()
+    for _ in range(replays - 1):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (replays - 1)
 
 
 def sync(device: torch.device) -> None:
@@ -128,6 +151,7 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
                 engines["ours: engine graph triton + inductor"] = dict(
                     attention="triton", cuda_graph=True, compile=True
                 )
+        engines_built: dict[str, InferenceEngine] = {}
         for name, kwargs in engines.items():
             kwargs = dict(kwargs)
             fused = kwargs.pop("fused_layers", True)
@@ -138,6 +162,7 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             except Exception as err:  # noqa: BLE001 - one failure must not stop the run
                 rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
                 continue
+            engines_built[name] = engine
             variants[name] = lambda e=engine, idx=idx, new=new, d=dependent: launches(
                 d, lambda: e.generate(idx, GenerationConfig(new, temperature=0.0))
             )
@@ -159,6 +184,10 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
                         ms_per_step=1e3 * seconds / new,
                     )
                 )
+                engine = engines_built.get(name)
+                step_us = step_replay_us(engine) if engine is not None and engine.cuda_graph else None
+                if step_us is not None:
+                    rows[-1].update(step_us=step_us, step_tok_per_s=batch * 1e6 / step_us)
             except Exception as err:  # noqa: BLE001
                 rows.append(dict(section="generate", name=name, batch=batch, error=repr(err)))
                 traceback.print_exc()
@@ -167,7 +196,7 @@ def bench_generation(args, device: torch.device, dtype: torch.dtype, rows: list[
             bench_hf(args, device, dtype, batch, idx, rows)
         # The closures (and ``fn``, the last of them) hold the model now; dropping them lets
         # ``del model`` free it as before.
-        del variants, fn
+        del variants, fn, engines_built
     del model
     if on_cuda:
         torch.cuda.empty_cache()
@@ -326,6 +355,77 @@ def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None
         torch.cuda.empty_cache()
 
 
+def sweep_decode_attention(args, device: torch.device, rows: list[dict]) -> None:
+    """Every launch of the decode-attention kernel (keys per split, key tile, warps, pipeline stages)
+    at each shape, beside SDPA and the default plan, to tune :func:`split_plan` and the defaults."""
+    shapes = [(b, 1, L) for b in (1, 16) for L in (256, 1024)]
+    shapes += [(1, 1, 2048), (1, 1, 32768), (16, 1, 2048), (16, 1, 8192), (32, 1, 2048), (32, 1, 8192)]
+    shapes += [(32, 1, 32768), (16, 12, 2048), (16, 12, 8192)]
+    for batch, kv_heads, length in shapes:
+        rows.append(sweep_shape(batch, kv_heads, length, device))
+        torch.cuda.empty_cache()
+
+
+def sweep_shape(batch: int, kv_heads: int, length: int, device: torch.device) -> dict:
+    from mqa_lm.kernels.triton.decode import decode_attention, decode_bytes, split_plan
+
+    head_dim, heads = 64, 12
+    nbytes = decode_bytes(batch, kv_heads, length, head_dim, 2)
+    copies = max(2, min(64, math.ceil(512 * 2**20 / nbytes)))
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    caches = [
+        (
+            torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
+            torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
+        )
+        for _ in range(copies)
+    ]
+    out = torch.empty_like(q)
+    results: dict = {}
+
+    def measure(name, calls):
+        try:
+            results[name] = graph_time(calls, device) * 1e6
+        except Exception as err:  # noqa: BLE001 - a launch that does not fit is skipped
+            results[name] = math.inf
+            print(f"  {name}: {repr(err)[:120]}", flush=True)
+
+    gqa = kv_heads != heads
+    measure("sdpa", [lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa) for k, v in caches])
+    measure("default", [lambda k=k, v=v: decode_attention(q, k, v, out=out, check=False) for k, v in caches])
+    sizes = sorted({s for s in (128, 256, 512, 1024, 2048, 4096, 8192, length) if s <= length})
+    for size in sizes:
+        for launch in [(n, w, st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3)]:
+            calls = [
+                lambda k=k, v=v, size=size, launch=launch: decode_attention(
+                    q, k, v, out=out, check=False, split_size=size, launch=launch
+                )
+                for k, v in caches
+            ]
+            measure((size, *launch), calls)
+    ranked = sorted((us, name) for name, us in results.items() if isinstance(name, tuple))
+    plan = split_plan(batch, kv_heads, heads, length, device)[:2]
+    best_us, best = ranked[0]
+    print(
+        f"b={batch} kvh={kv_heads} L={length}: sdpa {results['sdpa']:.1f} us, default {results['default']:.1f} "
+        f"(split {plan[0]} x{plan[1]}), best {best_us:.1f} (split {best[0]}, tile {best[1]}, warps {best[2]}, "
+        f"stages {best[3]}); next: " + ", ".join(f"{us:.1f} {list(n)}" for us, n in ranked[1:5]),
+        flush=True,
+    )
+    return dict(
+        section="sweep",
+        batch=batch,
+        kv_heads=kv_heads,
+        length=length,
+        sdpa_us=results["sdpa"],
+        default_us=results["default"],
+        default_plan=plan,
+        best=[(us, list(name)) for us, name in ranked[:8]],
+        all={"/".join(map(str, name)): us for name, us in results.items() if isinstance(name, tuple)},
+    )
+
+
 def profile_step(args, device: torch.device, dtype: torch.dtype) -> None:
     """Kernels of one eager decode step (what the CUDA graph replays) and their GPU time, per batch."""
     from torch.profiler import ProfilerActivity, profile
@@ -353,14 +453,16 @@ def profile_step(args, device: torch.device, dtype: torch.dtype) -> None:
 
 def print_table(rows: list[dict]) -> None:
     print("\n== generation (greedy unless noted) ==")
-    print(f"{'variant':46s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>9s}")
+    # "step": the captured step replayed alone (CUDA-graph engines), beside the whole generate() call.
+    print(f"{'variant':46s} {'batch':>5s} {'tok/s':>10s} {'ms/step':>9s} {'step us':>8s} {'step tok/s':>10s}")
     for r in rows:
         if r["section"] != "generate":
             continue
         if "error" in r:
             print(f"{r['name']:46s} {r['batch']:5d}  error: {r['error'][:80]}")
         else:
-            print(f"{r['name']:46s} {r['batch']:5d} {r['tok_per_s']:10.0f} {r['ms_per_step']:9.3f}")
+            step = f"{r['step_us']:8.1f} {r['step_tok_per_s']:10.0f}" if "step_us" in r else ""
+            print(f"{r['name']:46s} {r['batch']:5d} {r['tok_per_s']:10.0f} {r['ms_per_step']:9.3f} {step}")
     attention = [r for r in rows if r["section"] == "attention"]
     if attention:
         print("\n== decode attention (K/V bytes read / kernel time) ==")
@@ -395,6 +497,11 @@ def main() -> None:
         help="only profile one eager decode step at batch 1 and 16 (kernel count and GPU time)",
     )
     parser.add_argument("--profile-rows", type=int, default=15, help="kernels listed per batch with --profile")
+    parser.add_argument(
+        "--sweep-attention",
+        action="store_true",
+        help="only decode attention: every split size and launch of our kernel per shape, beside SDPA",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -423,6 +530,13 @@ def main() -> None:
         return
     rows: list[dict] = []
     start = time.perf_counter()
+    if args.sweep_attention:
+        if device.type != "cuda":
+            parser.error("--sweep-attention needs --device cuda")
+        sweep_decode_attention(args, device, rows)
+        args.json and args.json.write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1))
+        print(f"\ntotal {time.perf_counter() - start:.0f} s")
+        return
     bench_generation(args, device, dtype, rows)
     if device.type == "cuda":
         bench_decode_attention(args, device, rows)

@@ -29,6 +29,9 @@ CASES = [
     (2, 8, 1, 777, 256, "full", "bias"),
     (16, 12, 1, 8192, 64, "full", ""),
     (2, 64, 1, 3000, 96, [2999, 3000], "mask"),
+    # One split: the split kernel writes the output itself (no combine launch).
+    (1, 12, 1, 200, 64, "full", ""),
+    (5, 12, 1, 256, 64, [256, 100, 1, 0, 37], "mask+bias"),
 ]
 
 
@@ -220,15 +223,16 @@ def test_past_the_context_graph_replays_equal_eager(rule):
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("pos_emb", ["rope", "alibi"])
-def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
-    """The engine's background warm-up launches the decode kernels at the step's own layout: the
-    first decode step compiles nothing more (a variant the warm-up missed would be compiled there, on
-    the user's clock). The SDPA decode path starts no warm-up."""
-    from mqa_lm.kernels.triton.decode import _decode_combine, _decode_split
+@pytest.mark.parametrize("pos_emb,max_len", [("rope", 200), ("alibi", 1000)])
+def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb, max_len):
+    """The engine's background warm-up launches the decode kernels at the step's own layout, side by
+    side on threads: the first decode step compiles nothing more (a variant the warm-up missed would
+    be compiled there, on the user's clock). A cache of 200 slots is one split (no combine kernel),
+    one of 1000 several. The SDPA decode path starts no warm-up."""
+    from mqa_lm.kernels.triton.decode import _decode_combine, _decode_split, split_plan
     from mqa_lm.kernels.triton.decode_linear import _fused_linear
 
-    model = small_model(pos_emb, kv_heads=1)
+    model = small_model(pos_emb, kv_heads=1, max_seq_len=max_len)
     idx, mask = prompts(2, 12, lengths=[12, 5], seed=3)
     kernels = (_decode_split, _decode_combine, _fused_linear)
     for kernel in kernels:
@@ -238,7 +242,8 @@ def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
         index = torch.cuda.current_device()
         return [len(k.device_caches[index][0]) if index in k.device_caches else 0 for k in kernels]
 
-    engine = InferenceEngine(model, batch_size=2, max_len=200, attention="triton")
+    engine = InferenceEngine(model, batch_size=2, max_len=max_len, attention="triton")
+    combines = int(split_plan(2, 1, 8, max_len, torch.device("cuda"))[1] > 1)
     engine.generate(idx, GenerationConfig(1), prompt_mask=mask)  # the prefill's token alone
     assert engine._warmup is None and variants() == [0, 0, 0]
     engine._start_decode_kernel_warmup()  # what a call of more tokens starts before its prefill
@@ -247,7 +252,7 @@ def test_the_warm_up_compiles_the_variant_the_first_decode_step_runs(pos_emb):
     warmed = variants()
     # The fused layers: QKV (norm), up (norm, GELU), out_proj and down (residual; one variant at
     # this width, where both take the same tile).
-    assert warmed[:2] == [1, 1] and warmed[2] >= 3
+    assert warmed[:2] == [1, combines] and warmed[2] >= 3
     gen = torch.Generator(device="cuda").manual_seed(5)
     out = engine.generate(idx, GenerationConfig(30, temperature=0.8), prompt_mask=mask, generator=gen)
     assert out.shape == (2, 42)

@@ -95,7 +95,9 @@ def test_split_sizes(split_size):
     assert rel_err(got, reference64(q, k, v, scale=32**-0.5, lengths=lengths, bias=bias)) < 1e-5
 
 
-def test_rows_with_no_key_are_zero_and_strided_inputs_work():
+@pytest.mark.parametrize("split_size", [None, 48], ids=["splits", "one-split"])
+def test_rows_with_no_key_are_zero_and_strided_inputs_work(split_size):
+    """Also with one split, where the split kernel writes the output itself (no combine)."""
     q, k, v = inputs(3, 4, 1, 45, 16, seed=4)
     mask = torch.ones(3, 45, dtype=torch.bool)
     mask[1] = False  # every key masked
@@ -103,7 +105,8 @@ def test_rows_with_no_key_are_zero_and_strided_inputs_work():
     # q as a transposed view and a stride-0 bias over batch, as the engine passes them.
     q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
     bias = torch.randn(1, 4, 1, 45).expand(3, 4, 1, 45)
-    got = run(q_t, k, v, lengths=lengths, key_mask=mask, bias=bias)
+    got = run(q_t, k, v, lengths=lengths, key_mask=mask, bias=bias, split_size=split_size)
+    assert split_plan(3, 1, 4, 45, q.device, split_size)[1] == (1 if split_size else 2)
     assert torch.equal(got[1:], torch.zeros_like(got[1:]))
     assert rel_err(got[:1], reference64(q[:1], k[:1], v[:1], scale=0.25, bias=bias[:1])) < 1e-5
 
@@ -256,3 +259,51 @@ def test_engine_with_fused_layers_equals_the_unfused_layers(overrides):
         runs[fused] = (out, engine.step_logits[:30].clone())
     assert torch.equal(runs[True][0], runs[False][0])
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(pos_emb="learned", norm_type="layernorm", mlp_type="gelu"),
+        dict(pos_emb="rope", norm_type="rmsnorm", mlp_type="swiglu", bias=False, kv_heads=2),
+    ],
+)
+def test_the_warm_up_launches_are_the_steps_fused_kernels_and_write_nothing(overrides, monkeypatch):
+    """The engine's decode warm-up runs ``model.fused_decode_launches`` side by side on threads: its
+    calls must be the fused kernels one decode step launches, with everything that picks a kernel's
+    compiled variant alike (the tensors given, norm, activation, shapes, strides, dtypes), and they
+    must not touch the cache a prefill may be writing meanwhile."""
+    from mqa_lm.kernels.triton import decode_linear
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=64, max_seq_len=64, n_layers=2, d_model=32, heads=4, kv_heads=1, attn_impl="torch")
+    model = MQATransformer(MQAConfig(**{**config, **overrides})).eval()
+    engine = InferenceEngine(model, batch_size=2, max_len=32, attention="triton")
+    idx = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    engine.generate(idx, GenerationConfig(1))  # the prefill alone: a filled cache, no fused launch
+
+    launched: list[tuple] = []
+    real = decode_linear.fused_linear
+
+    def recording(x, weight, bias=None, **kwargs):
+        def layout(t):
+            return None if t is None else (tuple(t.shape), t.stride(), t.dtype)
+
+        given = {k: layout(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        launched.append((layout(x), layout(weight), layout(bias), tuple(sorted(given.items()))))
+        return real(x, weight, bias, **kwargs)
+
+    monkeypatch.setattr(decode_linear, "fused_linear", recording)
+    cache = engine.cache
+    before = [t.clone() for t in (*(layer.kv for layer in cache.layers), cache.key_mask, cache.slot)]
+    warm_up = model.fused_decode_launches(cache)
+    assert len(warm_up) == 5  # a block's four kernels and the head's
+    for call in warm_up:
+        call()
+    after = [*(layer.kv for layer in cache.layers), cache.key_mask, cache.slot]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    warmed = set(launched)
+    launched.clear()
+    engine.generate(idx, GenerationConfig(2))  # the prefill, then one decode step
+    assert len(launched) == 4 * 2 + 1
+    assert set(launched) == warmed

@@ -157,32 +157,57 @@ class InferenceEngine:
         self._warmup.start()
 
     def _warm_decode_kernel(self) -> None:
+        """The warm-up thread's work: each decode kernel variant the step launches, once, the
+        variants side by side on threads of their own. Triton's compiler releases the GIL for most of
+        its work, so a first process on a machine, which compiles them all, waits for the longest
+        one rather than for their sum (five fused-layer variants compiled for sm_90 on a 2-core CPU:
+        3.4 s one after another, 2.4 s side by side)."""
+        calls = self._quietly(lambda: self.model.fused_decode_launches(self.cache)) or []
+        if calls:
+            # Alone first: a kernel's first launch in a process sets up its per-device state, which
+            # the others then share.
+            self._quietly(calls[0])
+        threads = [self._start_thread(self._warm_attention)]
+        threads += [self._start_thread(call) for call in calls[1:]]
+        for thread in threads:
+            thread.join()
+
+    def _quietly(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on this engine's device without autograd (both are per thread), or None where it
+        fails: the decode step's own call reports any real problem."""
+        try:
+            with torch.no_grad(), torch.cuda.device(self.device):
+                return work()
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _start_thread(self, work: Callable[[], Any]) -> threading.Thread:
+        thread = threading.Thread(target=self._quietly, args=(work,), name="mqa-decode-warmup")
+        thread.start()
+        return thread
+
+    def _warm_attention(self) -> None:
         # Inputs laid out as the decode step's (strides and dtypes pick the compiled variant), on
         # tensors of their own: the prefill is writing the real cache meanwhile.
         from mqa_lm.kernels.triton.decode import decode_attention
 
         cache, config = self.cache, self.config
-        try:
-            with torch.cuda.device(self.device):
-                kv = torch.zeros_like(cache.layers[0].kv)
-                batch, _, _, max_len, head_dim = kv.shape
-                q = torch.zeros(batch, config.heads, 1, head_dim, device=self.device, dtype=kv.dtype)
-                bias = None
-                if config.pos_emb == "alibi":
-                    bias = torch.zeros(1, config.heads, 1, max_len, device=self.device, dtype=torch.float32)
-                decode_attention(
-                    q,
-                    kv[:, 0],
-                    kv[:, 1],
-                    lengths=torch.ones(1, device=self.device, dtype=torch.long).expand(batch),
-                    key_mask=torch.ones_like(cache.key_mask),
-                    bias=bias,
-                    split_size=cache.split_size,
-                    check=False,
-                )
-                self.model.warm_fused_decode(cache)
-        except Exception:  # noqa: BLE001  the decode step's own call reports any real problem
-            pass
+        kv = torch.zeros_like(cache.layers[0].kv)
+        batch, _, _, max_len, head_dim = kv.shape
+        q = torch.zeros(batch, config.heads, 1, head_dim, device=self.device, dtype=kv.dtype)
+        bias = None
+        if config.pos_emb == "alibi":
+            bias = torch.zeros(1, config.heads, 1, max_len, device=self.device, dtype=torch.float32)
+        decode_attention(
+            q,
+            kv[:, 0],
+            kv[:, 1],
+            lengths=torch.ones(1, device=self.device, dtype=torch.long).expand(batch),
+            key_mask=torch.ones_like(cache.key_mask),
+            bias=bias,
+            split_size=cache.split_size,
+            check=False,
+        )
 
     def _await_warmup(self) -> None:
         if self._warmup is not None:

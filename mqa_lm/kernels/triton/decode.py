@@ -9,7 +9,8 @@ token, so the kernel is bound by memory bandwidth, and two things keep that band
   once for all of them: MQA reads the cache once per token, not once per query head.
 * The key axis is split across programs (``split_size`` keys each), so a single long row still
   fills the GPU. Each program writes its partial (max, sum, unnormalised output) in fp32 and a
-  second small kernel combines the splits of each head.
+  second small kernel combines the splits of each head (with one split, as for a short cache, the
+  program writes the output itself and the second launch is skipped).
 
 The number of keys to read comes from a device tensor (``lengths``), not from the shapes: a
 CUDA graph captured once replays for every length, and programs whose split lies past the length
@@ -34,6 +35,20 @@ MAX_SPLITS = 128
 
 
 @triton.jit
+def dependent_launch_sync(GDC: tl.constexpr):
+    """A dependent launch's wait for the kernel before it (``GDC`` from
+    :func:`~mqa_lm.kernels.common.dependent_launch_mode`: 0 a plain launch, nothing to do) and its
+    signal that the next kernel may start: before the wait (1) or after it (2). A kernel calls it
+    before its first read of anything an earlier kernel wrote; only weights may be read before."""
+    if GDC == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if GDC != 0:
+        tl.extra.cuda.gdc_wait()
+    if GDC == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _decode_split(
     Q,
     K,
@@ -44,6 +59,7 @@ def _decode_split(
     PartAcc,
     PartMax,
     PartSum,
+    Out,
     qk_scale,
     stride_qb,
     stride_qh,
@@ -58,6 +74,8 @@ def _decode_split(
     stride_bn,
     stride_mb,
     stride_lb,
+    stride_ob,
+    stride_oh,
     heads,
     kv_heads,
     k_len,
@@ -72,15 +90,9 @@ def _decode_split(
     HAS_MASK: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     GDC: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
-    # A dependent launch (see mqa_lm.kernels.common.dependent_launch_mode): nothing the kernel
-    # before wrote is read before the wait.
-    if GDC == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-    if GDC != 0:
-        tl.extra.cuda.gdc_wait()
-    if GDC == 2:
-        tl.extra.cuda.gdc_launch_dependents()
+    dependent_launch_sync(GDC)  # nothing the kernel before wrote is read before this
     split = tl.program_id(0)
     bkv = tl.program_id(1)
     h_block = tl.program_id(2)
@@ -139,11 +151,16 @@ def _decode_split(
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    # Partials per (batch, query head, split): [b * heads, n_splits] and [b * heads, n_splits, d].
-    part = (b * heads + head).to(tl.int64) * n_splits + split
-    tl.store(PartMax + part, m_i, mask=row_ok)
-    tl.store(PartSum + part, l_i, mask=row_ok)
-    tl.store(PartAcc + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    if DIRECT:  # one split: this program saw every key, so it normalises and writes the output
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key stays 0
+        o_ptrs = Out + b * stride_ob + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # Partials per (batch, query head, split): [b * heads, n_splits] and [b * heads, n_splits, d].
+        part = (b * heads + head).to(tl.int64) * n_splits + split
+        tl.store(PartMax + part, m_i, mask=row_ok)
+        tl.store(PartSum + part, l_i, mask=row_ok)
+        tl.store(PartAcc + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -166,12 +183,7 @@ def _decode_combine(
     HAS_LENGTHS: tl.constexpr,
     GDC: tl.constexpr,
 ):
-    if GDC == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-    if GDC != 0:
-        tl.extra.cuda.gdc_wait()
-    if GDC == 2:
-        tl.extra.cuda.gdc_launch_dependents()
+    dependent_launch_sync(GDC)
     pid = tl.program_id(0)  # batch * heads + head
     b = pid // heads
     h = pid % heads
@@ -209,9 +221,17 @@ def _multiprocessors(index: int | None) -> int:
 
 
 def _block_n(block_d: int) -> int:
+    """The smallest key tile the split kernel takes for ``block_d``: split sizes are a multiple of it."""
     if triton_interpreting():
         return 16  # several key tiles per split even at tiny test lengths
     return 32 if block_d > 128 else 64
+
+
+# A cache of at most this many keys is read by one program per K/V head (a single split, no combine).
+SINGLE_SPLIT_MAX_LEN = 256
+# Splits are a multiple of this many keys: one 128-key tile, the split measured fastest wherever the
+# GPU has programs to spare (H100: 3.8 us for 2k keys at batch 1 in 128-key splits, 5.5 in 256-key).
+MIN_SPLIT = 128
 
 
 def split_plan(
@@ -220,9 +240,12 @@ def split_plan(
     """(split_size, n_splits, block_m) for a cache of ``max_len`` keys.
 
     The plan depends on the shapes only, never on the current length, so one CUDA graph serves a
-    whole generation. Without ``split_size`` the key axis is cut so that a full cache gives about
-    four programs per multiprocessor, each at least 256 keys long (shorter splits cost more in the
-    combine than they gain), and at most ``MAX_SPLITS`` of them.
+    whole generation. Without ``split_size``: a cache of at most ``SINGLE_SPLIT_MAX_LEN`` keys is one
+    split; a longer one is cut so that a full cache gives about two programs per multiprocessor,
+    in splits of a multiple of ``MIN_SPLIT`` keys, at most ``MAX_SPLITS`` of them. Measured on an
+    H100 (``scripts/bench_generate.py --sweep-attention``): at batch 1 many one-tile programs win
+    (the kernel is latency-bound), at batch 16-32 and long caches fewer, longer splits win (the
+    combine's traffic and launch are then the cost), and two programs per SM is where both meet.
     """
     group = heads // kv_heads
     block_m = min(64, max(16, triton.next_power_of_2(group)))
@@ -231,16 +254,31 @@ def split_plan(
     if split_size is None:
         if triton_interpreting():
             split_size = 2 * _block_n(MAX_HEAD_DIM)
+        elif max_len <= SINGLE_SPLIT_MAX_LEN:
+            split_size = max_len
         else:
             sms = _multiprocessors(device.index) if device.type == "cuda" else 8
-            wanted = max(1, triton.cdiv(4 * sms, batch * kv_heads * h_blocks))
-            split_size = max(256, triton.cdiv(max_len, min(wanted, MAX_SPLITS)))
+            wanted = max(1, triton.cdiv(2 * sms, batch * kv_heads * h_blocks))
+            split_size = triton.cdiv(triton.cdiv(max_len, min(wanted, MAX_SPLITS)), MIN_SPLIT) * MIN_SPLIT
     split_size = max(block_n, triton.cdiv(split_size, block_n) * block_n)
     n_splits = triton.cdiv(max(max_len, 1), split_size)
     if n_splits > MAX_SPLITS:
         split_size = triton.cdiv(triton.cdiv(max_len, MAX_SPLITS), block_n) * block_n
         n_splits = triton.cdiv(max_len, split_size)
     return split_size, n_splits, block_m
+
+
+def split_launch(programs: int, block_d: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_N, num_warps, num_stages)`` of the split kernel for a grid of ``programs``. Measured
+    on an H100 at head_dim 64: 128-key tiles (4 warps) while the programs fit on the SMs at once,
+    where each program's load latency is the cost; 64-key tiles with 2 warps past that, where the
+    reads stream at the card's bandwidth and smaller programs interleave better."""
+    if triton_interpreting():
+        return 16, 1, 1
+    if block_d > 64:
+        return _block_n(block_d), 4, 3
+    sms = _multiprocessors(device.index) if device.type == "cuda" else 8
+    return (128, 4, 3) if programs <= sms else (64, 2, 3)
 
 
 def check_decode_inputs(
@@ -319,6 +357,7 @@ def decode_attention(
     split_size: int | None = None,
     out: torch.Tensor | None = None,
     check: bool = True,
+    launch: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Attention of one query per row, ``q`` [b, h, 1, d], over ``k_cache``/``v_cache``
     [b, kv_heads, max_len, d]; returns [b, h, 1, d] (written into ``out`` when given).
@@ -331,6 +370,11 @@ def decode_attention(
         softmax_scale: defaults to ``1 / sqrt(d)``.
         split_size: keys per program (rounded up to the key tile); default from :func:`split_plan`.
         check: validate the inputs (skip it in a captured decode step that was checked once).
+        launch: ``(BLOCK_N, num_warps, num_stages)`` of the split kernel instead of the defaults
+            (benchmarks).
+
+    With a single split (a short cache, or ``split_size >= max_len``) the one kernel writes the
+    output; otherwise a second kernel combines the splits' partial results.
     """
     if check:
         check_decode_inputs(q, k_cache, v_cache, lengths, key_mask, bias)
@@ -349,9 +393,13 @@ def decode_attention(
     size, n_splits, block_m = split_plan(batch, kv_heads, heads, max_len, q.device, split_size)
     group = heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    part_acc = torch.empty(batch * heads * n_splits * head_dim, device=q.device, dtype=torch.float32)
-    part_max = torch.empty(batch * heads * n_splits, device=q.device, dtype=torch.float32)
-    part_sum = torch.empty_like(part_max)
+    direct = n_splits == 1
+    if direct:  # no partials: the kernel never touches them
+        part_acc = part_max = part_sum = out
+    else:
+        part_acc = torch.empty(batch * heads * n_splits * head_dim, device=q.device, dtype=torch.float32)
+        part_max = torch.empty(batch * heads * n_splits, device=q.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
     mask = None
     if key_mask is not None:
         mask = key_mask if key_mask.dtype == torch.bool else key_mask != 0
@@ -365,8 +413,8 @@ def decode_attention(
     lengths_stride = lengths.stride(0) if lengths is not None else 0
     interpreting = triton_interpreting()
     gdc = dependent_launch_mode(q.device)
-    block_n = _block_n(block_d)
     grid = (n_splits, batch * kv_heads, triton.cdiv(group, block_m))
+    block_n, warps, stages = launch or split_launch(math.prod(grid), block_d, q.device)
     _decode_split[grid](
         q,
         k_cache,
@@ -377,6 +425,7 @@ def decode_attention(
         part_acc,
         part_max,
         part_sum,
+        out,
         softmax_scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -389,6 +438,8 @@ def decode_attention(
         *bias_strides,
         mask.stride(0) if mask is not None else 0,
         lengths_stride,
+        out.stride(0),
+        out.stride(1),
         heads,
         kv_heads,
         max_len,
@@ -403,10 +454,13 @@ def decode_attention(
         HAS_MASK=mask is not None,
         HAS_LENGTHS=lengths is not None,
         GDC=gdc,
-        num_warps=1 if interpreting else 4,
-        num_stages=1 if interpreting else 3,
+        DIRECT=direct,
+        num_warps=warps,
+        num_stages=stages,
         launch_pdl=gdc != 0,
     )
+    if direct:
+        return out
     _decode_combine[(batch * heads,)](
         part_acc,
         part_max,

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from mqa_lm.kernels.common import dependent_launch_mode, triton_interpreting
+from mqa_lm.kernels.triton.decode import dependent_launch_sync
 
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 NORMS = {"none": 0, "layernorm": 1, "rmsnorm": 2}
@@ -124,18 +125,13 @@ def _fused_linear(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
     col_ok = rn < N
-    if GDC == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-    if GDC != 0:
-        if PREFETCH:
-            rows = tl.minimum(rn, N - 1)  # a partial tile fetches its last row again
-            size = tl.full([BLOCK_N], 0, tl.int32) + row_bytes
-            _prefetch_rows(W + rows * stride_wn, size)
-            if ACT == 2:
-                _prefetch_rows(W + (rows + up_offset) * stride_wn, size)
-        tl.extra.cuda.gdc_wait()
-    if GDC == 2:
-        tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH:  # only with GDC != 0: the weights stream into L2 while the kernel before runs
+        rows = tl.minimum(rn, N - 1)  # a partial tile fetches its last row again
+        size = tl.full([BLOCK_N], 0, tl.int32) + row_bytes
+        _prefetch_rows(W + rows * stride_wn, size)
+        if ACT == 2:
+            _prefetch_rows(W + (rows + up_offset) * stride_wn, size)
+    dependent_launch_sync(GDC)
     if NORM != 0:
         mean, rstd = _norm_stats(X, stride_xm, rm, M, K, eps, NORM, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -202,6 +198,11 @@ def plan(rows: int, out_features: int, in_features: int) -> tuple[int, int, int,
     return 16, block_n, block_k, 4, 2 if block_n == 64 else 3
 
 
+def output_features(weight: torch.Tensor, activation: str = "none") -> int:
+    """Columns of :func:`fused_linear`'s output for ``weight`` [N, K]: N, or N / 2 for SwiGLU."""
+    return weight.shape[0] // 2 if ACTIVATIONS[activation] == 2 else weight.shape[0]
+
+
 def fused_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -235,7 +236,7 @@ def fused_linear(
     if weight.stride(-1) != 1 or weight.shape[1] != in_features:
         raise ValueError(f"weight must be [N, {in_features}] with unit last stride, got {list(weight.shape)}")
     act = ACTIVATIONS[activation]
-    out_features = weight.shape[0] // 2 if act == 2 else weight.shape[0]
+    out_features = output_features(weight, activation)
     out = torch.empty(rows, out_features, device=x.device, dtype=x.dtype)
     res = None
     if residual is not None:
