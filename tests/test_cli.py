@@ -136,3 +136,26 @@ def test_check_hydra_command_in_process(tmp_path):
         "choose another hydra.run.dir"
     )
     assert check_hydra_command(_task, str(CONFIGS), "train", ["--cfg", "job", "model=nonexistent"]) is None
+
+
+def test_check_hydra_command_checks_the_directory_of_the_run_mode(tmp_path):
+    """The mode comes from --multirun or the config's hydra.mode, as Hydra decides it; the check
+    composes once when they agree, and again as Hydra does when the config says otherwise."""
+    from helpers import CONFIGS
+
+    (tmp_path / "f").write_text("x", encoding="utf-8")
+    run, sweep = f"hydra.run.dir={tmp_path}/f/run", f"hydra.sweep.dir={tmp_path}/f/sweep"
+
+    def check(*argv: str) -> str | None:
+        return check_hydra_command(_task, str(CONFIGS), "train", list(argv))
+
+    for argv in ([sweep], ["--multirun", run], ["hydra.mode=MULTIRUN", run]):
+        assert check(*argv) is None, argv  # the other mode's directory is never created
+    for argv in (["--multirun", sweep], ["hydra.mode=MULTIRUN", sweep], ["hydra.mode=MULTIRUN", "optim.lr=1,2", sweep]):
+        assert (
+            check(*argv)
+            == f"{sweep} cannot be created: {tmp_path}/f is a file, not a directory; choose another hydra.sweep.dir"
+        )
+    assert check(run).startswith(f"{run} cannot be created")
+    assert check("optim.lr=1,2").startswith("Ambiguous value for argument 'optim.lr=1,2'")
+    assert check("hydra.mode=BAD").startswith("Error merging override hydra.mode=BAD")
