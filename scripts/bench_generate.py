@@ -281,8 +281,27 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() / seconds / 1e9
 
 
+def decode_inputs(
+    batch: int, heads: int, kv_heads: int, length: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, int]:
+    """A decode-attention call's query, enough (K, V) caches to cycle through that no call finds its
+    K/V in L2, the output buffer, and the K/V bytes one call reads (bf16, seeded)."""
+    from mqa_lm.kernels.triton.decode import decode_bytes
+
+    nbytes = decode_bytes(batch, kv_heads, length, head_dim, 2)
+    copies = max(2, min(64, math.ceil(512 * 2**20 / nbytes)))
+    gen = torch.Generator(device=device).manual_seed(0)
+    like = dict(device=device, dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(batch, heads, 1, head_dim, **like)
+    caches = [
+        (torch.randn(batch, kv_heads, length, head_dim, **like), torch.randn(batch, kv_heads, length, head_dim, **like))
+        for _ in range(copies)
+    ]
+    return q, caches, torch.empty_like(q), nbytes
+
+
 def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None:
-    from mqa_lm.kernels.triton.decode import decode_attention, decode_bytes, split_plan
+    from mqa_lm.kernels.triton.decode import decode_attention, split_plan
 
     copy_gbs = copy_bandwidth(device)
     rows.append(dict(section="attention", name="copy bandwidth (read+write)", gb_per_s=copy_gbs))
@@ -290,19 +309,7 @@ def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None
     cases = [(b, 1, L) for b in (1, 32) for L in args.lengths]
     cases += [(16, kvh, L) for kvh in (1, 12) for L in args.kv_lengths]
     for batch, kv_heads, length in cases:
-        nbytes = decode_bytes(batch, kv_heads, length, head_dim, 2)
-        # Enough caches to cycle through that no call finds its K/V in L2.
-        copies = max(2, min(64, math.ceil(512 * 2**20 / nbytes)))
-        gen = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
-        caches = [
-            (
-                torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
-                torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
-            )
-            for _ in range(copies)
-        ]
-        out = torch.empty_like(q)
+        q, caches, out, nbytes = decode_inputs(batch, heads, kv_heads, length, head_dim, device)
         impls = {
             "ours": [lambda k=k, v=v, q=q, out=out: decode_attention(q, k, v, out=out, check=False) for k, v in caches],
             "sdpa": [
@@ -314,7 +321,7 @@ def bench_decode_attention(args, device: torch.device, rows: list[dict]) -> None
         }
         if length == max(args.lengths) and kv_heads == 1:
             # Keys per program against the default plan (split_plan), to tune it.
-            for size in (128, 512, 2048):
+            for size in (128, 512, 1024, 2048, 4096):
                 impls[f"ours/{size}"] = [
                     lambda k=k, v=v, size=size, q=q, out=out: decode_attention(
                         q, k, v, out=out, check=False, split_size=size
@@ -361,27 +368,18 @@ def sweep_decode_attention(args, device: torch.device, rows: list[dict]) -> None
     shapes = [(b, 1, L) for b in (1, 16) for L in (256, 1024)]
     shapes += [(1, 1, 2048), (1, 1, 32768), (16, 1, 2048), (16, 1, 8192), (32, 1, 2048), (32, 1, 8192)]
     shapes += [(32, 1, 32768), (16, 12, 2048), (16, 12, 8192)]
+    if args.sweep_shapes:
+        shapes = args.sweep_shapes
     for batch, kv_heads, length in shapes:
         rows.append(sweep_shape(batch, kv_heads, length, device))
         torch.cuda.empty_cache()
 
 
 def sweep_shape(batch: int, kv_heads: int, length: int, device: torch.device) -> dict:
-    from mqa_lm.kernels.triton.decode import decode_attention, decode_bytes, split_plan
+    from mqa_lm.kernels.triton.decode import decode_attention, split_plan
 
     head_dim, heads = 64, 12
-    nbytes = decode_bytes(batch, kv_heads, length, head_dim, 2)
-    copies = max(2, min(64, math.ceil(512 * 2**20 / nbytes)))
-    gen = torch.Generator(device=device).manual_seed(0)
-    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
-    caches = [
-        (
-            torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
-            torch.randn(batch, kv_heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen),
-        )
-        for _ in range(copies)
-    ]
-    out = torch.empty_like(q)
+    q, caches, out, _ = decode_inputs(batch, heads, kv_heads, length, head_dim, device)
     results: dict = {}
 
     def measure(name, calls):
@@ -435,19 +433,24 @@ def profile_step(args, device: torch.device, dtype: torch.dtype) -> None:
     for batch in args.batches:
         engine = InferenceEngine(model, batch, max_len=args.max_seq_len, attention="triton", cuda_graph=False)
         idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device)
-        engine.generate(idx, GenerationConfig(8, temperature=0.0))
-        sync(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.generate(idx, GenerationConfig(steps + 1, temperature=0.0))
+        # Greedy, and generate.py's default sampling (temperature 0.8, top-k 50).
+        for name, sampling in (("greedy", dict(temperature=0.0)), ("sampled", dict(temperature=0.8, top_k=50))):
+            engine.generate(idx, GenerationConfig(8, **sampling))
             sync(device)
-        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-        kernels = sum(e.count for e in events) / (steps + 1)
-        gpu_us = sum(e.self_device_time_total for e in events) / (steps + 1)
-        print(f"\n== one decode step, eager (batch {batch}): ~{kernels:.0f} kernels, {gpu_us:.0f} us of GPU time ==")
-        table = prof.key_averages().table(
-            sort_by="self_cuda_time_total", row_limit=args.profile_rows, max_name_column_width=90
-        )
-        print(table)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.generate(idx, GenerationConfig(steps + 1, **sampling))
+                sync(device)
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+            kernels = sum(e.count for e in events) / (steps + 1)
+            gpu_us = sum(e.self_device_time_total for e in events) / (steps + 1)
+            print(
+                f"\n== one decode step, eager, {name} (batch {batch}): ~{kernels:.0f} kernels, "
+                f"{gpu_us:.0f} us of GPU time =="
+            )
+            table = prof.key_averages().table(
+                sort_by="self_cuda_time_total", row_limit=args.profile_rows, max_name_column_width=90
+            )
+            print(table)
         del engine
 
 
@@ -501,6 +504,13 @@ def main() -> None:
         "--sweep-attention",
         action="store_true",
         help="only decode attention: every split size and launch of our kernel per shape, beside SDPA",
+    )
+    parser.add_argument(
+        "--sweep-shapes",
+        nargs="+",
+        type=lambda text: tuple(int(n) for n in text.split(",")),
+        metavar="BATCH,KV_HEADS,KEYS",
+        help="with --sweep-attention: only these shapes (e.g. 32,1,32768)",
     )
     args = parser.parse_args()
     device = torch.device(args.device)

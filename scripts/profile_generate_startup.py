@@ -2,7 +2,7 @@
 
     python scripts/profile_generate_startup.py EXPORT_DIR [--new 200] [--temperature 0.8] [--top-k 50]
         [--attention auto] [--profile prefill decode1 capture] [--sort tottime] [--probe]
-        [--no-warmup] [--no-triton-prepare] [--tiny-first]
+        [--no-warmup] [--no-triton-prepare] [--tiny-first] [--switch-interval S]
 
 Follows generate.py's path (the same imports, ``load_pretrained``, one engine, the prompt "ROMEO:")
 and prints the wall time of each phase with the device synchronised after it: import torch, CUDA
@@ -56,6 +56,13 @@ def main() -> None:
         action="store_true",
         help="probe: a 1-layer copy of the model generates 2 tokens eagerly before the real prefill, so the "
         "prefill's time is what is left once every kernel it launches has run once",
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="probe: sys.setswitchinterval(S) before the warm-up starts (how long the main thread keeps the GIL "
+        "while the warm-up threads wait for it)",
     )
     args = parser.parse_args()
     marks: list[tuple[str, float]] = []
@@ -116,6 +123,8 @@ def main() -> None:
         phase("tiny: 1-layer copy generates 2", tiny_warm, model.config)
     engine = phase("engine", lambda: InferenceEngine(model, 1, 256, attention=args.attention))
     settings = engine.settings(config, None)
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if not args.no_warmup:
         engine._start_decode_kernel_warmup()  # as stream() does before its prefill
     idx = torch.tensor([tokenizer.encode("ROMEO:").ids], device=device)

@@ -32,8 +32,17 @@ EARLY_TRIGGER = False
 
 
 @functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _properties(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def cuda_properties(device: torch.device) -> tuple[tuple[int, int], int]:
+    """``((major, minor), multiprocessors)`` of the CUDA ``device``, asked once per card. A plain
+    ``cuda`` device means the current one: its index is resolved before the cache is consulted, so a
+    host with cards of two kinds never gets one card's answer for the other."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _properties(index)
 
 
 def dependent_launch(device: torch.device) -> bool:
@@ -43,7 +52,7 @@ def dependent_launch(device: torch.device) -> bool:
     step is a chain of kernels of a few microseconds each; without it every kernel's launch and
     first weight loads wait for the previous kernel's last store."""
     return (
-        DEPENDENT_LAUNCH and device.type == "cuda" and not triton_interpreting() and _capability(device.index)[0] >= 9
+        DEPENDENT_LAUNCH and device.type == "cuda" and not triton_interpreting() and cuda_properties(device)[0][0] >= 9
     )
 
 

@@ -5,13 +5,13 @@ the dK/dV rows). ``MQA_LM_TRITON_AUTOTUNE=0`` keeps each kernel's default config
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import cast
 
 import torch
 import triton
 
+from mqa_lm.kernels.common import cuda_properties
 from mqa_lm.kernels.triton.attention_kernels import _attn_bwd, _attn_bwd_delta, _attn_fwd
 
 LOG2E = 1.4426950408889634
@@ -346,15 +346,10 @@ def attention_backward(
 _CHUNK_ALIGN = 128
 
 
-@functools.cache
-def _multiprocessors(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _default_kv_splits(device: torch.device, batch_kv: int, k_len: int, n_rows: int) -> int:
     """Split each key block's rows until the dK/dV programs number about four per multiprocessor,
     keeping every chunk at least 2048 rows long so the atomic adds stay rare."""
-    sms = _multiprocessors(device.index) if device.type == "cuda" else 4
+    sms = cuda_properties(device)[1] if device.type == "cuda" else 4
     kv_programs = triton.cdiv(k_len, 128) * batch_kv
     wanted = triton.cdiv(4 * sms, kv_programs)
     return max(1, min(wanted, n_rows // 2048))

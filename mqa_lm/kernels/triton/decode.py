@@ -20,14 +20,13 @@ A row that can see no key outputs zeros, as in every other backend (mqa_lm.kerne
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from mqa_lm.kernels.common import dependent_launch_mode, triton_interpreting
+from mqa_lm.kernels.common import cuda_properties, dependent_launch_mode, triton_interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -215,11 +214,6 @@ def _decode_combine(
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _multiprocessors(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _block_n(block_d: int) -> int:
     """The smallest key tile the split kernel takes for ``block_d``: split sizes are a multiple of it."""
     if triton_interpreting():
@@ -257,7 +251,7 @@ def split_plan(
         elif max_len <= SINGLE_SPLIT_MAX_LEN:
             split_size = max_len
         else:
-            sms = _multiprocessors(device.index) if device.type == "cuda" else 8
+            sms = cuda_properties(device)[1] if device.type == "cuda" else 8
             wanted = max(1, triton.cdiv(2 * sms, batch * kv_heads * h_blocks))
             split_size = triton.cdiv(triton.cdiv(max_len, min(wanted, MAX_SPLITS)), MIN_SPLIT) * MIN_SPLIT
     split_size = max(block_n, triton.cdiv(split_size, block_n) * block_n)
@@ -277,7 +271,7 @@ def split_launch(programs: int, block_d: int, device: torch.device) -> tuple[int
         return 16, 1, 1
     if block_d > 64:
         return _block_n(block_d), 4, 3
-    sms = _multiprocessors(device.index) if device.type == "cuda" else 8
+    sms = cuda_properties(device)[1] if device.type == "cuda" else 8
     return (128, 4, 3) if programs <= sms else (64, 2, 3)
 
 
