@@ -338,6 +338,31 @@ def test_decode_kernel_and_engine_under_interpreter():
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
+@pytest.mark.skipif(not triton_importable(), reason="Triton is not installed")
+def test_the_split_plan_fills_whole_waves_of_programs():
+    """The decode kernel's keys per split on a 132-SM card (H100, H200): about two programs per SM,
+    never a few programs spilling into a wave of their own when a balanced count is at hand."""
+    from mqa_lm.kernels.triton.decode import MAX_SPLITS, MIN_SPLIT, balanced_split
+
+    sms = 132
+    # Batch 32, 32k keys: 8 splits of 4096 (256 programs), not 9 of 3712 (288: 24 SMs run a third).
+    assert balanced_split(32768, 32, sms) == 4096
+    # 192 rows (batch 16 x 12 K/V heads): 2 splits (384 programs, 3 per SM), not 1 (192: 2 on 60 SMs).
+    assert balanced_split(8192, 192, sms) == 4096
+    for rows in range(1, 400):
+        for max_len in (512, 2048, 8192, 32768):
+            size = balanced_split(max_len, rows, sms)
+            n_splits = math.ceil(max_len / size)
+            assert size % MIN_SPLIT == 0 and 1 <= n_splits <= MAX_SPLITS
+            # Against every split count: the busiest SM reads at most ~1.5x the keys of the best plan's.
+            busiest = math.ceil(rows * n_splits / sms) * size
+            best = min(
+                math.ceil(rows * math.ceil(max_len / s) / sms) * s
+                for s in (math.ceil(max_len / n / MIN_SPLIT) * MIN_SPLIT for n in range(1, MAX_SPLITS + 1))
+            )
+            assert busiest <= 1.5 * best, (rows, max_len, size, busiest, best)
+
+
 def test_rotary_at_positions_equals_the_rotation_of_those_positions():
     from mqa_lm.nn.positions import RotaryEmbedding
 

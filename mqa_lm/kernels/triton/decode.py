@@ -235,8 +235,8 @@ def split_plan(
 
     The plan depends on the shapes only, never on the current length, so one CUDA graph serves a
     whole generation. Without ``split_size``: a cache of at most ``SINGLE_SPLIT_MAX_LEN`` keys is one
-    split; a longer one is cut so that a full cache gives about two programs per multiprocessor,
-    in splits of a multiple of ``MIN_SPLIT`` keys, at most ``MAX_SPLITS`` of them. Measured on an
+    split; a longer one is cut so that a full cache gives about two programs per multiprocessor
+    (:func:`balanced_split`). Measured on an
     H100 (``scripts/bench_generate.py --sweep-attention``): at batch 1 many one-tile programs win
     (the kernel is latency-bound), at batch 16-32 and long caches fewer, longer splits win (the
     combine's traffic and launch are then the cost), and two programs per SM is where both meet.
@@ -252,14 +252,32 @@ def split_plan(
             split_size = max_len
         else:
             sms = cuda_properties(device)[1] if device.type == "cuda" else 8
-            wanted = max(1, triton.cdiv(2 * sms, batch * kv_heads * h_blocks))
-            split_size = triton.cdiv(triton.cdiv(max_len, min(wanted, MAX_SPLITS)), MIN_SPLIT) * MIN_SPLIT
+            split_size = balanced_split(max_len, batch * kv_heads * h_blocks, sms)
     split_size = max(block_n, triton.cdiv(split_size, block_n) * block_n)
     n_splits = triton.cdiv(max(max_len, 1), split_size)
     if n_splits > MAX_SPLITS:
         split_size = triton.cdiv(triton.cdiv(max_len, MAX_SPLITS), block_n) * block_n
         n_splits = triton.cdiv(max_len, split_size)
     return split_size, n_splits, block_m
+
+
+def balanced_split(max_len: int, rows: int, sms: int) -> int:
+    """Keys per split for ``rows`` programs per split (batch x K/V heads x head blocks) on ``sms``
+    multiprocessors: about two programs per SM, in a multiple of ``MIN_SPLIT`` keys, at most
+    ``MAX_SPLITS`` splits, rounded down or up to whichever leaves the busiest SM the fewest keys.
+    Rounding up can spill a few programs into a wave of their own (H100, batch 32, 32k keys: nine
+    splits of 3712 keys, 288 programs on 132 SMs, 94.1 us, against eight splits of 4096, 256
+    programs, 91.7 us); rounding down can leave SMs idle (192 rows: one split puts two programs on
+    60 SMs and one on the rest, where two splits spread 384 programs over three waves)."""
+
+    def split(n_splits: int) -> int:
+        return triton.cdiv(triton.cdiv(max_len, min(max(n_splits, 1), MAX_SPLITS)), MIN_SPLIT) * MIN_SPLIT
+
+    def busiest(size: int) -> int:  # keys read by the SM with the most programs
+        return triton.cdiv(rows * triton.cdiv(max_len, size), sms) * size
+
+    down, up = split(2 * sms // rows), split(triton.cdiv(2 * sms, rows))
+    return min((down, up), key=lambda size: (busiest(size), -size))
 
 
 def split_launch(programs: int, block_d: int, device: torch.device) -> tuple[int, int, int]:
