@@ -138,17 +138,21 @@ def main() -> None:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         phase("probe: first sdpa (causal)", lambda: sdpa(q, k, k, is_causal=True))
     mask = torch.ones_like(idx, dtype=torch.bool)
+
+    def prefill(ids, keep):  # an unpadded prompt: no key mask, as InferenceEngine.stream() runs it
+        return engine._prefill(ids, keep, padded=False)
+
     if settings[0] > 0:
         generator = torch.Generator(device=device).manual_seed(0)
         engine.uniforms.copy_(torch.rand(engine.chunk_capacity, 1, generator=generator, device=device))
     engine.step.zero_()
-    logits = phase("prefill (forward)", lambda: engine._prefill(idx, mask))
+    logits = phase("prefill (forward)", lambda: prefill(idx, mask))
     phase("prefill sample (first token)", lambda: engine._sample(logits, settings))
     # Shape-dependent first-use costs (kernel plans per sequence length) show as a slow new length.
-    phase("prefill again, same length", lambda: engine._prefill(idx, mask))
+    phase("prefill again, same length", lambda: prefill(idx, mask))
     longer = torch.cat([idx, idx], dim=1)
-    phase("prefill again, new length", lambda: engine._prefill(longer, torch.ones_like(longer, dtype=torch.bool)))
-    logits = phase("prefill again, first length", lambda: engine._prefill(idx, mask))
+    phase("prefill again, new length", lambda: prefill(longer, torch.ones_like(longer, dtype=torch.bool)))
+    logits = phase("prefill again, first length", lambda: prefill(idx, mask))
     engine.step.zero_()
     engine._sample(logits, settings)
     # What is left of the background kernel warm-up the engine started (InferenceEngine._run waits too).
