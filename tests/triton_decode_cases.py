@@ -133,6 +133,22 @@ def test_bad_inputs():
         check_decode_inputs(q, k, v, None, None, torch.zeros(1, 4, 1, 15))
 
 
+# The engine tests' prompts: the interpreter runs each program of each decode step (~25 ms each), so
+# the prompt fills most of the first split (32 keys here) and a few steps cross into the second.
+PROMPT, NEW_TOKENS = 28, 12
+
+
+def prompt_across_a_split() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of PROMPT tokens, the second left-padded by 5, for a cache of 64 slots: the decode
+    steps read 29 to 39 keys, first with the second split empty, then with both."""
+    assert split_plan(2, 1, 4, 64, torch.device("cpu"))[:2] == (32, 2)
+    assert PROMPT < 32 < PROMPT + NEW_TOKENS - 1
+    idx = torch.randint(0, 64, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, PROMPT, dtype=torch.bool)
+    mask[1, :5] = False  # a left-padded row
+    return idx, mask
+
+
 @pytest.mark.parametrize("pos_emb,kv_heads", [("alibi", 1), ("rope", 2), ("learned", 4)])
 def test_engine_on_the_kernel_equals_engine_on_sdpa(pos_emb, kv_heads):
     torch.manual_seed(0)
@@ -149,15 +165,13 @@ def test_engine_on_the_kernel_equals_engine_on_sdpa(pos_emb, kv_heads):
             init_std=0.3,
         )
     ).eval()
-    idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[1, :3] = False  # a left-padded row
+    idx, mask = prompt_across_a_split()
     runs = {}
     for attention in ("triton", "sdpa"):
         engine = InferenceEngine(model, batch_size=2, max_len=64, attention=attention, keep_logits=True)
         assert engine.attention == attention
-        out = engine.generate(idx, GenerationConfig(40, temperature=0.0), prompt_mask=mask)
-        runs[attention] = (out, engine.step_logits[:40].clone())
+        out = engine.generate(idx, GenerationConfig(NEW_TOKENS, temperature=0.0), prompt_mask=mask)
+        runs[attention] = (out, engine.step_logits[:NEW_TOKENS].clone())
     assert torch.equal(runs["triton"][0], runs["sdpa"][0])
     torch.testing.assert_close(runs["triton"][1], runs["sdpa"][1], rtol=1e-5, atol=1e-5)
 
@@ -244,9 +258,7 @@ def test_engine_with_fused_layers_equals_the_unfused_layers(overrides):
     torch.manual_seed(0)
     config = dict(vocab_size=64, max_seq_len=64, n_layers=2, d_model=32, heads=4, kv_heads=1, init_std=0.3)
     model = MQATransformer(MQAConfig(**{**config, "attn_impl": "torch", **overrides})).eval()
-    idx = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[1, :3] = False
+    idx, mask = prompt_across_a_split()
     runs = {}
     for fused in (True, False):
         engine = InferenceEngine(model, batch_size=2, max_len=64, attention="triton", keep_logits=True)
@@ -255,8 +267,8 @@ def test_engine_with_fused_layers_equals_the_unfused_layers(overrides):
         x = torch.zeros(2, 1, 32)
         with torch.no_grad():
             assert model.blocks[0].fused_decode_ok(x, engine.cache.layers[0]) is fused
-        out = engine.generate(idx, GenerationConfig(30, temperature=0.0), prompt_mask=mask)
-        runs[fused] = (out, engine.step_logits[:30].clone())
+        out = engine.generate(idx, GenerationConfig(NEW_TOKENS, temperature=0.0), prompt_mask=mask)
+        runs[fused] = (out, engine.step_logits[:NEW_TOKENS].clone())
     assert torch.equal(runs[True][0], runs[False][0])
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-5)
 
