@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 os.environ.setdefault("PROJECT_ROOT", os.path.dirname(os.path.abspath(__file__)))
 
 # Only what Hydra needs to compose train.yaml (the base nodes, ${run_id:}) is imported here. Lightning
-# and the training stack load inside main, after Hydra's checks: `--help`, `--cfg job`, a bad option,
-# a YAML error or an unusable run directory answer in a second, not after their ~5 s import.
+# and the training stack load inside main, after Hydra's checks and the config's own: `--help`,
+# `--cfg job`, a bad option or value, a YAML error or an unusable run directory answer in a second or
+# two, not after their ~5 s import.
 from mqa_lm.cli.main import fail, hydra_main  # noqa: E402
 from mqa_lm.pretrained.checkpoint import CheckpointWriteError  # noqa: E402
 from mqa_lm.training import config_store  # noqa: E402, F401  (registers model/, optim/ and data/ _base)
@@ -26,10 +27,14 @@ register_resolvers()
 # created stopped as one `config error:` line (exit 2) before Hydra makes anything.
 @hydra_main(config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from mqa_lm.training.run import ConfigError, DataError, train
+    from mqa_lm.training.config import ConfigError, DataError, prepare_config
 
     try:
-        metrics = train(cfg)
+        # Every group checked before Lightning's import (~5 s): a bad value is one line at once.
+        prepared = prepare_config(cfg)
+        from mqa_lm.training.run import train
+
+        metrics = train(cfg, prepared)
     except (ConfigError, DataError, RunDirInUseError) as err:
         # Nothing ran: leave no run directory that looks like a run (Hydra made it before main).
         remove_if_unused(HydraConfig.get().runtime.output_dir)

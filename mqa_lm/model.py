@@ -54,6 +54,7 @@ class MQAConfig(DictRoundTrip):
     """Every option of the model, validated on construction (one ValueError naming the field)."""
 
     config_group: ClassVar[str] = "model config"
+    key_prefix: ClassVar[str] = "model."
 
     vocab_size: int = 50304
     max_seq_len: int = 1024

@@ -4,6 +4,8 @@ the groups they pick, and the Python API and train.py start from the same optimi
 
 from __future__ import annotations
 
+import re
+import typing
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -12,7 +14,9 @@ from helpers import CONFIGS, compose_cfg
 from omegaconf import OmegaConf
 
 from mqa_lm.data import DataConfig
-from mqa_lm.optim import OPTIMIZERS, OptimConfig
+from mqa_lm.inference import GenerationConfig
+from mqa_lm.model import MQAConfig
+from mqa_lm.optim import OPTIMIZERS, MuonConfig, OptimConfig
 
 OPTIM_FILES = sorted(p.stem for p in (CONFIGS / "optim").glob("*.yaml"))
 DATA_FILES = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml"))
@@ -106,10 +110,43 @@ def test_experiment_sets_only_what_differs_from_the_groups_it_picks(name, tmp_pa
 
 
 def test_the_python_api_and_train_py_default_to_the_same_optimizer(tmp_path):
+    from mqa_lm.training.config import validate_config
     from mqa_lm.training.module import MQALitModule
-    from mqa_lm.training.run import validate_config
 
     cli = validate_config(compose_cfg([f"paths.output_dir={tmp_path}"])).optim
     api = MQALitModule(model={"vocab_size": 50, "n_layers": 1, "d_model": 32, "heads": 4}).optim_config
     assert api == cli and type(api) is type(cli)
     assert isinstance(cli, OptimConfig)
+
+
+FLOAT_FIELDS = [
+    (config_cls, prefix, name)
+    for config_cls, prefix in (
+        (MQAConfig, "model."),
+        (OptimConfig, "optim."),
+        (MuonConfig, "optim."),
+        (DataConfig, "data."),
+        (GenerationConfig, "sample."),
+    )
+    for name, hint in typing.get_type_hints(config_cls).items()
+    if hint in (float, float | None, list[float])
+]
+
+
+@pytest.mark.parametrize("config_cls,prefix,name", FLOAT_FIELDS, ids=[f"{c.__name__}.{n}" for c, _, n in FLOAT_FIELDS])
+def test_a_float_field_given_text_is_an_error_naming_its_key(config_cls, prefix, name):
+    """What a command-line typo (``optim.lr=1e-3x``) reaches: one error naming the key, not Python's
+    comparison of a str with an int from deep inside the config's checks."""
+    kwargs = {"prefix": prefix} if config_cls is GenerationConfig else {}
+    bad = ["1e-3x", 0.9] if name == "betas" else "1e-3x"
+    with pytest.raises(ValueError, match=rf"^{re.escape(prefix + name)} must be (a number|a list of numbers)"):
+        config_cls.from_dict({name: bad}, **kwargs)
+    with pytest.raises(ValueError, match=rf"^{re.escape(prefix + name)} must be"):
+        config_cls.from_dict({name: True}, **kwargs)  # a bool is no number to a config
+
+
+def test_the_number_check_takes_integers_and_nulls_where_the_field_does():
+    assert OptimConfig.from_dict({"lr": 1, "min_lr": None, "betas": [0, 0.5]}).lr == 1
+    assert MQAConfig.from_dict({"vocab_size": 16, "clip_qkv": None, "init_std": 1}).init_std == 1
+    with pytest.raises(ValueError, match=r"^optim\.min_lr must be a number or null, got 'x'$"):
+        OptimConfig.from_dict({"min_lr": "x"})

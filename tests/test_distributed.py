@@ -276,8 +276,8 @@ def test_fsdp_config_builds_the_fsdp2_strategy(tmp_path, reshard, checkpointing,
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    from mqa_lm.training.config import validate_config
     from mqa_lm.training.distributed import FSDP2Strategy, shard_options
-    from mqa_lm.training.run import validate_config
 
     cfg = compose_cfg(
         [
@@ -330,8 +330,8 @@ def test_fsdp_config_builds_the_fsdp2_strategy(tmp_path, reshard, checkpointing,
     ],
 )
 def test_fsdp_refuses_fsdp1_options_and_bad_values_before_any_work(tmp_path, overrides, message):
+    from mqa_lm.training.config import ConfigError, validate_config
     from mqa_lm.training.distributed import FSDP2Strategy
-    from mqa_lm.training.run import ConfigError, validate_config
 
     with pytest.raises(ConfigError) as err:
         validate_config(compose_cfg(["trainer=fsdp", f"paths.output_dir={tmp_path}", *overrides]))

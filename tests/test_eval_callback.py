@@ -17,7 +17,8 @@ from helpers import ROOT, compose_cfg, run_env
 from omegaconf import OmegaConf
 
 from mqa_lm.training.callbacks import LMEvalCallback
-from mqa_lm.training.run import ConfigError, train
+from mqa_lm.training.config import ConfigError
+from mqa_lm.training.run import train
 
 pytest.importorskip("lm_eval")
 

@@ -300,7 +300,8 @@ def test_a_sharded_checkpoint_loads_bit_exactly_and_a_missing_shard_is_named(tmp
     # train.py init_from=hf:<it> stops before any work (the weights are read after the Trainer is built).
     from helpers import compose_cfg, tiny_run
 
-    from mqa_lm.training.run import ConfigError, train
+    from mqa_lm.training.config import ConfigError
+    from mqa_lm.training.run import train
 
     (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
     overrides = ["data=text", f"data.paths=[{tmp_path / 'corpus.txt'}]", *tiny_run(tmp_path / "cache")]

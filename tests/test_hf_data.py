@@ -23,7 +23,8 @@ from datasets import Dataset, DatasetDict
 from mqa_lm.data import EOT, DataConfig, hf_data
 from mqa_lm.data.store import read_json, split_paths
 from mqa_lm.training import TextDataModule
-from mqa_lm.training.run import ConfigError, train, validate_config
+from mqa_lm.training.config import ConfigError, validate_config
+from mqa_lm.training.run import train
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 WORDS = "the quick brown fox jumps over a lazy dog while query key value heads attend".split()

@@ -109,3 +109,30 @@ def test_entry_points_load_the_pinned_package_modules(code):
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = _package_modules(done.stderr)
     assert len(loaded) == ENTRY_POINT_MODULES[code], sorted(loaded)
+
+
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        ("optim.lr=1e-3x", "config error: optim.lr must be a number, got '1e-3x'"),
+        ("model.d_model=-1", "config error: model.d_model must be an integer >= 1, got -1"),
+        ("trainer.precision=17", "config error: trainer.precision=17 is not one of auto"),
+    ],
+)
+def test_train_py_answers_a_bad_value_before_importing_lightning(tmp_path, override, line):
+    """A bad value is one line before Lightning's import (seconds), and the run directory Hydra made
+    for it is gone."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "train.py", override, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    messages = [m for m in done.stderr.splitlines() if not m.startswith("import time:")]
+    assert len(messages) == 1 and messages[0].startswith(line), messages
+    imported = {m.rsplit("|", 1)[-1].strip().split(".")[0] for m in done.stderr.splitlines() if "|" in m}
+    assert imported & set(TRAINING_STACK) == set()
+    assert not run_dir.exists()

@@ -24,7 +24,7 @@ from mqa_lm.optim import (
     lr_at,
     split_parameters,
 )
-from mqa_lm.training.run import ConfigError, validate_config
+from mqa_lm.training.config import ConfigError, validate_config
 
 # The quintic Newton-Schulz coefficients of Jordan et al.'s Muon (the values torch.optim.Muon uses).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)

@@ -203,7 +203,8 @@ def test_a_training_run_is_self_contained(tmp_path):
 @pytest.mark.parametrize("kind", ["hf", "run_dir", "ckpt"])
 def test_init_from_starts_training_from_pretrained_weights(tmp_path, kind):
     """train.py init_from=...: the pretrained architecture, tokenizer and weights, whatever model.* says."""
-    from mqa_lm.training.run import ConfigError, train
+    from mqa_lm.training.config import ConfigError
+    from mqa_lm.training.run import train
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")

@@ -6,16 +6,23 @@ import os
 import socket
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import CONFIGS, CORPUS, ROOT, compose_cfg, tiny_run
 from hydra.utils import instantiate
+from lightning.fabric.plugins.precision.precision import (
+    _PRECISION_INPUT_INT,
+    _PRECISION_INPUT_STR,
+    _PRECISION_INPUT_STR_ALIAS,
+)
 from omegaconf import OmegaConf
 
 from mqa_lm.training.checkpointing import SPECIAL_CKPT_PATHS
-from mqa_lm.training.run import ConfigError, DataError, build_callbacks, build_loggers, train, validate_config
+from mqa_lm.training.config import PRECISION_VALUES, ConfigError, DataError, validate_config
+from mqa_lm.training.run import build_callbacks, build_loggers, train
 
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
@@ -155,6 +162,13 @@ def test_validated_groups_are_the_objects_the_run_uses(tmp_path):
     assert isinstance(run.data, DataConfig) and run.data.seed == 42 and run.data.paths == ["stdlib"]
     assert run.compile == "auto" and run.sample.max_new_tokens == 200
     assert not validate_config(compose_cfg([f"paths.output_dir={tmp_path}", "model.vocab_size=300"])).vocab_from_data
+    # Written out so that the check runs before Lightning's import: the list is Lightning's own.
+    lightning_values = {
+        str(v)
+        for literal in (_PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS, _PRECISION_INPUT_INT)
+        for v in typing.get_args(literal)
+    }
+    assert len(PRECISION_VALUES) == len(set(PRECISION_VALUES)) and set(PRECISION_VALUES) == lightning_values
     for precision in ("16", "bf16-mixed", "32-true", "auto"):  # Lightning's values pass (16 arrives as an int)
         validate_config(compose_cfg([f"paths.output_dir={tmp_path}", f"trainer.precision={precision}"]))
     # Lightning resolves these names itself: they pass validation without a file.

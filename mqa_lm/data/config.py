@@ -55,6 +55,7 @@ class DataConfig(DictRoundTrip):
     """
 
     config_group: ClassVar[str] = "data"
+    key_prefix: ClassVar[str] = "data."
 
     paths: str | list[str] | None = None
     tokenizer: str = "bpe"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, fields
 from typing import Any, ClassVar
 
-from mqa_lm.utils.config import DictRoundTrip, check_int
+from mqa_lm.utils.config import DictRoundTrip, check_int, check_numbers
 
 CONTEXT_OVERFLOW = ("slide", "crop", "error")
 
@@ -76,4 +76,5 @@ class GenerationConfig(DictRoundTrip):
         if unknown:
             names = ", ".join(prefix + k for k in unknown)
             raise ValueError(f"unknown key(s) {names}; valid keys are: {', '.join(sorted(known))}")
+        check_numbers(cls, values, prefix)
         return cls(**values, prefix=prefix)

@@ -30,6 +30,7 @@ class OptimConfig(DictRoundTrip):
     """
 
     config_group: ClassVar[str] = "optim"
+    key_prefix: ClassVar[str] = "optim."
 
     name: str = "adamw"
     # Measured on python train.py optim=adamw trainer.max_steps=800 (2-core CPU, 2026-12-01): 1e-3 / 1e-4

@@ -1,8 +1,9 @@
 """Training with Lightning: everything ``python train.py`` runs, and the only package that imports
 Lightning.
 
-* :mod:`~mqa_lm.training.run`: :func:`train` (validate every config group into one
-  :class:`~mqa_lm.training.run.RunConfig`, prepare data, build the Trainer, fit, report);
+* :mod:`~mqa_lm.training.config`: every config group validated into one
+  :class:`~mqa_lm.training.config.RunConfig`, without Lightning (train.py runs it first);
+* :mod:`~mqa_lm.training.run`: :func:`train` (prepare data, build the Trainer, fit, report);
 * :mod:`~mqa_lm.training.module`: :class:`MQALitModule`, the LightningModule (loss, optimizer,
   schedule, compile); :mod:`~mqa_lm.training.datamodule`: :class:`TextDataModule`;
 * :mod:`~mqa_lm.training.config_store`: the ``model``/``optim``/``data`` base nodes generated from
@@ -24,13 +25,14 @@ from typing import TYPE_CHECKING
 from mqa_lm.utils.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from mqa_lm.training.config import ConfigError, DataError
     from mqa_lm.training.datamodule import TextDataModule
     from mqa_lm.training.module import MQALitModule
-    from mqa_lm.training.run import ConfigError, DataError, train
+    from mqa_lm.training.run import train
 
 _EXPORTS = {
-    "ConfigError": "mqa_lm.training.run",
-    "DataError": "mqa_lm.training.run",
+    "ConfigError": "mqa_lm.training.config",
+    "DataError": "mqa_lm.training.config",
     "train": "mqa_lm.training.run",
     "MQALitModule": "mqa_lm.training.module",
     "TextDataModule": "mqa_lm.training.datamodule",

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.optim import Optimizer
 
+from mqa_lm.training.config import check_fsdp_options
 from mqa_lm.utils.config import is_int
 
 if TYPE_CHECKING:
@@ -48,27 +49,6 @@ def _starts_subprocesses(trainer_cfg: DictConfig) -> bool:
     target = str(strategy.get("_target_", "")) if hasattr(strategy, "get") else type(strategy).__name__
     start_method = str(strategy.get("start_method", "popen")) if hasattr(strategy, "get") else "popen"
     return target.endswith(_SUBPROCESS_TARGETS) and start_method == "popen"
-
-
-def _strategy_target(trainer_cfg: DictConfig) -> str:
-    """``trainer.strategy`` as named in the composed config: a registry name (``ddp``, ``fsdp``), a
-    ``_target_``, or the class name of a strategy object."""
-    strategy = trainer_cfg.get("strategy", "auto")
-    if isinstance(strategy, str):
-        return strategy
-    if hasattr(strategy, "get"):
-        return str(strategy.get("_target_", ""))
-    return type(strategy).__name__
-
-
-def flattens_parameters(trainer_cfg: DictConfig) -> bool:
-    """Whether ``trainer.strategy`` is Lightning's FSDPStrategy (FSDP1: each wrapped block's parameters
-    flattened into one shard per rank), named by registry name (``fsdp...``) or class.
-    ``trainer=fsdp`` (:class:`FSDP2Strategy`) keeps every matrix a matrix, sharded by rows."""
-    target = _strategy_target(trainer_cfg)
-    if "." not in target and target.lower().startswith("fsdp"):  # Lightning's registry names for FSDPStrategy
-        return True
-    return target.rsplit(".", 1)[-1] == "FSDPStrategy"
 
 
 def check_launch(cfg: DictConfig) -> None:
@@ -130,63 +110,6 @@ def global_batch_line(trainer: L.Trainer, datamodule: Any) -> str:
 
 
 # ---- trainer=fsdp: FSDP2 under Lightning's ModelParallelStrategy --------------------------------
-
-STATE_DICT_TYPES = ("full", "sharded")
-
-
-def check_fsdp_options(
-    reshard_after_forward: Any = True,
-    activation_checkpointing: Any = False,
-    state_dict_type: Any = "full",
-    cpu_offload: Any = False,
-    sharding_strategy: Any = None,
-) -> None:
-    """Raise ValueError, naming the ``trainer.strategy`` key, for a value :class:`FSDP2Strategy` cannot take."""
-    if sharding_strategy is not None:
-        raise ValueError(
-            f"trainer.strategy.sharding_strategy={sharding_strategy} is an option of FSDP1 (Lightning's FSDPStrategy), "
-            "but trainer=fsdp runs FSDP2: use trainer.strategy.reshard_after_forward=true for FULL_SHARD (the default) "
-            "or false for SHARD_GRAD_OP (NO_SHARD is trainer=ddp; HYBRID_SHARD is not offered), and drop "
-            "sharding_strategy"
-        )
-    for key, value in (
-        ("reshard_after_forward", reshard_after_forward),
-        ("activation_checkpointing", activation_checkpointing),
-        ("cpu_offload", cpu_offload),
-    ):
-        if not isinstance(value, bool):
-            raise ValueError(f"trainer.strategy.{key} must be true or false, got {value!r}")
-    if state_dict_type not in STATE_DICT_TYPES:
-        raise ValueError(f"trainer.strategy.state_dict_type must be 'full' or 'sharded', got {state_dict_type!r}")
-
-
-def check_strategy(trainer_cfg: DictConfig) -> None:
-    """Before any work: the ``trainer=fsdp`` options (:func:`check_fsdp_options`) as composed, and a
-    Lightning ModelParallelStrategy named directly must not ask for tensor parallelism; ValueError."""
-    strategy = trainer_cfg.get("strategy")
-    name = _strategy_target(trainer_cfg).rsplit(".", 1)[-1]
-    if not hasattr(strategy, "get"):
-        return
-    if name == ModelParallelStrategy.__name__ and strategy.get("tensor_parallel_size", "auto") != 1:
-        raise ValueError(
-            f"trainer.strategy.tensor_parallel_size={strategy.get('tensor_parallel_size', 'auto')}: mqa-lm's model "
-            "has no tensor parallelism, so Lightning's ModelParallelStrategy needs tensor_parallel_size=1 (its "
-            "default, auto, is the processes per node); or use trainer=fsdp"
-        )
-    if name != FSDP2Strategy.__name__:
-        return
-    check_fsdp_options(
-        reshard_after_forward=strategy.get("reshard_after_forward", True),
-        activation_checkpointing=strategy.get("activation_checkpointing", False),
-        state_dict_type=strategy.get("state_dict_type", "full"),
-        cpu_offload=strategy.get("cpu_offload", False),
-        sharding_strategy=strategy.get("sharding_strategy"),
-    )
-    if strategy.get("cpu_offload") is True and str(trainer_cfg.get("accelerator", "auto")) == "cpu":
-        raise ValueError(
-            "trainer.strategy.cpu_offload=true keeps the shards in (pinned) CPU memory for a GPU to compute on, but "
-            "trainer.accelerator=cpu has no GPU; set trainer.strategy.cpu_offload=false"
-        )
 
 
 class FSDP2Strategy(ModelParallelStrategy):

@@ -18,9 +18,8 @@ from mqa_lm.inference import GenerationConfig, generate_from_config
 from mqa_lm.model import MQAConfig, MQATransformer
 from mqa_lm.optim import OptimConfig, build_optimizer, build_scheduler, default_optim_config
 from mqa_lm.pretrained.directory import CHECKPOINT_TOKENIZER_KEY
+from mqa_lm.training.config import COMPILE_SCOPES
 from mqa_lm.training.distributed import is_fully_sharded, shard_model, shard_options
-
-COMPILE_SCOPES = ("model", "blocks")
 
 
 def check_vocab_fits(model_vocab: int, tokenizer_vocab: int) -> None:

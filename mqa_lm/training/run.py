@@ -1,108 +1,57 @@
 """What ``python train.py`` does, as a function of the composed Hydra config (tests call it too).
 
-validate (one object per group) -> callbacks -> resume checkpoint -> datamodule -> prepare the data (rank 0)
-and check the vocabulary -> Trainer -> module
--> Trainer.fit -> report and sample.
+validate (:func:`~mqa_lm.training.config.prepare_config`: one object per group, before Lightning's
+import when train.py calls it) -> callbacks -> resume checkpoint -> datamodule -> prepare the data
+(rank 0) and check the vocabulary -> Trainer -> module -> Trainer.fit -> report and sample.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, cast
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.fabric.plugins.precision.precision import (
-    _PRECISION_INPUT_INT,
-    _PRECISION_INPUT_STR,
-    _PRECISION_INPUT_STR_ALIAS,
-)
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mqa_lm.data.config import DataConfig
 from mqa_lm.data.tokenizer import EOT
-from mqa_lm.inference import GenerationConfig
-from mqa_lm.model import MQAConfig, MQATransformer
-from mqa_lm.optim import MUON_SHARDED_ERROR, MuonConfig, OptimConfig
+from mqa_lm.model import MQATransformer
 from mqa_lm.training.callbacks.tracking import log_resolved_config
 from mqa_lm.training.checkpointing import (
-    SPECIAL_CKPT_PATHS,
     AtomicCheckpointIO,
     PreemptionCallback,
-    check_ckpt_path,
-    check_resume_mode,
     checkpoint_header,
     resume_checkpoint,
     slurm_environment,
 )
 from mqa_lm.training.checkpointing.resume import _is_rank_zero
-from mqa_lm.training.config_store import DATAMODULE_TARGET  # importing it registers the _base nodes Hydra composes
+from mqa_lm.training.config import (  # importing it registers the _base nodes Hydra composes (config_store)
+    SPECIAL_CKPT_PATHS,
+    ConfigError,
+    DataError,
+    RunConfig,
+    config_group,
+    prepare_config,
+)
 from mqa_lm.training.console import quiet_known_noise
 from mqa_lm.training.datamodule import TextDataModule
-from mqa_lm.training.distributed import (
-    check_launch,
-    check_strategy,
-    flattens_parameters,
-    full_model_state,
-    global_batch_line,
-    is_fully_sharded,
-)
-from mqa_lm.training.init_from import InitSource, apply_init_from, load_init_weights
+from mqa_lm.training.distributed import check_launch, full_model_state, global_batch_line, is_fully_sharded
+from mqa_lm.training.init_from import InitSource, load_init_weights
 from mqa_lm.training.loggers import ResumableCSVLogger
-from mqa_lm.training.module import COMPILE_SCOPES, MQALitModule, check_vocab_fits
+from mqa_lm.training.module import MQALitModule, check_vocab_fits
 from mqa_lm.training.run_dir import RunDirLock, register_resolvers
-from mqa_lm.utils.config import check_int, is_int
+from mqa_lm.utils.config import is_int
 
 register_resolvers()  # ${run_id:} in configs/hydra/default.yaml
 
 log = logging.getLogger("mqa_lm")
-
-# What Lightning's Trainer(precision=...) accepts (lightning.fabric.connector checks the same set).
-PRECISION_VALUES = tuple(
-    dict.fromkeys(
-        str(v)
-        for v in (
-            *get_args(_PRECISION_INPUT_STR),
-            *get_args(_PRECISION_INPUT_STR_ALIAS),
-            *get_args(_PRECISION_INPUT_INT),
-        )
-    )
-)
-
-
-class ConfigError(ValueError):
-    """A composed config that cannot run; the message names the key and the fix."""
-
-
-class DataError(ValueError):
-    """Sources that cannot be prepared (empty, not UTF-8, too short, a failed download); the message
-    names the file or URL and the fix."""
-
-
-@dataclass
-class RunConfig:
-    """The validated config of one run: one object per group, built once by :func:`validate_config`."""
-
-    model: MQAConfig
-    # model.vocab_size was null: `model` holds a stand-in and the tokenizer's size is used.
-    vocab_from_data: bool
-    optim: OptimConfig
-    data: DataConfig
-    datamodule_class: type
-    sample: GenerationConfig  # the end-of-run sample (sample.max_new_tokens: 0 = none)
-    sample_prompt: str
-    compile: str | bool  # module.compile: "auto", True or False (see resolve_compile)
-    ckpt_path: str | None
-    resume: str
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str | int:
@@ -138,116 +87,6 @@ def resolve_compile_scope(scope: str, trainer: L.Trainer) -> str:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return "blocks" if isinstance(trainer.strategy, ModelParallelStrategy) else "model"
-
-
-def _group(cfg: DictConfig, key: str) -> dict[str, Any]:
-    """A config group as a plain, resolved dict ({} when absent)."""
-    node = cfg.get(key)
-    values = {} if node is None else OmegaConf.to_container(node, resolve=True)
-    if not isinstance(values, dict):
-        raise ConfigError(f"{key} must be a mapping of settings, got {values!r}")
-    return {str(k): v for k, v in values.items()}
-
-
-def _check_trainer(trainer: DictConfig, optim: OptimConfig) -> None:
-    """The trainer values the run's own logic depends on (Lightning checks the rest when it is built)."""
-    max_steps = trainer.get("max_steps", -1)
-    if max_steps is not None and not is_int(max_steps):
-        raise ConfigError(f"trainer.max_steps must be an integer, got {max_steps!r}")
-    # With no max_steps the cosine schedule needs optim.decay_steps to know where it ends.
-    if not trainer.get("fast_dev_run", False) and (max_steps is None or max_steps < 1) and optim.decay_steps is None:
-        raise ConfigError(f"trainer.max_steps must be a positive integer, got {max_steps!r}")
-    accumulate = trainer.get("accumulate_grad_batches", 1)
-    try:
-        check_int(accumulate, "trainer.accumulate_grad_batches")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    # Lightning takes 0 (ZeroDivisionError at the first step) and only checks a float's range late.
-    interval = trainer.get("val_check_interval", None)
-    if (
-        interval is not None
-        and not isinstance(interval, (str, Mapping))
-        and not ((is_int(interval) and interval >= 1) or (isinstance(interval, float) and 0 < interval <= 1))
-    ):
-        raise ConfigError(
-            f"trainer.val_check_interval must be an integer >= 1 (steps between validations), a fraction in (0, 1] "
-            f"or null, got {interval!r}; e.g. trainer.val_check_interval=100"
-        )
-    if isinstance(interval, float) and trainer.get("check_val_every_n_epoch", 1) is None:
-        raise ConfigError(
-            f"trainer.val_check_interval={interval} is a fraction of an epoch, but trainer.check_val_every_n_epoch "
-            "is null (validation counted in steps); give a number of steps, e.g. trainer.val_check_interval=100"
-        )
-    # Lightning's own message names the value but not the key.
-    precision = trainer.get("precision", "auto")
-    valid = ("auto", *PRECISION_VALUES)
-    if isinstance(precision, bool) or str(precision) not in valid:  # 16 and "16" are both accepted
-        raise ConfigError(
-            f"trainer.precision={precision!r} is not one of {', '.join(valid)}; e.g. trainer.precision=bf16-mixed"
-        )
-
-
-def validate_config(cfg: DictConfig) -> RunConfig:
-    """Check the whole config before any work; return the validated groups as one :class:`RunConfig`.
-
-    Raises :class:`ConfigError` with one message naming the offending key.
-    """
-    seed = cfg.get("seed")
-    if not is_int(seed):
-        raise ConfigError(f"seed must be an integer, got {seed!r}; e.g. seed=1337")
-    try:
-        model_fields = _group(cfg, "model")
-        vocab_from_data = model_fields.get("vocab_size") is None
-        # vocab_size null is the tokenizer's size, known once the data is prepared: validate the rest
-        # now with a stand-in (the module swaps in the real size and checks again).
-        model = MQAConfig.from_dict({**model_fields, "vocab_size": 1} if vocab_from_data else model_fields)
-        optim = OptimConfig.from_dict(_group(cfg, "optim"))
-        data_fields = _group(cfg, "data")
-        target = data_fields.pop("_target_", DATAMODULE_TARGET)
-        data = DataConfig.from_dict(data_fields)
-        sample_fields = _group(cfg, "sample")
-        sample_prompt = str(sample_fields.pop("prompt", "\n") or "\n")
-        sample = GenerationConfig.from_dict(sample_fields, prefix="sample.")
-        check_ckpt_path(cfg.get("ckpt_path"))
-        resume = check_resume_mode(cfg.get("resume", "auto"))
-    except (ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from None
-    try:
-        datamodule_class = get_class(target)
-    except (ImportError, ValueError) as err:
-        raise ConfigError(f"data._target_={target!r} is not an importable class ({err})") from None
-
-    if data.block_size > model.max_seq_len:
-        raise ConfigError(
-            f"data.block_size={data.block_size} is longer than model.max_seq_len={model.max_seq_len}; "
-            "lower data.block_size or raise model.max_seq_len"
-        )
-    _check_trainer(cfg.trainer, optim)
-    try:
-        check_strategy(cfg.trainer)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if isinstance(optim, MuonConfig) and flattens_parameters(cfg.trainer):
-        raise ConfigError(MUON_SHARDED_ERROR)
-    compile_setting = (cfg.get("module") or {}).get("compile", False)
-    if not (isinstance(compile_setting, bool) or compile_setting == "auto"):
-        raise ConfigError(f"module.compile must be auto, true or false, got {compile_setting!r}")
-    scope = (cfg.get("module") or {}).get("compile_scope", "model")
-    if scope not in ("auto", *COMPILE_SCOPES):
-        raise ConfigError(f"module.compile_scope must be one of auto, {', '.join(COMPILE_SCOPES)}, got {scope!r}")
-    ckpt_path = cfg.get("ckpt_path")
-    return RunConfig(
-        model=model,
-        vocab_from_data=vocab_from_data,
-        optim=optim,
-        data=data,
-        datamodule_class=datamodule_class,
-        sample=sample,
-        sample_prompt=sample_prompt,
-        compile=compile_setting,
-        ckpt_path=str(ckpt_path) if ckpt_path else None,
-        resume=resume,
-    )
 
 
 def check_resume_target(run: RunConfig, ckpt_path: str | None, trainer: DictConfig) -> int | None:
@@ -362,17 +201,15 @@ def merge_plugins(own: list[Any], extra: list[Any]) -> list[Any]:
     return list(own) + [p for p in extra if not any(isinstance(p, k) for k in taken)]
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train as ``cfg`` says; returns the final callback metrics as floats.
+def train(cfg: DictConfig, prepared: tuple[DictConfig, RunConfig, InitSource | None] | None = None) -> dict[str, float]:
+    """Train as ``cfg`` says; returns the final callback metrics as floats. ``prepared``: what
+    :func:`~mqa_lm.training.config.prepare_config` returned for ``cfg`` (train.py checks the config
+    before it imports this module); None checks it here.
 
     The launching process holds the run directory's lock (:class:`~mqa_lm.training.run_dir.RunDirLock`) while it
     runs; ranks it starts, or that torchrun/srun start beside it, share the directory without it.
     """
-    try:
-        cfg, init_source = apply_init_from(cfg)  # init_from=...: a pretrained model's architecture and tokenizer
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err)) from None
-    run = validate_config(cfg)
+    cfg, run, init_source = prepared or prepare_config(cfg)
     quiet_known_noise()
     if not _is_rank_zero():
         return _train(cfg, run, init_source)
@@ -391,7 +228,11 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
     except ValueError as err:
         raise ConfigError(str(err)) from None
     try:
-        datamodule = run.datamodule_class(run.data)
+        datamodule_class = get_class(run.datamodule_target)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"data._target_={run.datamodule_target!r} is not an importable class ({err})") from None
+    try:
+        datamodule = datamodule_class(run.data)
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     if _local_rank() == 0:
@@ -399,7 +240,7 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
-    trainer_cfg = _group(cfg, "trainer")
+    trainer_cfg = config_group(cfg, "trainer")
     trainer_cfg["precision"] = resolve_precision(cfg.trainer)
     # Preemption requeues at a step boundary itself, so Lightning's SLURM requeue is switched off.
     ours: list[Any] = [AtomicCheckpointIO()]
@@ -420,7 +261,7 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
         if isinstance(err.__cause__, (ValueError, TypeError, MisconfigurationException)):
             raise ConfigError(f"trainer: {err.__cause__}") from None
         raise
-    module_cfg = _group(cfg, "module") or {"_target_": "mqa_lm.training.module.MQALitModule"}
+    module_cfg = config_group(cfg, "module") or {"_target_": "mqa_lm.training.module.MQALitModule"}
     module_cfg.pop("compile", None)
     if "compile_scope" in module_cfg:
         module_cfg["compile_scope"] = resolve_compile_scope(module_cfg["compile_scope"], trainer)

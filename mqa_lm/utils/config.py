@@ -7,6 +7,7 @@ these two methods are the only way in and out, and an unknown key is an error na
 from __future__ import annotations
 
 import numbers
+import typing
 from dataclasses import asdict, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -14,9 +15,11 @@ T = TypeVar("T", bound="DictRoundTrip")
 
 
 class DictRoundTrip:
-    """Mixin for dataclasses: ``to_dict()`` and ``from_dict()`` that rejects unknown keys."""
+    """Mixin for dataclasses: ``to_dict()`` and ``from_dict()`` that rejects unknown keys and, for
+    fields annotated ``float`` (``float | None``, ``list[float]``), values that are not numbers."""
 
     config_group: ClassVar[str] = "config"
+    key_prefix: ClassVar[str] = ""  # what error messages put before a field's name ("optim.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -27,7 +30,33 @@ class DictRoundTrip:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown {cls.config_group} keys {unknown}; valid keys are: {', '.join(sorted(known))}")
+        check_numbers(cls, values, cls.key_prefix)
         return cls(**values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_numbers(cls: type, values: dict[str, Any], prefix: str) -> None:
+    """:class:`BadValueError` naming ``prefix`` + the field for a value of a ``float`` field (of the
+    dataclass ``cls``) that is not a real number: a command-line typo (``optim.lr=1e-3x``) would
+    otherwise fail later as a bare comparison error (``'>' not supported between 'str' and 'int'``)."""
+    for name, hint in typing.get_type_hints(cls).items():
+        if name not in values:
+            continue
+        value, args = values[name], typing.get_args(hint)
+        if hint is float:
+            ok, want = _is_number(value), "a number"
+        elif typing.get_origin(hint) in (typing.Union, type(int | None)) and set(args) == {float, type(None)}:
+            ok, want = value is None or _is_number(value), "a number or null"
+        elif typing.get_origin(hint) is list and args == (float,):
+            ok = isinstance(value, (list, tuple)) and all(_is_number(v) for v in value)
+            want = "a list of numbers"
+        else:
+            continue
+        if not ok:
+            raise BadValueError(f"{prefix}{name} must be {want}, got {value!r}")
 
 
 class BadValueError(ValueError, TypeError):

@@ -27,16 +27,9 @@ from mqa_lm.training.checkpointing.preemption import (
     slurm_environment,
 )
 from mqa_lm.training.checkpointing.recovery import RecoveryCheckpoint
-from mqa_lm.training.checkpointing.resume import (
-    RESUME_MODES,
-    SPECIAL_CKPT_PATHS,
-    check_ckpt_path,
-    check_resume_mode,
-    checkpoint_header,
-    find_resume_checkpoint,
-    resume_checkpoint,
-)
+from mqa_lm.training.checkpointing.resume import checkpoint_header, find_resume_checkpoint, resume_checkpoint
 from mqa_lm.training.checkpointing.rng import RNGStateCallback, capture_rng_state, restore_rng_state
+from mqa_lm.training.config import RESUME_MODES, SPECIAL_CKPT_PATHS, check_ckpt_path, check_resume_mode
 
 __all__ = [
     "DEFAULT_REQUEUE_SIGNALS",

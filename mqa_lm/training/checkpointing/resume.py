@@ -13,11 +13,7 @@ from typing import Any
 
 from mqa_lm.pretrained.checkpoint import CorruptCheckpointError, load_weights_only, verify_checkpoint
 from mqa_lm.training.checkpointing.io import HPC_PATTERN
-
-RESUME_MODES = ("auto", "never")
-# ckpt_path values Lightning resolves itself (they name no file). Lightning's "registry" is left out:
-# it downloads from Lightning's model registry, which this project neither uses nor tests.
-SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+from mqa_lm.training.config import SPECIAL_CKPT_PATHS, check_ckpt_path, check_resume_mode
 
 
 def _candidates(checkpoint_dirs: Iterable[Path], hpc_dirs: Iterable[Path]) -> list[Path]:
@@ -66,24 +62,6 @@ def find_resume_checkpoint(checkpoint_dirs: Sequence[str | Path], hpc_dirs: Sequ
             continue
         return candidate
     return None
-
-
-def check_ckpt_path(ckpt_path: str | None) -> None:
-    """Raise ``ValueError`` unless ``ckpt_path`` is unset, a special name, or an existing path
-    (a file, or a directory for FSDP's sharded checkpoints)."""
-    if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and not Path(ckpt_path).exists():
-        raise ValueError(
-            f"ckpt_path={ckpt_path!r} does not exist; point it at a checkpoint (e.g. <run>/checkpoints/last.ckpt) "
-            f"or use one of {', '.join(SPECIAL_CKPT_PATHS)}"
-        )
-
-
-def check_resume_mode(resume: str | bool | None) -> str:
-    """``resume`` as one of :data:`RESUME_MODES` (null/false mean never); ``ValueError`` otherwise."""
-    mode = "never" if resume in (None, False) else str(resume)
-    if mode not in RESUME_MODES:
-        raise ValueError(f"resume={mode!r} is not one of {', '.join(RESUME_MODES)}; use resume=auto or resume=never")
-    return mode
 
 
 def resume_checkpoint(
