@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -183,6 +184,43 @@ def test_bad_callback_values_stop_with_one_clear_message(tmp_path):
     cfg = compose_cfg([f"paths.output_dir={tmp_path}", "callbacks.preemption.requeue_signals=[SIGHUP]"])
     with pytest.raises(ConfigError, match=r"callbacks.preemption.requeue_signals \['SIGHUP'\] are not in"):
         build_callbacks(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # Ours: the comparison in its checks would have said "'<' not supported between 'int' and 'str'".
+        ("callbacks.attention_maps.gamma=x", "callbacks.attention_maps.gamma must be a number, got 'x'"),
+        ("callbacks.throughput.peak_flops=1e15x", "callbacks.throughput.peak_flops must be a number or null"),
+        ("callbacks.grad_norm.norm_type=two", "callbacks.grad_norm.norm_type must be a number, got 'two'"),
+        # Lightning's own (EarlyStopping's min_delta: float), from its annotations too.
+        (
+            "callbacks=[default,early_stopping] callbacks.early_stopping.min_delta=x",
+            "callbacks.early_stopping.min_delta must be a number, got 'x'",
+        ),
+    ],
+)
+def test_a_callback_number_given_text_names_its_key(tmp_path, override, message):
+    cfg = compose_cfg([f"paths.output_dir={tmp_path}", *override.split()])
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        build_callbacks(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # Lightning compared it with the batch count inside fit(): a traceback after the data was prepared.
+        ("trainer.log_every_n_steps=x", "trainer.log_every_n_steps must be an integer or null, got 'x'"),
+        ("trainer.gradient_clip_val=1e0x", "trainer.gradient_clip_val must be a number or null, got '1e0x'"),
+        ("trainer.limit_val_batches=all", "trainer.limit_val_batches must be a number or null, got 'all'"),
+    ],
+)
+def test_trainer_numbers_given_text_stop_the_run_before_the_data(tmp_path, override, message):
+    cache = tmp_path / "cache"
+    cfg = compose_cfg([f"paths.output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}", override])
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        train(cfg)
+    assert not cache.exists()  # nothing was prepared
 
 
 def test_preemption_defaults_are_one_set():

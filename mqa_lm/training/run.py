@@ -15,11 +15,11 @@ from typing import Any, cast
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_object, instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mqa_lm.data.tokenizer import EOT
 from mqa_lm.model import MQATransformer
@@ -47,7 +47,7 @@ from mqa_lm.training.init_from import InitSource, load_init_weights
 from mqa_lm.training.loggers import ResumableCSVLogger
 from mqa_lm.training.module import MQALitModule, check_vocab_fits
 from mqa_lm.training.run_dir import RunDirLock, register_resolvers
-from mqa_lm.utils.config import is_int
+from mqa_lm.utils.config import BadValueError, check_numbers, is_int
 
 register_resolvers()  # ${run_id:} in configs/hydra/default.yaml
 
@@ -166,7 +166,15 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         if node is None or "_target_" not in node:
             continue
         try:
+            target = get_object(str(node["_target_"]))
+        except (ImportError, ValueError):
+            target = None  # instantiate() says what is wrong with the name
+        try:
+            if target is not None:  # a number given as text: the key named, before the class sees it
+                check_numbers(target, OmegaConf.to_container(node, resolve=True), f"callbacks.{name}.")  # type: ignore[arg-type]
             built.append(instantiate(node))
+        except BadValueError as err:
+            raise ConfigError(str(err)) from None
         except InstantiationException as err:
             cause = err.__cause__
             if isinstance(cause, (ValueError, TypeError)):
@@ -217,7 +225,19 @@ def train(cfg: DictConfig, prepared: tuple[DictConfig, RunConfig, InitSource | N
         return _train(cfg, run, init_source)
 
 
+def check_trainer_values(cfg: DictConfig) -> None:
+    """The ``trainer`` group's numbers as its class (Lightning's Trainer) annotates them, before the
+    data is prepared: Lightning reads some only inside ``fit()`` (``trainer.log_every_n_steps=x`` was
+    a traceback from its fit loop); :class:`ConfigError` naming the key."""
+    values = config_group(cfg, "trainer")
+    try:
+        check_numbers(get_object(str(values.get("_target_", "lightning.pytorch.Trainer"))), values, "trainer.", True)
+    except BadValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> dict[str, float]:
+    check_trainer_values(cfg)
     callbacks = build_callbacks(cfg)
     root_dir = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
     try:

@@ -6,8 +6,11 @@ these two methods are the only way in and out, and an unknown key is an error na
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -38,23 +41,56 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_numbers(cls: type, values: dict[str, Any], prefix: str) -> None:
-    """:class:`BadValueError` naming ``prefix`` + the field for a value of a ``float`` field (of the
-    dataclass ``cls``) that is not a real number: a command-line typo (``optim.lr=1e-3x``) would
-    otherwise fail later as a bare comparison error (``'>' not supported between 'str' and 'int'``)."""
-    for name, hint in typing.get_type_hints(cls).items():
-        if name not in values:
+def _wanted_number(hint: Any, integers: bool) -> str | None:
+    """What a value annotated ``hint`` must be, where that is a number: ``float``, a union of ``int``
+    and ``float`` (``float | None``...), ``list[float]``; with ``integers``, also ``int`` and
+    ``int | None``. None for every other annotation."""
+    if hint is float or (integers and hint is int):
+        return "a number" if hint is float else "an integer"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = set(args) - {type(None)}
+        null = " or null" if type(None) in args else ""
+        if float in kinds and kinds <= {int, float}:
+            return "a number" + null
+        if integers and kinds == {int}:
+            return "an integer" + null
+    if origin is list and args == (float,):
+        return "a list of numbers"
+    return None
+
+
+def number_hints(target: Any) -> dict[str, Any]:
+    """The annotations of what ``target`` takes: a dataclass's fields, a class's ``__init__``
+    parameters, a function's parameters; {} where they do not resolve (names only a type checker
+    imports)."""
+    source = target
+    if isinstance(target, type) and not dataclasses.is_dataclass(target):  # the nearest __init__ of its MRO
+        source = next(vars(k)["__init__"] for k in target.__mro__ if "__init__" in vars(k))
+    try:
+        return typing.get_type_hints(source)
+    except Exception:  # noqa: BLE001 (a third party's annotations: no check rather than a crash)
+        return {}
+
+
+def check_numbers(target: Any, values: Mapping[str, Any], prefix: str, integers: bool = False) -> None:
+    """:class:`BadValueError` naming ``prefix`` + the key for a value that ``target`` (a dataclass, a
+    class or a function: :func:`number_hints`) annotates as a number but that is not one: a
+    command-line typo (``optim.lr=1e-3x``) would otherwise fail later as a bare comparison error
+    (``'>' not supported between 'str' and 'int'``), or not at all until the value is used.
+    ``integers``: ``int`` parameters too (where ``target``'s own checks do not name the range)."""
+    for name, hint in number_hints(target).items():
+        want = _wanted_number(hint, integers) if name in values else None
+        if want is None:
             continue
-        value, args = values[name], typing.get_args(hint)
-        if hint is float:
-            ok, want = _is_number(value), "a number"
-        elif typing.get_origin(hint) in (typing.Union, type(int | None)) and set(args) == {float, type(None)}:
-            ok, want = value is None or _is_number(value), "a number or null"
-        elif typing.get_origin(hint) is list and args == (float,):
+        value = values[name]
+        if want == "a list of numbers":
             ok = isinstance(value, (list, tuple)) and all(_is_number(v) for v in value)
-            want = "a list of numbers"
         else:
-            continue
+            # None where only an integer is annotated is left to the class (Lightning takes some).
+            ok = (is_int(value) if want.startswith("an integer") else _is_number(value)) or (
+                value is None and (want.endswith("or null") or want == "an integer")
+            )
         if not ok:
             raise BadValueError(f"{prefix}{name} must be {want}, got {value!r}")
 
