@@ -213,14 +213,18 @@ def test_a_callback_number_given_text_names_its_key(tmp_path, override, message)
         ("trainer.log_every_n_steps=x", "trainer.log_every_n_steps must be an integer or null, got 'x'"),
         ("trainer.gradient_clip_val=1e0x", "trainer.gradient_clip_val must be a number or null, got '1e0x'"),
         ("trainer.limit_val_batches=all", "trainer.limit_val_batches must be a number or null, got 'all'"),
+        ("data._target_=nope.Nope", "data._target_='nope.Nope' is not an importable class ("),
     ],
 )
-def test_trainer_numbers_given_text_stop_the_run_before_the_data(tmp_path, override, message):
+def test_bad_trainer_and_datamodule_values_stop_the_run_before_the_data(tmp_path, caplog, override, message):
     cache = tmp_path / "cache"
     cfg = compose_cfg([f"paths.output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}", override])
-    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
         train(cfg)
     assert not cache.exists()  # nothing was prepared
+    # Hydra's own ERROR record of a name that does not import would land in train.log and keep the
+    # run directory of a run that never started (train.py removes it only when the log is empty).
+    assert [r for r in caplog.records if r.name.startswith("hydra")] == []
 
 
 def test_preemption_defaults_are_one_set():

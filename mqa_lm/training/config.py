@@ -11,7 +11,6 @@ checks that need Lightning's objects (callbacks, the Trainer) stay in :mod:`mqa_
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,7 @@ class RunConfig:
     vocab_from_data: bool
     optim: OptimConfig
     data: DataConfig
-    datamodule_target: str  # data._target_; its module exists (the class is imported by train())
+    datamodule_target: str  # data._target_ (imported by train(): the default imports Lightning)
     sample: GenerationConfig  # the end-of-run sample (sample.max_new_tokens: 0 = none)
     sample_prompt: str
     compile: str | bool  # module.compile: "auto", True or False (see resolve_compile)
@@ -248,14 +247,6 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         resume = check_resume_mode(cfg.get("resume", "auto"))
     except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
-    module_name = str(target).rpartition(".")[0]
-    try:
-        found = module_name and importlib.util.find_spec(module_name) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise ConfigError(f"data._target_={target!r} is not an importable class (no module {module_name!r})")
-
     if data.block_size > model.max_seq_len:
         raise ConfigError(
             f"data.block_size={data.block_size} is longer than model.max_seq_len={model.max_seq_len}; "

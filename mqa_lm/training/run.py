@@ -15,7 +15,7 @@ from typing import Any, cast
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, get_object, instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -159,6 +159,19 @@ def prepare_before_training(run: RunConfig, datamodule: Any) -> None:
             raise ConfigError(str(err)) from None
 
 
+def locate(path: str) -> Any:
+    """The object a ``_target_`` names (Hydra's ``get_object``), without Hydra's ERROR record of a
+    name that does not import: the caller's one-line error says it, and a record in ``train.log``
+    would keep the run directory of a run that never started."""
+    logger = logging.getLogger("hydra.utils")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        return get_object(path)
+    finally:
+        logger.setLevel(level)
+
+
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The ``callbacks`` group, instantiated; a bad value is a :class:`ConfigError` naming the callback."""
     built = []
@@ -166,7 +179,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         if node is None or "_target_" not in node:
             continue
         try:
-            target = get_object(str(node["_target_"]))
+            target = locate(str(node["_target_"]))
         except (ImportError, ValueError):
             target = None  # instantiate() says what is wrong with the name
         try:
@@ -231,7 +244,7 @@ def check_trainer_values(cfg: DictConfig) -> None:
     a traceback from its fit loop); :class:`ConfigError` naming the key."""
     values = config_group(cfg, "trainer")
     try:
-        check_numbers(get_object(str(values.get("_target_", "lightning.pytorch.Trainer"))), values, "trainer.", True)
+        check_numbers(locate(str(values.get("_target_", "lightning.pytorch.Trainer"))), values, "trainer.", True)
     except BadValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -248,7 +261,7 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
     except ValueError as err:
         raise ConfigError(str(err)) from None
     try:
-        datamodule_class = get_class(run.datamodule_target)
+        datamodule_class = locate(run.datamodule_target)
     except (ImportError, ValueError) as err:
         raise ConfigError(f"data._target_={run.datamodule_target!r} is not an importable class ({err})") from None
     try:
