@@ -143,6 +143,8 @@ def test_experiments_match_the_nanogpt_recipes(tmp_path, corpus):
         (["trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5 is a fraction of an epoch"),
         (["trainer.precision=foo"], "trainer.precision='foo' is not one of auto, transformer-engine"),
         (["seed=abc"], "seed must be an integer, got 'abc'; e.g. seed=1337"),
+        # torch only warns (and keeps its precision) for another value: the run went on silently.
+        (["matmul_precision=ultra"], "matmul_precision='ultra' is not one of highest, high, medium or null"),
     ],
 )
 def test_bad_config_values_stop_with_one_clear_message(tmp_path, overrides, message):
@@ -198,6 +200,9 @@ def test_bad_callback_values_stop_with_one_clear_message(tmp_path):
             "callbacks=[default,early_stopping] callbacks.early_stopping.min_delta=x",
             "callbacks.early_stopping.min_delta must be a number, got 'x'",
         ),
+        ("callbacks.model_checkpoint.save_top_k=x", "callbacks.model_checkpoint.save_top_k must be an integer"),
+        # Lightning's MisconfigurationException (neither a ValueError nor a TypeError) was a traceback.
+        ("callbacks.lr_monitor.logging_interval=hour", "callbacks.lr_monitor: logging_interval should be"),
     ],
 )
 def test_a_callback_number_given_text_names_its_key(tmp_path, override, message):
@@ -214,11 +219,13 @@ def test_a_callback_number_given_text_names_its_key(tmp_path, override, message)
         ("trainer.gradient_clip_val=1e0x", "trainer.gradient_clip_val must be a number or null, got '1e0x'"),
         ("trainer.limit_val_batches=all", "trainer.limit_val_batches must be a number or null, got 'all'"),
         ("data._target_=nope.Nope", "data._target_='nope.Nope' is not an importable class ("),
+        # The loggers were built after the data was prepared, and their errors were tracebacks.
+        ("logger=wandb logger.wandb.mode=sometimes", "logger.wandb.mode must be online, offline, disabled or null"),
     ],
 )
 def test_bad_trainer_and_datamodule_values_stop_the_run_before_the_data(tmp_path, caplog, override, message):
     cache = tmp_path / "cache"
-    cfg = compose_cfg([f"paths.output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}", override])
+    cfg = compose_cfg([f"paths.output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}", *override.split()])
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
         train(cfg)
     assert not cache.exists()  # nothing was prepared

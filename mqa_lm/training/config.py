@@ -42,6 +42,8 @@ PRECISION_VALUES = (
     "16",
     "bf16",
 )
+# matmul_precision: what torch.set_float32_matmul_precision takes.
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 # module.compile_scope: the whole forward as one graph, or each block on its own (MQALitModule).
 COMPILE_SCOPES = ("model", "blocks")
 
@@ -259,6 +261,12 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(str(err)) from None
     if isinstance(optim, MuonConfig) and flattens_parameters(cfg.trainer):
         raise ConfigError(MUON_SHARDED_ERROR)
+    # torch only warns about another value, and the run goes on at its default precision.
+    if cfg.get("matmul_precision") not in (None, *MATMUL_PRECISIONS):
+        raise ConfigError(
+            f"matmul_precision={cfg.get('matmul_precision')!r} is not one of {', '.join(MATMUL_PRECISIONS)} "
+            "or null (torch.set_float32_matmul_precision); e.g. matmul_precision=high"
+        )
     compile_setting = (cfg.get("module") or {}).get("compile", False)
     if not (isinstance(compile_setting, bool) or compile_setting == "auto"):
         raise ConfigError(f"module.compile must be auto, true or false, got {compile_setting!r}")

@@ -172,34 +172,43 @@ def locate(path: str) -> Any:
         logger.setLevel(level)
 
 
-def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """The ``callbacks`` group, instantiated; a bad value is a :class:`ConfigError` naming the callback."""
+def instantiate_group(cfg: DictConfig, group: str) -> list[Any]:
+    """Every node of the config group ``group`` (``callbacks``, ``logger``) that names a ``_target_``,
+    instantiated; a bad value is a :class:`ConfigError` naming ``group.<name>`` (a number given as
+    text is caught from the class's annotations before the class sees it). A factory may return None
+    to opt out (the progress bar when ``trainer.enable_progress_bar`` is false): it is dropped."""
     built = []
-    for name, node in (cfg.get("callbacks") or {}).items():
+    for name, node in (cfg.get(group) or {}).items():
         if node is None or "_target_" not in node:
             continue
         try:
             target = locate(str(node["_target_"]))
         except (ImportError, ValueError):
             target = None  # instantiate() says what is wrong with the name
+        key = f"{group}.{name}"
         try:
-            if target is not None:  # a number given as text: the key named, before the class sees it
-                check_numbers(target, OmegaConf.to_container(node, resolve=True), f"callbacks.{name}.")  # type: ignore[arg-type]
+            if target is not None:
+                check_numbers(target, OmegaConf.to_container(node, resolve=True), f"{key}.", True)  # type: ignore[arg-type]
             built.append(instantiate(node))
         except BadValueError as err:
             raise ConfigError(str(err)) from None
         except InstantiationException as err:
             cause = err.__cause__
-            if isinstance(cause, (ValueError, TypeError)):
+            if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
                 message = str(cause)
-                raise ConfigError(message if "callbacks." in message else f"callbacks.{name}: {message}") from None
+                raise ConfigError(message if f"{group}." in message else f"{key}: {message}") from None
             raise
-    # A factory may return None to opt out (the progress bar when trainer.enable_progress_bar is false).
-    return [cb for cb in built if cb is not None]
+    return [obj for obj in built if obj is not None]
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The ``callbacks`` group, instantiated (:func:`instantiate_group`)."""
+    return instantiate_group(cfg, "callbacks")
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    return [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None and "_target_" in lg]
+    """The ``logger`` group, instantiated (:func:`instantiate_group`)."""
+    return instantiate_group(cfg, "logger")
 
 
 def checkpoint_dirs(cfg: DictConfig, callbacks: list[L.Callback]) -> list[Path]:
@@ -252,6 +261,7 @@ def check_trainer_values(cfg: DictConfig) -> None:
 def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> dict[str, float]:
     check_trainer_values(cfg)
     callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg)
     root_dir = cfg.trainer.get("default_root_dir") or cfg.paths.output_dir
     try:
         check_launch(cfg)
@@ -280,7 +290,6 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
     if any(isinstance(cb, PreemptionCallback) for cb in callbacks) and (env := slurm_environment()) is not None:
         ours.append(env)
     plugins = merge_plugins([instantiate(p) for p in trainer_cfg.pop("plugins", None) or []], ours)
-    loggers = build_loggers(cfg)
     if resumed_step is not None:
         for lg in loggers:
             if isinstance(lg, ResumableCSVLogger):
