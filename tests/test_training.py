@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -232,6 +233,17 @@ def test_bad_trainer_and_datamodule_values_stop_the_run_before_the_data(tmp_path
     # Hydra's own ERROR record of a name that does not import would land in train.log and keep the
     # run directory of a run that never started (train.py removes it only when the log is empty).
     assert [r for r in caplog.records if r.name.startswith("hydra")] == []
+
+
+def test_an_accelerator_whose_package_is_missing_is_a_config_error(tmp_path):
+    """Lightning's Trainer raises an ImportError for it (a traceback before): one line naming the package."""
+    if importlib.util.find_spec("torch_xla") is not None:
+        pytest.skip("torch_xla is installed here")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    overrides = [f"data.paths=[{corpus}]", f"paths.output_dir={tmp_path / 'run'}", "trainer.accelerator=tpu"]
+    with pytest.raises(ConfigError, match=r"^trainer: Requirement 'torch_xla"):
+        train(compose_cfg(tiny_run(tmp_path / "cache") + overrides))
 
 
 def test_preemption_defaults_are_one_set():

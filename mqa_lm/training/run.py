@@ -299,8 +299,9 @@ def _train(cfg: DictConfig, run: RunConfig, init_source: InitSource | None) -> d
             trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=plugins, _convert_="partial"
         )
     except InstantiationException as err:
-        # What _check_trainer leaves to Lightning (e.g. a float val_check_interval without epochs).
-        if isinstance(err.__cause__, (ValueError, TypeError, MisconfigurationException)):
+        # What _check_trainer leaves to Lightning (e.g. a float val_check_interval without epochs), and
+        # an accelerator whose package is missing (trainer.accelerator=tpu: "Requirement 'torch_xla' ...").
+        if isinstance(err.__cause__, (ValueError, TypeError, MisconfigurationException, ImportError)):
             raise ConfigError(f"trainer: {err.__cause__}") from None
         raise
     module_cfg = config_group(cfg, "module") or {"_target_": "mqa_lm.training.module.MQALitModule"}
