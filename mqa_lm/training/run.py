@@ -253,7 +253,11 @@ def check_trainer_values(cfg: DictConfig) -> None:
     a traceback from its fit loop); :class:`ConfigError` naming the key."""
     values = config_group(cfg, "trainer")
     try:
-        check_numbers(locate(str(values.get("_target_", "lightning.pytorch.Trainer"))), values, "trainer.", True)
+        target = locate(str(values.get("_target_", "lightning.pytorch.Trainer")))
+    except (ImportError, ValueError):
+        return  # instantiating it says what is wrong with the name
+    try:
+        check_numbers(target, values, "trainer.", True)
     except BadValueError as err:
         raise ConfigError(str(err)) from None
 
