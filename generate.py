@@ -35,6 +35,7 @@ from mqa_lm.cli import config_store
 from mqa_lm.cli.main import UsageError, fail, hydra_main
 from mqa_lm.cli.options import ModelLoadError, ModelSource
 from mqa_lm.inference.config import GenerationConfig
+from mqa_lm.inference.warmup import start_device_warmup
 from mqa_lm.nn.cache import DECODE_ATTENTION
 from mqa_lm.utils.config import check_int
 from mqa_lm.utils.files import NotUTF8Error, read_text_utf8
@@ -127,6 +128,25 @@ def interrupt_at_tokens():
     check()  # a Ctrl-C after the last tokens still ends the run as interrupted
 
 
+def warm_up_device(cfg: DictConfig) -> None:
+    """Start the device's first work (its CUDA context, each kernel family's first launch) on a
+    thread as soon as the first composition of the config names the device: it then overlaps Hydra's
+    own start-up and the model's load instead of delaying the first token
+    (:mod:`mqa_lm.inference.warmup`). A config that does not check starts nothing: ``run`` reports it."""
+    try:
+        if cfg.mode != "sample" or cfg.max_new_tokens == 0:
+            return
+        source = ModelSource.from_config(cfg)
+        generation = GenerationConfig.from_dict({key: cfg[key] for key in GENERATION_KEYS})
+        from mqa_lm.pretrained.placement import resolve_device, resolve_dtype
+
+        device = resolve_device(str(source.device))
+        dtype = resolve_dtype(str(source.dtype), device)
+    except Exception:  # noqa: BLE001  checked again, and reported, by run()
+        return
+    start_device_warmup(device, dtype, source.peek_config, generation)
+
+
 def run(cfg: DictConfig) -> None:
     source, generation = check_config(cfg)
     prompts = read_prompts(cfg)
@@ -196,7 +216,7 @@ def run(cfg: DictConfig) -> None:
 
 
 # hydra_main: hydra.main, with config files that do not parse and bad overrides as one line (exit 2).
-@hydra_main(config_path="configs", config_name="generate")
+@hydra_main(config_path="configs", config_name="generate", on_config=warm_up_device)
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -2,7 +2,7 @@
 
     python scripts/profile_generate_startup.py EXPORT_DIR [--new 200] [--temperature 0.8] [--top-k 50]
         [--attention auto] [--profile prefill decode1 capture] [--sort tottime] [--probe]
-        [--no-warmup] [--no-triton-prepare] [--tiny-first] [--switch-interval S]
+        [--no-warmup] [--no-triton-prepare] [--tiny-first] [--switch-interval S] [--device-warmup]
 
 Follows generate.py's path (the same imports, ``load_pretrained``, one engine, the prompt "ROMEO:")
 and prints the wall time of each phase with the device synchronised after it: import torch, CUDA
@@ -11,7 +11,9 @@ prefill again at the same and at a new length (a cost per shape shows there), th
 eager decode steps (the first pays every kernel's first use), the graph capture (two warm-up steps
 and the capture), and ``--new`` replays. ``--profile`` names the phases to run under cProfile (the top
 of each is printed after the table; ``--sort tottime`` puts first uses on top). The ``--no-*`` probes
-turn off one of generate.py's start-up measures; ``--tiny-first`` runs every kernel once before the
+turn off one of generate.py's start-up measures (``--device-warmup`` turns on the one that needs
+Hydra: the device warm-up generate.py starts after composing its config, started here after torch's
+import); ``--tiny-first`` runs every kernel once before the
 prefill, to show what of its time is not kernels' first use. Run it twice: the second process finds
 Triton's and PyTorch's on-disk caches filled, as a user's second run does.
 """
@@ -64,6 +66,11 @@ def main() -> None:
         help="probe: sys.setswitchinterval(S) before the warm-up starts (how long the main thread keeps the GIL "
         "while the warm-up threads wait for it)",
     )
+    parser.add_argument(
+        "--device-warmup",
+        action="store_true",
+        help="start mqa_lm.inference.warmup's thread after torch's import (generate.py: after composing its config)",
+    )
     args = parser.parse_args()
     marks: list[tuple[str, float]] = []
     profiles: dict[str, str] = {}
@@ -86,6 +93,18 @@ def main() -> None:
 
     torch = phase("import torch", __import__, "torch")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device_warmup:
+
+        def start():
+            from mqa_lm.cli.options import ModelSource
+            from mqa_lm.inference.config import GenerationConfig as Config
+            from mqa_lm.inference.warmup import start_device_warmup
+
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            settings = Config(temperature=args.temperature, top_k=args.top_k)
+            start_device_warmup(torch.device(device), dtype, ModelSource(args.export).peek_config, settings)
+
+        phase("device warm-up started", start)
     phase("cuda init", lambda: torch.zeros(1, device=device))
 
     def tiny_warm(config):
@@ -121,13 +140,17 @@ def main() -> None:
     config = GenerationConfig(args.new, temperature=args.temperature, top_k=args.top_k)
     if args.tiny_first:
         phase("tiny: 1-layer copy generates 2", tiny_warm, model.config)
+    if args.device_warmup:  # what of it the imports and the load did not hide
+        from mqa_lm.inference.warmup import wait_for_device_warmup
+
+        phase("wait for the device warm-up", wait_for_device_warmup)
     engine = phase("engine", lambda: InferenceEngine(model, 1, 256, attention=args.attention))
     settings = engine.settings(config, None)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     if not args.no_warmup:
         engine._start_decode_kernel_warmup()  # as stream() does before its prefill
-    idx = torch.tensor([tokenizer.encode("ROMEO:").ids], device=device)
+    idx = torch.tensor([tokenizer.encode("ROMEO:").ids])  # on the host, as stream() hands it to the prefill
     if args.probe:  # the libraries' first use, apart from the model: cuBLAS(Lt), a norm, the SDPA backends
         d, heads = model.config.d_model, model.config.heads
         x = torch.randn(1, idx.shape[1], d, device=device, dtype=dtype)
@@ -147,14 +170,14 @@ def main() -> None:
         engine.uniforms.copy_(torch.rand(engine.chunk_capacity, 1, generator=generator, device=device))
     engine.step.zero_()
     logits = phase("prefill (forward)", lambda: prefill(idx, mask))
-    phase("prefill sample (first token)", lambda: engine._sample(logits, settings))
+    phase("prefill sample (first token)", lambda: engine._sample(logits, settings, first=True))
     # Shape-dependent first-use costs (kernel plans per sequence length) show as a slow new length.
     phase("prefill again, same length", lambda: prefill(idx, mask))
     longer = torch.cat([idx, idx], dim=1)
     phase("prefill again, new length", lambda: prefill(longer, torch.ones_like(longer, dtype=torch.bool)))
     logits = phase("prefill again, first length", lambda: prefill(idx, mask))
     engine.step.zero_()
-    engine._sample(logits, settings)
+    engine._sample(logits, settings, first=True)
     # What is left of the background kernel warm-up the engine started (InferenceEngine._run waits too).
     phase("wait for the decode-kernel warm-up", engine._await_warmup)
     phase("decode1 eager step (first use)", lambda: engine._decode_step(settings))

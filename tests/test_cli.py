@@ -159,3 +159,23 @@ def test_check_hydra_command_checks_the_directory_of_the_run_mode(tmp_path):
     assert check(run).startswith(f"{run} cannot be created")
     assert check("optim.lr=1,2").startswith("Ambiguous value for argument 'optim.lr=1,2'")
     assert check("hydra.mode=BAD").startswith("Error merging override hydra.mode=BAD")
+
+
+def test_hydra_main_hands_the_checked_config_to_on_config(tmp_path, monkeypatch):
+    """on_config gets the config of a command that passed the check, before the task runs with
+    Hydra's own composition; a command that fails the check stops before either."""
+    from helpers import CONFIGS
+
+    from mqa_lm.cli.main import hydra_main
+
+    calls = []
+    entry = hydra_main(str(CONFIGS), "train", on_config=lambda cfg: calls.append(("on_config", cfg.seed)))(
+        lambda cfg: calls.append(("task", cfg.seed))
+    )
+    monkeypatch.setattr(sys, "argv", ["train.py", f"hydra.run.dir={tmp_path}/run", "seed=7"])
+    entry()
+    assert calls == [("on_config", 7), ("task", 7)]
+    monkeypatch.setattr(sys, "argv", ["train.py", f"hydra.run.dir={tmp_path}/run2", "model=nonexistent"])
+    with pytest.raises(SystemExit) as exit_:
+        entry()
+    assert exit_.value.code == 2 and calls == [("on_config", 7), ("task", 7)]

@@ -367,3 +367,25 @@ def test_fused_linear_bf16_matches_float64(rows):
         # bf16 rounds the normalised input and the output (2^-8 relative); a wrong column, row or
         # tile edge is O(1).
         assert rel_err(out, y) < 1e-2, (k, n, norm, activation)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, top_k=50)])
+def test_a_prompt_from_the_host_generates_what_one_on_the_device_does(sampling):
+    """stream() takes a prompt from the CPU (the prefill then counts padding and positions there,
+    and the first token is written without the device-side round index): the same tokens and logits,
+    bit for bit, as the same prompt on the device, padded rows and the crop rule included."""
+    model = small_model("learned", kv_heads=1, max_seq_len=64)
+    idx, mask = prompts(3, 12, lengths=[12, 5, 9], seed=7)
+    for rule, new in (("slide", 100), ("crop", 70)):
+        runs = []
+        for where in ("cuda", "cpu"):
+            engine = InferenceEngine(model, batch_size=3, max_len=64, keep_logits=True)
+            gen = torch.Generator(device="cuda").manual_seed(5)
+            config = GenerationConfig(new, context_overflow=rule, **sampling)
+            out = engine.generate(idx.to(where), config, prompt_mask=mask.to(where), generator=gen)
+            assert out.device.type == where
+            runs.append((out.cpu(), engine.step_logits.clone(), engine.pad.clone()))
+        (out_a, logits_a, pad_a), (out_b, logits_b, pad_b) = runs
+        assert torch.equal(out_a, out_b), rule
+        assert torch.equal(logits_a, logits_b), rule
+        assert torch.equal(pad_a, pad_b), rule

@@ -87,11 +87,11 @@ def test_generate_py_imports_no_training_stack(run_dir):
 ENTRY_POINT_MODULES = {
     "import mqa_lm": 3,  # the package, utils and its lazy-export helper: torch is not imported yet
     "from mqa_lm import MultiQueryAttention": 16,
-    "from mqa_lm import generate, load_pretrained": 29,
+    "from mqa_lm import generate, load_pretrained": 30,  # 29 + inference.warmup, which the engine joins
 }
 # The above, the cli helpers, the engine, the pretrained package and utils.triton_prepare (Triton's
-# start-up on a thread before torch's import).
-GENERATE_PY_MODULES = 39
+# start-up on a thread before torch's import); inference.warmup (the device's first work on a thread).
+GENERATE_PY_MODULES = 40
 # Generation needs the model, the engine and the model files; none of these.
 NOT_FOR_GENERATION = ("mqa_lm.training", "mqa_lm.optim", "mqa_lm.data.prepare", "mqa_lm.evaluation", "mqa_lm.export")
 

@@ -327,3 +327,21 @@ def test_init_from_a_transformers_llama_with_its_default_norm_epsilon_trains(tmp
     assert metrics["val/loss"] > 0
     trained, _ = load_pretrained(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert trained.config.norm_eps == 1e-6 and trained.config.norm_type == "rmsnorm"
+
+
+def test_model_source_peeks_an_exports_config_without_its_weights(tmp_path):
+    """ModelSource.peek_config (generate.py's device warm-up reads the widths with it before the load)
+    reads config.json alone: the saved config from an export or a run's model/, None where only a
+    load could tell (a checkpoint, a damaged config, nothing there)."""
+    from mqa_lm.cli.options import ModelSource
+
+    model = tiny(d_model=64, heads=8, kv_heads=1)
+    out = save_pretrained(model, tmp_path / "run" / "model")
+    (out / "model.safetensors").write_bytes(b"not read")  # the weights are not touched
+    assert ModelSource(str(out)).peek_config() == model.config
+    assert ModelSource(str(tmp_path / "run")).peek_config() == model.config
+    torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
+    assert ModelSource(str(tmp_path / "x.ckpt")).peek_config() is None
+    assert ModelSource(str(tmp_path / "nothing")).peek_config() is None
+    (out / "config.json").write_text("{not json", encoding="utf-8")
+    assert ModelSource(str(out)).peek_config() is None

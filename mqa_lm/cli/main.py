@@ -44,9 +44,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from mqa_lm.utils.files import dir_write_problem
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 EXIT_BAD_INPUT = 2
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,6 +125,17 @@ def check_hydra_command(
     ``config_path`` and ``config_name`` are what is given to ``hydra.main``. Uses Hydra's own argument
     parser, search path and composition, so the config checked is the one the task will get.
     """
+    return _check_and_compose(task_function, config_path, config_name, argv)[0]
+
+
+def _check_and_compose(
+    task_function: Callable[..., Any],
+    config_path: str | None,
+    config_name: str | None,
+    argv: list[str],
+) -> tuple[str | None, DictConfig | None]:
+    """:func:`check_hydra_command`'s message, and the config it composed (None where it composed none:
+    help, ``--cfg``, a rerun, a config that does not compose)."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import (
         create_automatic_config_search_path,
@@ -138,9 +152,9 @@ def check_hydra_command(
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
-        return None
+        return None, None
     if getattr(args, "experimental_rerun", None) is not None:  # a pickled config, not composed
-        return None
+        return None, None
     config_name = args.config_name if args.config_name is not None else config_name
     config_path = args.config_path if args.config_path is not None else config_path
     calling_file, calling_module = detect_calling_file_or_module_from_task_function(task_function)
@@ -148,7 +162,7 @@ def check_hydra_command(
     if args.config_dir is not None:
         config_dir = os.path.abspath(args.config_dir)
         if not os.path.isdir(config_dir):
-            return f"--config-dir {args.config_dir}: directory {config_dir} not found; give an existing directory"
+            return f"--config-dir {args.config_dir}: directory {config_dir} not found; give an existing directory", None
         from hydra.core.config_search_path import SearchPathQuery
 
         # As hydra.main adds it: before the structured configs, after the application's own configs.
@@ -187,17 +201,17 @@ def check_hydra_command(
         except Exception as err:
             yaml_error = config_file_error(err) or config_file_error(err.__cause__ or err.__context__ or err)
             if yaml_error is not None:
-                return yaml_error
+                return yaml_error, None
             if isinstance(err, CompactHydraException):
-                return _one_line(err)
-            return None  # not a mistake in the input that we know of: Hydra reports it itself
+                return _one_line(err), None
+            return None, None  # not a mistake in the input that we know of: Hydra reports it itself
         key = "hydra.sweep.dir" if mode == RunMode.MULTIRUN else "hydra.run.dir"
         HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the directory resolves as in the job
         try:
             directory = OmegaConf.select(cfg, key, throw_on_missing=True)
         except (OmegaConfBaseException, ValueError):
-            return None  # an interpolation Hydra itself will report
-        return run_dir_error(key, str(directory)) if directory is not None else None
+            return None, None  # an interpolation Hydra itself will report
+        return (run_dir_error(key, str(directory)) if directory is not None else None), cfg
     finally:
         HydraConfig.instance().cfg = previous_hydra_cfg
         if previous_hydra is None:
@@ -206,11 +220,21 @@ def check_hydra_command(
             global_hydra.hydra = previous_hydra
 
 
-def hydra_main(config_path: str | None, config_name: str | None, version_base: str = "1.3") -> Callable[[F], F]:
+def hydra_main(
+    config_path: str | None,
+    config_name: str | None,
+    version_base: str = "1.3",
+    on_config: Callable[[DictConfig], None] | None = None,
+) -> Callable[[F], F]:
     """``@hydra.main(version_base=..., config_path=..., config_name=...)`` whose command is checked
     first by :func:`check_hydra_command`: a bad config file or run directory is ``config error: ...``
     on stderr and exit status 2, before Hydra creates anything. Called with a config (as Hydra's own
-    ``main(cfg)``), the function runs directly."""
+    ``main(cfg)``), the function runs directly.
+
+    ``on_config`` gets the config the check composed (with its ``hydra`` node), when it passed,
+    before Hydra composes it again to run the task: where an entry point starts work that needs only
+    the config (a device warm-up) so that it overlaps Hydra's own start-up. It must not fail the
+    command: the task still gets, and checks, Hydra's own composition."""
     import hydra
 
     def decorator(task_function: F) -> F:
@@ -220,9 +244,11 @@ def hydra_main(config_path: str | None, config_name: str | None, version_base: s
         def entry(*args: Any, **kwargs: Any) -> Any:
             if args or kwargs:  # a config passed in: no command line to check
                 return run(*args, **kwargs)
-            message = check_hydra_command(task_function, config_path, config_name, sys.argv[1:])
+            message, cfg = _check_and_compose(task_function, config_path, config_name, sys.argv[1:])
             if message is not None:
                 fail("config error", message)
+            if on_config is not None and cfg is not None:
+                on_config(cfg)
             return run()
 
         return entry  # type: ignore[return-value]

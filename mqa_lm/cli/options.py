@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import torch
     from tokenizers import Tokenizer
 
-    from mqa_lm.model import MQATransformer
+    from mqa_lm.model import MQAConfig, MQATransformer
 
 SOURCES = "a run directory, a .ckpt file or an export directory"
 
@@ -66,6 +66,25 @@ class ModelSource:
     @property
     def path(self) -> Path:
         return Path(str(self.ckpt_path)).expanduser()
+
+    def peek_config(self) -> MQAConfig | None:
+        """The model's config where it can be read without loading the weights (an export
+        directory's ``config.json``, or a run's export), else None; None too for anything
+        :meth:`load` would refuse, which it then reports."""
+        import json
+
+        from mqa_lm.pretrained.directory import CONFIG_FILE, config_from_dict, resolve_source
+
+        try:
+            kind, where = resolve_source(self.path)
+            if kind != "export":
+                return None
+            raw = json.loads((where / CONFIG_FILE).read_text(encoding="utf-8"))
+            if not isinstance(raw, dict) or "model_type" in raw:  # a transformers directory: mapped at load
+                return None
+            return config_from_dict(raw, str(where / CONFIG_FILE))
+        except (ValueError, OSError):
+            return None
 
     def load(self) -> tuple[MQATransformer, Tokenizer, torch.device, torch.dtype]:
         """The model on its device and dtype, its tokenizer (required: both commands turn text into ids),

@@ -102,9 +102,8 @@ def generate_ids(
     ``on_tokens`` gets each row's newest tokens every ``chunk`` steps (streaming). A row stops at
     ``eos_token_id`` (included).
     """
-    device = model.wte.weight.device
     longest = max(len(r) for r in rows)
-    ids, mask = left_pad(rows, device)
+    ids, mask = left_pad(rows, "cpu")  # the engine takes a prompt from the host (see InferenceEngine.stream)
     engine = InferenceEngine(
         model,
         len(rows),
