@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import re
@@ -723,6 +724,67 @@ def test_last_checkpoint_holds_the_final_weights_when_later_validations_do_not_i
     assert last["global_step"] == 10
     best = [p.name for p in ckpts.glob("step*.ckpt")]
     assert len(best) == 1 and best[0].startswith("step000004-"), best
+
+
+def _same_checkpoint(a: object, b: object, where: str = "") -> None:
+    """Equal checkpoint contents: tensors bit for bit, paths compared relative to their run."""
+    if isinstance(a, dict):
+
+        def in_run(key: object) -> object:
+            return key.split("/run", 1)[-1] if isinstance(key, str) else key
+
+        assert isinstance(b, dict), where
+        a, b = {in_run(k): v for k, v in a.items()}, {in_run(k): v for k, v in b.items()}
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _same_checkpoint(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_checkpoint(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and torch.equal(a, b), where
+    elif isinstance(a, str) and "/run" in a:
+        assert isinstance(b, str) and a.split("/run", 1)[1] == b.split("/run", 1)[1], where
+    else:
+        assert a == b, where
+
+
+def test_last_checkpoint_of_an_improving_validation_is_the_best_file_written_once(tmp_path, corpus, monkeypatch):
+    """At a validation that saves a top-k checkpoint, last.ckpt is a hard link to that file, not a
+    second write; its contents are those of the full write that a file system without hard links gets,
+    and it outlives the best file it shared when a better one replaces it."""
+    # One validation: the first top-k save of a run, before which last_model_path was still unset.
+    common = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.deterministic=true"]
+    common += ["sample.max_new_tokens=0", "callbacks.recovery_checkpoint=null"]
+    train(compose_cfg(small_run(tmp_path / "linked", corpus, *common)))
+    ckpts = tmp_path / "linked" / "run" / "checkpoints"
+    best = sorted(ckpts.glob("step*.ckpt"))
+    assert [p.name[:10] for p in best] == ["step000004"], best
+    assert os.path.samefile(ckpts / "last.ckpt", best[0])
+    assert not list(ckpts.glob(".*.tmp"))
+
+    def no_hard_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "hard links not supported", dst)
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    train(compose_cfg(small_run(tmp_path / "written", corpus, *common)))
+    monkeypatch.undo()
+    written = tmp_path / "written" / "run" / "checkpoints"
+    assert not os.path.samefile(written / "last.ckpt", next(written.glob("step*.ckpt")))
+    linked = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    full = torch.load(written / "last.ckpt", map_location="cpu", weights_only=True)
+    _same_checkpoint(linked, full)
+    (state,) = [v for k, v in linked["callbacks"].items() if k.startswith("LastAndBestCheckpoint")]
+    assert state["last_model_path"] == str(ckpts / "last.ckpt")
+
+    # Continued to step 12 from last.ckpt: the validations at 8 and 12 improve, so the step-4 and
+    # step-8 files go, and last.ckpt follows the new best under its own name (no last-v1.ckpt).
+    resumed = [o for o in small_run(tmp_path / "linked", corpus, *common) if not o.startswith("trainer.max_steps")]
+    train(compose_cfg([*resumed, "trainer.max_steps=12", f"ckpt_path={ckpts / 'last.ckpt'}"]))
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names[0] == "last.ckpt" and len(names) == 2 and names[1].startswith("step000012"), names
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 12
 
 
 class MoveDataAway:

@@ -29,11 +29,17 @@ def _candidates(checkpoint_dirs: Iterable[Path], hpc_dirs: Iterable[Path]) -> li
                 if HPC_PATTERN.match(p.name):
                     found[p.resolve()] = None
 
-    def newest_first(p: Path) -> tuple[int, int, str]:
+    def newest_first(p: Path) -> tuple[int, int, bool, str]:
         hpc = HPC_PATTERN.match(p.name)
-        return (p.stat().st_mtime_ns, int(hpc.group(1)) if hpc else -1, p.name)
+        # last.ckpt first among equals: at an improving validation it is a hard link to the best file.
+        return (p.stat().st_mtime_ns, int(hpc.group(1)) if hpc else -1, p.name == "last.ckpt", p.name)
 
-    return sorted(found, key=newest_first, reverse=True)
+    # One entry per file: the names of one hard-linked file are one candidate, under its preferred name.
+    files: dict[tuple[int, int], Path] = {}
+    for p in sorted(found, key=newest_first, reverse=True):
+        stat = p.stat()
+        files.setdefault((stat.st_dev, stat.st_ino), p)
+    return list(files.values())
 
 
 def find_resume_checkpoint(checkpoint_dirs: Sequence[str | Path], hpc_dirs: Sequence[str | Path] = ()) -> Path | None:
