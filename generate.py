@@ -216,7 +216,7 @@ def run(cfg: DictConfig) -> None:
 
 
 # hydra_main: hydra.main, with config files that do not parse and bad overrides as one line (exit 2).
-@hydra_main(config_path="configs", config_name="generate", on_config=warm_up_device)
+@hydra_main(config_path="configs", config_name="generate", on_config=warm_up_device, free_text=("prompt",))
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -25,7 +25,7 @@ register_resolvers()
 
 # hydra_main: hydra.main, with a config file that does not parse or a hydra.run.dir that cannot be
 # created stopped as one `config error:` line (exit 2) before Hydra makes anything.
-@hydra_main(config_path="configs", config_name="train")
+@hydra_main(config_path="configs", config_name="train", free_text=("sample.prompt",))
 def main(cfg: DictConfig) -> float | None:
     from mqa_lm.training.config import ConfigError, DataError, prepare_config
 

@@ -179,3 +179,60 @@ def test_hydra_main_hands_the_checked_config_to_on_config(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         entry()
     assert exit_.value.code == 2 and calls == [("on_config", 7), ("task", 7)]
+
+
+PROMPTS = [
+    "def main(",  # Hydra's grammar refused it
+    "Hello, world",  # a sweep
+    "[1, 2]",  # a list
+    "{a: 1}",  # a dict
+    "42",  # an int
+    "true",  # a bool
+    "  padded  ",  # stripped
+    "it's",
+    "a 'quoted' word",
+    "back\\slash",
+    "ends in a backslash\\",
+    "\\'",
+    "a\\\\b",
+    "x=1",
+    "café ✓",
+    "ROMEO:",  # already a string as typed
+    "",
+]
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_a_prompt_reaches_the_config_as_typed(text):
+    """The value Hydra composes for a free-text key is the text the shell passed, whatever Hydra's
+    grammar would have made of it; other keys are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+
+    from mqa_lm.cli import config_store
+    from mqa_lm.cli.main import quote_free_text
+
+    config_store.register("generation", "model_source")  # what generate.yaml composes
+
+    argv = quote_free_text([f"prompt={text}", "max_new_tokens=5", "top_k=[1]"], {"prompt"})
+    assert argv[1:] == ["max_new_tokens=5", "top_k=[1]"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=argv[:2])
+    assert cfg.prompt == text
+
+
+@pytest.mark.parametrize(
+    "arg,value", [('prompt="def main("', "def main("), ("prompt='a, b'", "a, b"), ("prompt=null", None)]
+)
+def test_a_prompt_already_in_hydras_terms_keeps_them(arg, value):
+    """Quoted for Hydra (the shell passed ``'prompt="def main("'``), or ``null``: left as they were."""
+    from hydra import compose, initialize_config_dir
+
+    from mqa_lm.cli import config_store
+    from mqa_lm.cli.main import quote_free_text
+
+    config_store.register("generation", "model_source")  # what generate.yaml composes
+
+    assert quote_free_text([arg], {"prompt"}) == [arg]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[arg])
+    assert cfg.prompt == value

@@ -175,7 +175,8 @@ def test_command_line_entry_point(export):
             sys.executable,
             "generate.py",
             f"ckpt_path={path}",
-            "prompt=the",
+            # Typed as the shell passes it: the comma made it a Hydra sweep (an error) before.
+            "prompt=the worst of times, it",
             "max_new_tokens=10",
             "temperature=0",
             "stop_at_eos=false",
@@ -189,7 +190,8 @@ def test_command_line_entry_point(export):
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == "the" + greedy_text(model, tokenizer, "the", 10) + "\n"
+    prompt = "the worst of times, it"
+    assert result.stdout == prompt + greedy_text(model, tokenizer, prompt, 10) + "\n"
     bad = subprocess.run(
         [sys.executable, "generate.py", "ckpt_path=/nonexistent"],
         cwd=ROOT,

@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -220,11 +221,45 @@ def _check_and_compose(
             global_hydra.hydra = previous_hydra
 
 
+def hydra_string(text: str) -> str:
+    """``text`` as a single-quoted Hydra override value that parses back to ``text`` exactly: a quote
+    is escaped, and so is a run of backslashes before a quote or the closing quote (Hydra's rule;
+    other backslashes stay as typed)."""
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + escaped.replace("'", "\\'") + "'"
+
+
+def quote_free_text(argv: list[str], keys: Collection[str]) -> list[str]:
+    """``argv`` with each ``key=text`` of a free-text ``key`` (a prompt) passed to Hydra as the text
+    typed: ``prompt=def main(``, ``prompt=Hello, world`` or ``prompt=[1, 2]`` would otherwise be a
+    grammar error, a sweep or a list. Left as typed: a value Hydra reads as that same string, a value
+    already quoted for Hydra (``'prompt="def main("'``), and ``null``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = None
+    out = []
+    for arg in argv:
+        key, sep, text = arg.partition("=")
+        if sep and key.lstrip("+") in keys and not key.startswith("~"):
+            parser = parser or OverridesParser.create()
+            try:
+                value = parser.parse_override(arg).value()
+            except Exception:  # noqa: BLE001 - Hydra's grammar refused it: the text is quoted below
+                typed_as_is = False
+            else:
+                typed_as_is = value is None or (isinstance(value, str) and (value == text or text[:1] in ("'", '"')))
+            if not typed_as_is:
+                arg = f"{key}={hydra_string(text)}"
+        out.append(arg)
+    return out
+
+
 def hydra_main(
     config_path: str | None,
     config_name: str | None,
     version_base: str = "1.3",
     on_config: Callable[[DictConfig], None] | None = None,
+    free_text: Collection[str] = (),
 ) -> Callable[[F], F]:
     """``@hydra.main(version_base=..., config_path=..., config_name=...)`` whose command is checked
     first by :func:`check_hydra_command`: a bad config file or run directory is ``config error: ...``
@@ -234,7 +269,8 @@ def hydra_main(
     ``on_config`` gets the config the check composed (with its ``hydra`` node), when it passed,
     before Hydra composes it again to run the task: where an entry point starts work that needs only
     the config (a device warm-up) so that it overlaps Hydra's own start-up. It must not fail the
-    command: the task still gets, and checks, Hydra's own composition."""
+    command: the task still gets, and checks, Hydra's own composition. ``free_text``: keys whose
+    command-line value is taken as typed (see :func:`quote_free_text`)."""
     import hydra
 
     def decorator(task_function: F) -> F:
@@ -244,6 +280,8 @@ def hydra_main(
         def entry(*args: Any, **kwargs: Any) -> Any:
             if args or kwargs:  # a config passed in: no command line to check
                 return run(*args, **kwargs)
+            if free_text:  # hydra.main reads sys.argv itself
+                sys.argv[1:] = quote_free_text(sys.argv[1:], free_text)
             message, cfg = _check_and_compose(task_function, config_path, config_name, sys.argv[1:])
             if message is not None:
                 fail("config error", message)
