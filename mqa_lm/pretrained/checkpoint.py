@@ -79,8 +79,13 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
                 "command in the same run directory to resume from the newest"
             ) from None
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Flush ``directory``'s entries (a rename into it) to disk, where the file system allows."""
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
     except OSError:  # some filesystems do not allow opening directories; the rename is still atomic
         return
     try:

@@ -11,6 +11,8 @@ from weakref import proxy
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from mqa_lm.pretrained.checkpoint import fsync_directory
+
 
 def link_checkpoint(source: str | Path, target: str | Path) -> bool:
     """Make ``target`` a hard link to the checkpoint file ``source``, atomically: readers of ``target``
@@ -35,16 +37,7 @@ def link_checkpoint(source: str | Path, target: str | Path) -> bool:
     except OSError:
         Path(tmp).unlink(missing_ok=True)
         return False
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # a directory that cannot be opened: the rename is still atomic
-        return True
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)
     return True
 
 
