@@ -21,6 +21,7 @@ from lightning.fabric.plugins.precision.precision import (
     _PRECISION_INPUT_STR,
     _PRECISION_INPUT_STR_ALIAS,
 )
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from mqa_lm.training.checkpointing import SPECIAL_CKPT_PATHS
@@ -785,6 +786,40 @@ def test_last_checkpoint_of_an_improving_validation_is_the_best_file_written_onc
     names = sorted(p.name for p in ckpts.iterdir())
     assert names[0] == "last.ckpt" and len(names) == 2 and names[1].startswith("step000012"), names
     assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 12
+
+
+class InPlaceCheckpointIO(TorchCheckpointIO):
+    """A user's checkpoint writer that rewrites a file in place (``torch.save`` to the path). Lightning's
+    own does too where fsspec's temp dir is on another file system than the checkpoints (it copies)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, path)
+
+
+def test_a_checkpoint_writer_that_writes_in_place_gets_no_hard_link(tmp_path, corpus):
+    """A hard-linked last.ckpt would carry such a writer's next full write into the best checkpoint:
+    here the best stays step 4's."""
+    writer = "{_target_:test_training.InPlaceCheckpointIO}"
+    train(
+        compose_cfg(
+            small_run(
+                tmp_path,
+                corpus,
+                "trainer.max_steps=8",
+                "trainer.val_check_interval=4",
+                "callbacks.model_checkpoint.mode=max",  # step 4's validation stays the best
+                "callbacks.recovery_checkpoint=null",
+                "sample.max_new_tokens=0",
+                f"+trainer.plugins=[{writer}]",
+            )
+        )
+    )
+    ckpts = tmp_path / "run" / "checkpoints"
+    (best,) = ckpts.glob("step*.ckpt")
+    assert not os.path.samefile(best, ckpts / "last.ckpt")
+    assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == 4
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 8
 
 
 class MoveDataAway:

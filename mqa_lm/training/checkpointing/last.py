@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from mqa_lm.pretrained.checkpoint import fsync_directory
+from mqa_lm.training.checkpointing.io import AtomicCheckpointIO
 
 
 def link_checkpoint(source: str | Path, target: str | Path) -> bool:
@@ -57,9 +58,11 @@ class LastAndBestCheckpoint(ModelCheckpoint):
       change, is set before the first. When the top-k file is later replaced by a better one,
       ``last.ckpt`` keeps its own link to the data until it is itself rewritten. Where no hard link
       can be made (no support in the file system, a remote or sharded checkpoint), ``last.ckpt`` is
-      written in full as before; every rank follows rank zero's outcome, so collective saves stay in
-      step. (Since the two names share one file, a checkpoint edited in place, rather than written to
-      a new name, changes both.)
+      written in full as before, and so it is with a checkpoint writer other than
+      :class:`~mqa_lm.training.checkpointing.io.AtomicCheckpointIO` (one that truncates a file in
+      place would overwrite the best checkpoint through ``last.ckpt``); every rank follows rank
+      zero's outcome, so collective saves stay in step. (Since the two names share one file, a
+      checkpoint edited in place, rather than written to a new name, changes both.)
     """
 
     _saved_last_model_path: str | None = None  # last_model_path inside the file this callback wrote last
@@ -88,6 +91,9 @@ class LastAndBestCheckpoint(ModelCheckpoint):
             and bool(source)
             and source != filepath
             and self._saved_last_model_path == filepath  # what the file says last.ckpt is
+            # A writer that truncates the file in place (Lightning's own, a user's plugin) would, on
+            # the next full write of last.ckpt, overwrite the best checkpoint through the shared file.
+            and isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
         )
         if not same_state:
             self._saved_last_model_path = self.last_model_path
