@@ -91,8 +91,8 @@ class LastAndBestCheckpoint(ModelCheckpoint):
             and bool(source)
             and source != filepath
             and self._saved_last_model_path == filepath  # what the file says last.ckpt is
-            # A writer that truncates the file in place (Lightning's own, a user's plugin) would, on
-            # the next full write of last.ckpt, overwrite the best checkpoint through the shared file.
+            # A writer that may rewrite a file in place (a user's plugin; Lightning's own where fsspec's
+            # temp dir is on another file system) would carry last.ckpt's next write into the best file.
             and isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
         )
         if not same_state:
